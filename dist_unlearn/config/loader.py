@@ -1,0 +1,634 @@
+"""Load, override, convert and validate a :class:`~dist_unlearn.config.schema.RunConfig`.
+
+The flow is: read one YAML mapping, apply ``dotted.key=value`` overrides to the raw mapping, convert
+each section into its dataclass (type checks, choices, ranges), then run the checks that need several
+fields or the file system. Every problem becomes one line naming the dotted field and how to fix it;
+all lines are raised together as a single :class:`ConfigError` before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, RunConfig
+
+_INVALID = object()
+_DATA_SUFFIXES = (".json", ".jsonl")
+_LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+# kind -> (what was expected, what to set it to in the fix hint)
+_KIND_TEXT = {
+    "int": ("an integer", "a whole number"),
+    "float": ("a number", "a number"),
+    "bool": ("true or false", "true or false"),
+    "str": ("a string", "a string"),
+    "opt_str": ("a string or null", "a string (or null)"),
+    "str_list": ("a list of strings", "a comma-separated list of names"),
+    "params": ("a mapping of method name to keyword parameters", "a mapping"),
+    "path_or_mapping": ("a path to a JSON file or a mapping", "a file path or an inline mapping"),
+}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message has one line per problem.
+
+    ``problems`` holds those lines without the ``invalid config`` header.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    known_methods: Collection[str] | None = None,
+) -> RunConfig:
+    """Read the YAML file at ``path``, apply ``overrides`` and return the validated config.
+
+    Relative paths inside the config are resolved against the YAML file's directory (falling back
+    to the current directory for a path that exists only there, e.g. one given as an override).
+    ``known_methods``, when given, is the registry that ``method.names`` is checked against.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config path is not a file: {path}. Fix: pass the path of a YAML file")
+    header = f"invalid config ({path}):"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        problem = f"could not read the file as YAML: {exc}".rstrip()
+        raise ConfigError(f"{header}\n{problem}", [problem]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        problem = (
+            f"expected a mapping of sections at the top level, got {_describe(data)}. "
+            f"Fix: write sections such as 'train:' with their settings indented below"
+        )
+        raise ConfigError(f"{header}\n{problem}", [problem])
+    data = apply_overrides(dict(data), overrides)
+    return _build(data, path.parent.absolute(), known_methods, header)
+
+
+def config_from_dict(
+    data: Mapping[str, Any],
+    base_dir: Path | None = None,
+    known_methods: Collection[str] | None = None,
+) -> RunConfig:
+    """Validate a raw mapping (as read from YAML) and return the config.
+
+    Relative paths are resolved against ``base_dir`` (default: the current directory).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        problem = f"expected a mapping of sections at the top level, got {_describe(data)}"
+        raise ConfigError(f"invalid config:\n{problem}", [problem])
+    base = Path(base_dir).expanduser().absolute() if base_dir is not None else Path.cwd()
+    return _build(data, base, known_methods, "invalid config:")
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Return ``cfg`` as plain nested dicts and lists, suitable for JSON or YAML."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``dotted.key=value`` override applied.
+
+    The value is parsed with ``yaml.safe_load`` (``3`` -> int, ``true`` -> bool, ``[a,b]`` -> list,
+    ``null`` -> None); missing intermediate mappings are created. Malformed overrides raise one
+    :class:`ConfigError` listing all of them.
+    """
+    result: dict[str, Any] = copy.deepcopy(dict(data))
+    problems: list[str] = []
+    for item in overrides:
+        problem = _apply_one(result, item)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError("invalid command-line override:\n" + "\n".join(problems), problems)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _apply_one(result: dict[str, Any], item: str) -> str | None:
+    """Apply one override in place; return a problem line, or None on success."""
+    key, sep, raw = str(item).partition("=")
+    parts = [part.strip() for part in key.strip().split(".")]
+    if not sep or not all(parts):
+        return (
+            f"malformed override {item!r}: expected the form section.key=value, "
+            f"e.g. train.steps=30 or method.names=ga,npo"
+        )
+    dotted = ".".join(parts)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
+        return f"{dotted}: could not parse the value of override {item!r} ({first}). Fix: quote the value"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        value = raw.strip()  # keep date-like strings as typed, e.g. output.dir=2024-01-01
+    node = result
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            return (
+                f"{where}: override {item!r} sets a key inside {where}, but {where} is "
+                f"{_describe(child)}, not a mapping. Fix: drop the earlier setting of {where}"
+            )
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion into dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+def _build(
+    data: Mapping[str, Any],
+    base_dir: Path,
+    known_methods: Collection[str] | None,
+    header: str,
+) -> RunConfig:
+    """Convert, check and resolve; raise one ConfigError with every problem found."""
+    problems: list[str] = []
+    bad: set[str] = set()
+    sections: dict[str, Any] = {}
+    _report_unknown(data, RunConfig, "", problems)
+    section_types = _hints(RunConfig)
+    for fld in dataclasses.fields(RunConfig):
+        section_cls = section_types[fld.name]
+        raw = data.get(fld.name)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            first = dataclasses.fields(section_cls)[0]
+            example = f"{fld.name}.{first.name}={_format(_example(first))}"
+            got = f"a {type(raw).__name__}" if isinstance(raw, list) else repr(raw)
+            problems.append(
+                f"{fld.name}: expected a mapping of settings, got {got}. "
+                f"Fix: indent its settings below '{fld.name}:' or set them one by one, e.g. {example}"
+            )
+            bad.add(fld.name)
+            raw = {}
+        sections[fld.name] = _convert_section(section_cls, raw, fld.name, problems, bad)
+    cfg = RunConfig(**sections)
+    _check_cross_fields(cfg, problems, bad)
+    _check_methods(cfg, known_methods, problems, bad)
+    _check_paths(cfg, base_dir, problems, bad)
+    if problems:
+        raise ConfigError(header + "\n" + "\n".join(problems), problems)
+    return cfg
+
+
+def _convert_section(
+    cls: type, raw: Mapping[str, Any], prefix: str, problems: list[str], bad: set[str]
+) -> Any:
+    """Build one section dataclass from ``raw``; fields with problems keep their defaults."""
+    _report_unknown(raw, cls, prefix, problems)
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for fld in dataclasses.fields(cls):
+        if fld.name not in raw:
+            continue
+        dotted = f"{prefix}.{fld.name}"
+        value = _convert_field(raw[fld.name], fld, hints[fld.name], dotted, problems)
+        if value is _INVALID:
+            bad.add(dotted)
+        else:
+            kwargs[fld.name] = value
+    return cls(**kwargs)
+
+
+def _report_unknown(raw: Mapping[str, Any], cls: type, prefix: str, problems: list[str]) -> None:
+    """Add one problem per key of ``raw`` that is not a field of ``cls``, with a suggestion."""
+    valid = [fld.name for fld in dataclasses.fields(cls)]
+    for key in raw:
+        if key in valid:
+            continue
+        name = str(key)
+        dotted = f"{prefix}.{name}" if prefix else name
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = "."
+        if close:
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+        problems.append(f"unknown key '{dotted}'{hint} Valid keys: {', '.join(valid)}")
+
+
+def _convert_field(value: Any, fld: dataclasses.Field, hint: Any, dotted: str, problems: list[str]) -> Any:
+    """Type-convert one value, then check its choices and range; return _INVALID on a problem."""
+    kind = _kind(hint)
+    choices = fld.metadata.get("choices")
+    if kind == "str" and isinstance(value, bool) and choices and "true" in choices:
+        value = "true" if value else "false"  # e.g. ray.use_gpu: true (a YAML boolean)
+    converted, detail = _CONVERTERS[kind](value)
+    if converted is _INVALID:
+        expected, fix = _KIND_TEXT[kind]
+        got = detail or f"got {_describe(value)}"
+        problems.append(
+            f"{dotted}: expected {expected}, {got}. "
+            f"Fix: set {dotted} to {fix}, e.g. {dotted}={_format(_example(fld))}"
+        )
+        return _INVALID
+    problem = _check_choice(converted, choices, dotted, fld) or _check_range(converted, fld, dotted)
+    if problem:
+        problems.append(problem)
+        return _INVALID
+    return converted
+
+
+def _check_choice(
+    value: Any, choices: Sequence[Any] | None, dotted: str, fld: dataclasses.Field
+) -> str | None:
+    """Return a problem line when ``value`` is not one of ``choices``."""
+    if not choices or value in choices:
+        return None
+    if all(isinstance(c, int) for c in choices):
+        allowed = ", ".join(str(c) for c in choices[:-1]) + f" or {choices[-1]}"
+        return f"{dotted}: must be {allowed}, got {value}. Fix: e.g. {dotted}={_format(_example(fld))}"
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    fix = f"did you mean {dotted}={close[0]}?" if close else f"e.g. {dotted}={_format(_example(fld))}"
+    return f"{dotted}: {value!r} is not one of {', '.join(choices)}. Fix: {fix}"
+
+
+def _check_range(value: Any, fld: dataclasses.Field, dotted: str) -> str | None:
+    """Return a problem line when a number is outside the bounds in the field's metadata."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    meta = fld.metadata
+    bounds = []
+    ok = True
+    if "ge" in meta:
+        bounds.append(f">= {meta['ge']}")
+        ok = ok and value >= meta["ge"]
+    if "gt" in meta:
+        bounds.append(f"> {meta['gt']}")
+        ok = ok and value > meta["gt"]
+    if "lt" in meta:
+        bounds.append(f"< {meta['lt']}")
+        ok = ok and value < meta["lt"]
+    if ok:
+        return None
+    return (
+        f"{dotted}: must be {' and '.join(bounds)}, got {value}. Fix: e.g. {dotted}={_format(_example(fld))}"
+    )
+
+
+# --- per-kind converters: return (value, None) or (_INVALID, optional "got ..." detail) -----------
+
+
+def _to_int(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool):
+        return _INVALID, None
+    if isinstance(value, int):
+        return value, None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value), None
+    return _INVALID, None
+
+
+def _to_float(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool):
+        return _INVALID, None
+    if isinstance(value, str):
+        # PyYAML reads exponents without a dot (``1e-4``) as strings, so parse them here.
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return _INVALID, None
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            return _INVALID, f"got {value} (not a finite number)"
+        return float(value), None
+    return _INVALID, None
+
+
+def _to_bool(value: Any) -> tuple[Any, str | None]:
+    return (value, None) if isinstance(value, bool) else (_INVALID, None)
+
+
+def _to_str(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value), None  # e.g. output.dir=2024 parsed by YAML as an int
+    return _INVALID, None
+
+
+def _to_opt_str(value: Any) -> tuple[Any, str | None]:
+    return (None, None) if value is None else _to_str(value)
+
+
+def _to_str_list(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()], None
+    if isinstance(value, (list, tuple)):
+        items = []
+        for index, item in enumerate(value):
+            text, _ = _to_str(item)
+            if text is _INVALID:
+                return _INVALID, f"got {_describe(item)} at position {index}"
+            if text.strip():
+                items.append(text.strip())
+        return items, None
+    return _INVALID, None
+
+
+def _to_params(value: Any) -> tuple[Any, str | None]:
+    if value is None:
+        return {}, None
+    if not isinstance(value, Mapping):
+        return _INVALID, None
+    result: dict[str, dict[str, Any]] = {}
+    for method, params in value.items():
+        if params is None:
+            params = {}
+        if not isinstance(params, Mapping):
+            return _INVALID, f"got {_describe(params)} for method '{method}' instead of a mapping"
+        if not all(isinstance(key, str) for key in params):
+            return _INVALID, f"got a non-string parameter name for method '{method}'"
+        result[str(method)] = copy.deepcopy(dict(params))
+    return result, None
+
+
+def _to_path_or_mapping(value: Any) -> tuple[Any, str | None]:
+    if value is None or isinstance(value, str):
+        return value, None
+    if isinstance(value, Mapping):
+        if not all(isinstance(key, str) for key in value):
+            return _INVALID, "got a mapping with a non-string key"
+        return copy.deepcopy(dict(value)), None
+    return _INVALID, None
+
+
+_CONVERTERS = {
+    "int": _to_int,
+    "float": _to_float,
+    "bool": _to_bool,
+    "str": _to_str,
+    "opt_str": _to_opt_str,
+    "str_list": _to_str_list,
+    "params": _to_params,
+    "path_or_mapping": _to_path_or_mapping,
+}
+
+
+def _kind(hint: Any) -> str:
+    """Map a field's type hint onto one of the converter kinds."""
+    if hint in (bool, int, float, str):
+        return hint.__name__
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list and args == (str,):
+        return "str_list"
+    if origin is dict:
+        return "params"
+    if origin in (typing.Union, types.UnionType):
+        rest = [arg for arg in args if arg is not type(None)]
+        if rest == [str]:
+            return "opt_str"
+        if str in rest and any(typing.get_origin(arg) is dict or arg is dict for arg in rest):
+            return "path_or_mapping"
+    raise TypeError(f"unsupported config field type: {hint!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved type hints of a schema dataclass."""
+    return typing.get_type_hints(cls)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks across fields, against the method registry, and on the file system
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_cross_fields(cfg: RunConfig, problems: list[str], bad: set[str]) -> None:
+    """Checks that involve more than one field."""
+    data = cfg.data
+    if not bad & {"data", "data.forget_fraction", "data.holdout_fraction"}:
+        total = data.forget_fraction + data.holdout_fraction
+        if total >= 1.0:
+            problems.append(
+                f"data.forget_fraction + data.holdout_fraction must be < 1 so that retain data is left, "
+                f"got {data.forget_fraction} + {data.holdout_fraction} = {total:g}. "
+                f"Fix: lower one of them, e.g. data.forget_fraction=0.1 data.holdout_fraction=0.1"
+            )
+    prep = cfg.prepare
+    if (
+        not bad & {"prepare", "prepare.hidden_size", "prepare.num_heads"}
+        and prep.hidden_size % prep.num_heads
+    ):
+        problems.append(
+            f"prepare.hidden_size ({prep.hidden_size}) must be divisible by prepare.num_heads "
+            f"({prep.num_heads}). Fix: e.g. prepare.hidden_size={prep.num_heads * 32}"
+        )
+    train, workers = cfg.train, cfg.ray.num_workers
+    needed = {"train", "ray", "train.forget_batch_size", "train.retain_batch_size", "ray.num_workers"}
+    if bad & needed:
+        return
+    shared = math.gcd(train.forget_batch_size, train.retain_batch_size)
+    for name, batch, min_batch in (
+        ("forget_batch_size", train.forget_batch_size, 1),
+        ("retain_batch_size", train.retain_batch_size, 0),
+    ):
+        if batch % workers == 0:
+            continue
+        lower = batch // workers * workers
+        sizes = [str(size) for size in (lower, lower + workers) if size >= min_batch]
+        worker_options = _nearest_divisors(shared, workers)
+        problems.append(
+            f"train.{name} ({batch}) must be divisible by ray.num_workers ({workers}): it is the global "
+            f"batch, split evenly across workers. Fix: set train.{name} to {' or '.join(sizes)}, "
+            f"or set ray.num_workers to {' or '.join(str(w) for w in worker_options)}"
+        )
+
+
+def _nearest_divisors(number: int, target: int) -> list[int]:
+    """The divisors of ``number`` closest to ``target`` from below and from above."""
+    divisors: set[int] = set()
+    for candidate in range(1, math.isqrt(number) + 1):
+        if number % candidate == 0:
+            divisors.update((candidate, number // candidate))
+    below = [d for d in divisors if d < target]
+    above = [d for d in divisors if d > target]
+    return ([max(below)] if below else []) + ([min(above)] if above else [])
+
+
+def _check_methods(
+    cfg: RunConfig, known_methods: Collection[str] | None, problems: list[str], bad: set[str]
+) -> None:
+    """``method.names`` must be non-empty, unique and registered; params only for listed methods."""
+    method = cfg.method
+    if bad & {"method", "method.names"}:
+        return
+    if not method.names:
+        problems.append("method.names: must name at least one method. Fix: e.g. method.names=grad_diff")
+        return
+    known = sorted(known_methods) if known_methods is not None else None
+    seen: set[str] = set()
+    for name in method.names:
+        if name in seen:
+            problems.append(f"method.names: '{name}' is listed twice. Fix: list each method once")
+        seen.add(name)
+        if known is not None and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "."
+            problems.append(f"method.names: unknown method '{name}'{hint} Known methods: {', '.join(known)}")
+    if "method.params" in bad:
+        return
+    for name in method.params:
+        if name not in method.names:
+            problems.append(
+                f"method.params.{name}: parameters given for a method that is not in method.names "
+                f"({', '.join(method.names)}). Fix: add {name} to method.names or remove method.params.{name}"
+            )
+
+
+def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[str]) -> None:
+    """Check the files named in the config and store them as absolute paths."""
+    if not bad & {"data", "data.source"} and cfg.data.source != FICTITIOUS_SOURCE:
+        path = _resolve(cfg.data.source, base_dir)
+        fix = f"Fix: give a path to a local .json/.jsonl file, or use data.source={FICTITIOUS_SOURCE}"
+        if not path.exists():
+            problems.append(f"data.source: file not found: {path}. {fix}")
+        elif not path.is_file():
+            problems.append(f"data.source: not a file: {path}. {fix}")
+        elif path.suffix.lower() not in _DATA_SUFFIXES:
+            problems.append(f"data.source: expected a .json or .jsonl file, got {path}. {fix}")
+        else:
+            cfg.data.source = str(path)
+    if not bad & {"deepspeed", "deepspeed.config"} and isinstance(cfg.deepspeed.config, str):
+        problem, resolved = _check_deepspeed_file(cfg.deepspeed.config, base_dir)
+        if problem:
+            problems.append(problem)
+        else:
+            cfg.deepspeed.config = resolved
+    if not bad & {"model", "model.path"} and cfg.model.path != EMBEDDED_MODEL:
+        problem, resolved = _check_model_path(cfg.model.path, base_dir)
+        if problem:
+            problems.append(problem)
+        else:
+            cfg.model.path = resolved
+
+
+def _check_deepspeed_file(value: str, base_dir: Path) -> tuple[str | None, str]:
+    """Validate a DeepSpeed JSON path; return (problem, resolved path)."""
+    path = _resolve(value, base_dir)
+    fix = (
+        "Fix: give a path to a DeepSpeed JSON file, or set deepspeed.config=null to use the built-in defaults"
+    )
+    if not path.is_file():
+        return f"deepspeed.config: file not found: {path}. {fix}", str(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"deepspeed.config: could not read {path} as JSON ({exc}). {fix}", str(path)
+    if not isinstance(content, dict):
+        return (
+            f"deepspeed.config: {path} must hold a JSON object of DeepSpeed settings, "
+            f"got {_describe(content)}. {fix}",
+            str(path),
+        )
+    return None, str(path)
+
+
+def _check_model_path(value: str, base_dir: Path) -> tuple[str | None, str]:
+    """A local-looking model path must be a directory; anything else is taken as a hub name."""
+    path = _resolve(value, base_dir)
+    if path.is_dir():
+        return None, str(path)
+    first = Path(value).parts[0] if Path(value).parts else value
+    looks_local = (
+        value.startswith(_LOCAL_PREFIXES)
+        or value in (".", "..")
+        or (base_dir / first).exists()
+        or (Path.cwd() / first).exists()
+    )
+    if not looks_local:
+        return None, value
+    what = "not a directory" if path.exists() else "directory not found"
+    return (
+        f"model.path: {what}: {path}. Fix: give a local model directory, a hub name such as "
+        f"org/model-name, or use model.path={EMBEDDED_MODEL}",
+        value,
+    )
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    """Absolute path for ``value``: relative to ``base_dir``, or to the cwd if it exists only there."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return Path(os.path.normpath(path))
+    candidate = Path(os.path.normpath(base_dir / path))
+    if not candidate.exists():
+        from_cwd = Path(os.path.normpath(Path.cwd() / path))
+        if from_cwd.exists():
+            return from_cwd
+    return candidate
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    """``'abc' (str)`` style description of a value for messages."""
+    if isinstance(value, (Mapping, list)):
+        return f"a {type(value).__name__}"
+    if value is None:
+        return "null"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _example(fld: dataclasses.Field) -> Any:
+    """The value used in 'e.g. key=value' hints: the field's ``example`` or its default."""
+    if "example" in fld.metadata:
+        return fld.metadata["example"]
+    if fld.default is not dataclasses.MISSING:
+        return fld.default
+    if fld.default_factory is not dataclasses.MISSING:
+        return fld.default_factory()
+    return "..."
+
+
+def _format(value: Any) -> str:
+    """Render a value the way it would be typed in a ``key=value`` override."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return str(value)

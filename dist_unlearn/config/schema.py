@@ -1,0 +1,164 @@
+"""Typed run configuration: one dataclass per YAML section.
+
+Every field has a default, so an empty YAML file is a valid config. Field ``metadata`` carries the
+constraints the loader enforces (see :mod:`dist_unlearn.config.loader`):
+
+- ``choices``: the allowed values;
+- ``ge`` / ``gt`` / ``lt``: inclusive or exclusive numeric bounds;
+- ``example``: the value shown in "Fix: ..." hints when the default is not a good example.
+
+This module only declares the schema; it imports nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("fp32", "bf16", "fp16")
+SAVE_DTYPES = ("bf16", "fp16", "fp32")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+REFERENCE_MODES = ("auto", "none", "cached")
+USE_GPU_MODES = ("auto", "true", "false")
+ZERO_STAGES = (0, 1, 2, 3)
+
+EMBEDDED_MODEL = "embedded"
+FICTITIOUS_SOURCE = "fictitious"
+
+
+def _opt(default: Any, **meta: Any) -> Any:
+    """A dataclass field with a scalar default and loader constraints in its metadata."""
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to unlearn from and how to load it."""
+
+    path: str = _opt(EMBEDDED_MODEL, example="org/model-name")
+    """``embedded`` = the tiny Llama built by ``dist-unlearn prepare``; else a local dir or hub name."""
+    dtype: str = _opt("fp32", choices=DTYPES)
+    attn_implementation: str = _opt("auto", choices=ATTN_IMPLEMENTATIONS)
+
+
+@dataclass
+class DataConfig:
+    """Forget / retain / holdout data."""
+
+    source: str = _opt(FICTITIOUS_SOURCE, example="data/qa.jsonl")
+    """``fictitious`` (embedded generator) or a path to a local .json/.jsonl file."""
+    num_people: int = _opt(40, ge=1)
+    questions_per_person: int = _opt(4, ge=1)
+    forget_fraction: float = _opt(0.1, gt=0.0, lt=1.0)
+    holdout_fraction: float = _opt(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+    max_length: int = _opt(64, ge=8)
+
+
+@dataclass
+class PrepareConfig:
+    """Fine-tuning of the embedded target model (on all data) and oracle model (on retain data only)."""
+
+    steps: int = _opt(400, ge=1)
+    batch_size: int = _opt(32, ge=1)
+    lr: float = _opt(3e-3, gt=0.0)
+    hidden_size: int = _opt(128, ge=1)
+    num_layers: int = _opt(4, ge=1)
+    num_heads: int = _opt(4, ge=1)
+    vocab_size: int = _opt(1024, ge=1)
+
+
+@dataclass
+class MethodConfig:
+    """Unlearning methods to run; each starts from the same model."""
+
+    names: list[str] = field(default_factory=lambda: ["grad_diff"], metadata={"example": "grad_diff,npo"})
+    params: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"example": "{npo: {beta: 0.1}}"}
+    )
+    """Per-method keyword parameters, e.g. ``{npo: {beta: 0.1}}``."""
+    forget_weight: float = _opt(1.0, ge=0.0)
+    retain_weight: float = _opt(1.0, ge=0.0)
+    reference: str = _opt("auto", choices=REFERENCE_MODES)
+
+
+@dataclass
+class TrainConfig:
+    """Unlearning optimisation. Batch sizes are GLOBAL (summed over all workers)."""
+
+    steps: int = _opt(30, ge=1)
+    forget_batch_size: int = _opt(8, ge=1)
+    retain_batch_size: int = _opt(8, ge=0)
+    lr: float = _opt(1e-4, gt=0.0)
+    weight_decay: float = _opt(0.0, ge=0.0)
+    warmup_steps: int = _opt(0, ge=0)
+    grad_clip: float = _opt(1.0, ge=0.0)
+    seed: int = 0
+    log_every: int = _opt(1, ge=1)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO settings."""
+
+    zero_stage: int = _opt(3, choices=ZERO_STAGES)
+    config: str | dict[str, Any] | None = _opt(None, example="ds_config.json")
+    """Path to a DeepSpeed JSON file, or an inline mapping merged under our defaults."""
+    offload_optimizer: bool = False
+
+
+@dataclass
+class RayConfig:
+    """Ray cluster and worker settings."""
+
+    enabled: bool = True
+    """False = run in this process / under torchrun without Ray."""
+    address: str | None = _opt(None, example="auto")
+    """None = start a local cluster; ``auto``, ``ray://...`` or ``host:port`` joins one."""
+    num_workers: int = _opt(2, ge=1)
+    use_gpu: str = _opt("auto", choices=USE_GPU_MODES)
+    cpus_per_worker: int = _opt(1, ge=0)
+    max_failures: int = _opt(0, ge=-1)
+
+
+@dataclass
+class CheckpointConfig:
+    """When to write checkpoints and how many to keep."""
+
+    every_steps: int = _opt(0, ge=0)
+    """0 = only at the end."""
+    keep: int = _opt(2, ge=1)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings."""
+
+    max_examples: int = _opt(0, ge=0)
+    """0 = all examples."""
+    every_steps: int = _opt(0, ge=0)
+
+
+@dataclass
+class OutputConfig:
+    """Where results go and how models are saved."""
+
+    dir: str = "runs/default"
+    save_dtype: str = _opt("bf16", choices=SAVE_DTYPES)
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The whole run configuration; one attribute per YAML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

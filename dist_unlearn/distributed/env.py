@@ -1,0 +1,68 @@
+"""Process-group helpers that work the same under Ray Train, torchrun, the deepspeed launcher or one process.
+
+Ray Train and torchrun both export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; Ray also creates the process group itself. :func:`init_distributed` therefore only
+creates a group when none exists, and in a plain single process it creates a one-rank gloo group on
+loopback so that DeepSpeed and the collectives below behave identically everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def default_backend() -> str:
+    """``nccl`` when CUDA devices are visible, else ``gloo``."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Create the default process group unless one exists.
+
+    Reads ``RANK``/``WORLD_SIZE`` from the environment; without them this is a single process and a
+    one-rank group on a free loopback port is created.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(
+            {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(_free_port())}
+        )
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def destroy_process_group() -> None:
+    """Tear the group down (avoids intermittent SIGABRT at interpreter exit with gloo)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,65 @@
+"""DeepSpeed checkpoints written atomically: ``step_000010.tmp/`` is filled by every rank, then renamed
+to ``step_000010/`` by rank 0 once all ranks are done. A crash mid-write leaves only a ``.tmp``
+directory, which loading ignores, so the previous checkpoint stays intact and readable."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dist_unlearn.distributed.env import barrier, get_rank
+
+CHECKPOINT_TAG = "state"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict[str, Any], keep: int = 2) -> Path:
+    """Save the engine (model, optimizer, scheduler, ``client_state``) as ``root/step_NNNNNN``.
+
+    Collective: every rank must call it. Returns the final directory. Keeps the newest ``keep``.
+    """
+    root = Path(root)
+    final = root / checkpoint_dir_name(step)
+    staging = root / (final.name + ".tmp")
+    if get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(staging), tag=CHECKPOINT_TAG, client_state=client_state, save_latest=False)
+    barrier()
+    if get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (``.tmp`` leftovers are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(engine: Any, directory: str | Path) -> dict[str, Any]:
+    """Restore the engine from a directory written by :func:`save_checkpoint`; returns client state."""
+    path, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint with tag '{CHECKPOINT_TAG}' in {directory}")
+    return dict(client_state or {})

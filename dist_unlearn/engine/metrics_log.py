@@ -1,0 +1,72 @@
+"""Step metrics: averaged over ranks, written by rank 0 to ``metrics.jsonl`` and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_unlearn.distributed.env import get_world_size, is_main_process
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Average each value over all ranks (collective; every rank must pass the same keys)."""
+    if get_world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    tensor /= get_world_size()
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+class MetricsLog:
+    """Append-only JSONL log plus optional TensorBoard, active on rank 0 only.
+
+    ``resume_from_step`` drops lines of steps ``>= resume_from_step`` left by an interrupted run, so
+    the log of a resumed run reads like that of an uninterrupted one.
+    """
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_from_step: int = 0) -> None:
+        self.active = is_main_process()
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._writer = None
+        if not self.active:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [
+                line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", -1) < resume_from_step
+            ]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_from_step)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """The rows of ``run_dir/metrics.jsonl`` (empty if absent)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,109 @@
+"""The embedded default: a fictitious-facts benchmark, a tokenizer trained on it, and two fine-tuned
+tiny Llamas built from the same random initialisation:
+
+* **target**: fine-tuned on forget + retain facts (the model to unlearn from);
+* **oracle**: fine-tuned on retain facts only (what perfect unlearning would look like; forget-quality
+  metrics compare against it).
+
+Holdout facts are seen by neither, so they serve as non-members for membership-inference attacks
+(TOFU's setup). Everything is cached under ``OUTPUT/embedded/`` keyed by a fingerprint of the data and
+prepare settings, and written atomically (``.tmp`` then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, DataConfig, RunConfig
+from dist_unlearn.data.facts import FactsBenchmark, generate_facts, load_qa_file
+from dist_unlearn.data.qa import QADataset
+from dist_unlearn.engine.finetune import finetune
+from dist_unlearn.eval.answers import evaluate_splits
+from dist_unlearn.models.tiny_llama import build_embedded_model
+
+
+@dataclass(frozen=True)
+class ModelAssets:
+    """Where the model to unlearn (and, when known, the oracle) lives."""
+
+    target_dir: str
+    oracle_dir: str | None
+
+
+def load_benchmark(data: DataConfig) -> FactsBenchmark:
+    """The QA data of a run: the deterministic generator or a local file."""
+    if data.source == FICTITIOUS_SOURCE:
+        return generate_facts(
+            num_people=data.num_people,
+            questions_per_person=data.questions_per_person,
+            forget_fraction=data.forget_fraction,
+            holdout_fraction=data.holdout_fraction,
+            seed=data.seed,
+        )
+    return load_qa_file(data.source)
+
+
+def _fingerprint(cfg: RunConfig) -> str:
+    payload = json.dumps({"data": asdict(cfg.data), "prepare": asdict(cfg.prepare)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def embedded_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.output.dir) / "embedded"
+
+
+def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAssets:
+    """Build (or reuse) the embedded target and oracle models for ``cfg``; returns their paths."""
+    root = embedded_dir(cfg)
+    fingerprint = _fingerprint(cfg)
+    marker = root / "prepare.json"
+    if not force and marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        return ModelAssets(str(root / "target"), str(root / "oracle"))
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    started = time.time()
+    facts = load_benchmark(cfg.data)
+    p = cfg.prepare
+    staging = root.with_name(root.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    facts.to_jsonl(staging / "facts.jsonl")
+    summary: dict[str, object] = {"fingerprint": fingerprint, "config": {"data": asdict(cfg.data), "prepare": asdict(p)}}
+    for name, splits in (("target", ("forget", "retain")), ("oracle", ("retain",))):
+        model, tokenizer = build_embedded_model(
+            facts.corpus(), vocab_size=p.vocab_size, hidden_size=p.hidden_size, num_layers=p.num_layers,
+            num_heads=p.num_heads, seed=cfg.train.seed,
+        )
+        items = [item for split in splits for item in facts.split(split)]
+        train_set = QADataset(items, tokenizer, cfg.data.max_length)
+        log(f"prepare: fine-tuning the {name} model on {'+'.join(splits)} ({len(items)} QA pairs, {p.steps} steps)")
+        losses = finetune(model, train_set, tokenizer.pad_token_id, p.steps, p.batch_size, p.lr,
+                          seed=cfg.train.seed, desc=f"prepare {name}")
+        evals = evaluate_splits(
+            model, {s: QADataset(facts.split(s), tokenizer, cfg.data.max_length) for s in ("forget", "retain", "holdout")},
+            tokenizer.pad_token_id,
+        )
+        summary[name] = {"final_loss": losses[-1], "eval": evals}
+        log(f"prepare: {name} answer probability " + ", ".join(f"{s}={v['prob']:.3f}" for s, v in evals.items()))
+        model.save_pretrained(staging / name)
+        tokenizer.save_pretrained(staging / name)
+    summary["seconds"] = round(time.time() - started, 1)
+    (staging / "prepare.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(staging, root)
+    return ModelAssets(str(root / "target"), str(root / "oracle"))
+
+
+def resolve_model_assets(cfg: RunConfig, log=print) -> ModelAssets:
+    """The embedded models (prepared if missing) or the user's model path (no oracle)."""
+    if cfg.model.path == EMBEDDED_MODEL:
+        return prepare_embedded(cfg, log=log)
+    return ModelAssets(cfg.model.path, None)

@@ -1,0 +1,224 @@
+"""The unlearning train function that runs in every worker: under Ray Train, under ``torchrun`` or the
+``deepspeed`` launcher, or in one plain process. It never imports Ray; the launcher passes a
+:class:`Reporter` that knows where checkpoints go.
+
+Per step ``s`` each rank draws its slice of the global forget batch and of the global retain batch
+(:class:`~dist_unlearn.data.sampling.StepSampler`), computes the objective, and calls
+``engine.backward`` / ``engine.step``; DeepSpeed averages gradients over ranks, so the update equals
+the one of a single process on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from dist_unlearn.config import RunConfig, config_from_dict
+from dist_unlearn.data.qa import QADataset, collate_qa
+from dist_unlearn.data.sampling import StepSampler
+from dist_unlearn.distributed.env import (
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+)
+from dist_unlearn.distributed.seeding import derive_seed, seed_everything
+from dist_unlearn.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dist_unlearn.engine.ds_config import build_deepspeed_config, torch_dtype
+from dist_unlearn.engine.export import export_hf_model
+from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
+from dist_unlearn.engine.prepare import load_benchmark
+from dist_unlearn.eval.answers import evaluate_splits, score_dataset
+from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
+from dist_unlearn.unlearning import get_objective
+
+
+class Reporter(Protocol):
+    """What the launcher provides: where to resume from, and how to announce checkpoints."""
+
+    def latest_checkpoint(self) -> Path | None: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+
+
+class LocalReporter:
+    """Checkpoints stay in ``RUN_DIR/checkpoints``; resuming picks the newest complete one."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class UnlearnJob:
+    """Everything a worker needs, as plain data (it crosses process boundaries).
+
+    config: ``config_to_dict`` of the run; method: one name of ``config.method.names``;
+    target_dir: the model to unlearn from; run_dir: this method's output directory.
+    """
+
+    config: dict[str, Any]
+    method: str
+    target_dir: str
+    run_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "method": self.method, "target_dir": self.target_dir, "run_dir": self.run_dir}
+
+
+def resolve_reference_mode(cfg: RunConfig, needs_reference: bool) -> str:
+    """``auto`` -> ``cached`` when the method needs π_ref, else ``none``; ``none`` for such a method is an error."""
+    mode = cfg.method.reference
+    if mode == "auto":
+        return "cached" if needs_reference else "none"
+    if mode == "none" and needs_reference:
+        raise ValueError("method.reference=none, but this method needs a reference model: use method.reference=cached")
+    return mode
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
+    limit = cfg.eval.max_examples or None
+    return {split: QADataset(facts.split(split)[:limit], tokenizer, cfg.data.max_length) for split in ("forget", "retain")}
+
+
+def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None = None) -> dict[str, Any]:
+    """Unlearn ``job.method`` on this rank's share of the data; returns the run summary (all ranks).
+
+    Collective: every rank of the process group runs it. Writes, from rank 0, ``metrics.jsonl``,
+    TensorBoard events, checkpoints under ``checkpoints/``, the final model under ``model/`` (HF
+    format, ``output.save_dtype``) and ``metrics.json``.
+    """
+    import deepspeed  # heavy; imported where it is needed
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    if isinstance(job, dict):
+        job = UnlearnJob(**job)
+    cfg = config_from_dict(job.config)
+    run_dir = Path(job.run_dir)
+    reporter = reporter or LocalReporter(run_dir)
+    init_distributed()
+    rank, world = get_rank(), get_world_size()
+    device = _device()
+    if cfg.ray.cpus_per_worker > 0 and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.ray.cpus_per_worker)
+    seed_everything(derive_seed(cfg.train.seed, "model"))
+
+    tokenizer = load_tokenizer(job.target_dir)
+    model = load_causal_lm(job.target_dir, torch.float32, cfg.model.attn_implementation)
+    facts = load_benchmark(cfg.data)
+    forget_set = QADataset(facts.split("forget"), tokenizer, cfg.data.max_length)
+    retain_set = QADataset(facts.split("retain"), tokenizer, cfg.data.max_length)
+    objective = get_objective(
+        job.method, cfg.method.forget_weight, cfg.method.retain_weight, **cfg.method.params.get(job.method, {})
+    )
+    reference_mode = resolve_reference_mode(cfg, objective.needs_reference)
+    ds_config = build_deepspeed_config(
+        zero_stage=cfg.deepspeed.zero_stage, micro_batch_size=cfg.train.forget_batch_size // world,
+        world_size=world, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        warmup_steps=cfg.train.warmup_steps, grad_clip=cfg.train.grad_clip, dtype=cfg.model.dtype,
+        user_config=cfg.deepspeed.config, offload_optimizer=cfg.deepspeed.offload_optimizer,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config, dist_init_required=False,
+    )
+    pad_id = tokenizer.pad_token_id
+    eval_sets = _eval_datasets(facts, tokenizer, cfg)
+
+    # π_ref log-probs of every forget answer, from the starting weights, before any checkpoint is loaded
+    reference_logprob = None
+    if reference_mode == "cached":
+        reference_logprob = score_dataset(engine, forget_set, pad_id, device=device)[:, 0]
+
+    start_step, before = 0, None
+    resume_dir = reporter.latest_checkpoint()
+    if resume_dir is not None:
+        state = load_checkpoint(engine, resume_dir)
+        start_step, before = int(state["step"]), state.get("eval_before")
+        if is_main_process():
+            print(f"[{job.method}] resumed from {resume_dir} at step {start_step}", flush=True)
+    if before is None:
+        before = evaluate_splits(engine, eval_sets, pad_id, device=device)
+
+    forget_sampler = StepSampler(len(forget_set), cfg.train.forget_batch_size, rank, world, cfg.train.seed, "forget")
+    retain_sampler = None
+    if objective.uses_retain and cfg.train.retain_batch_size > 0:
+        retain_sampler = StepSampler(len(retain_set), cfg.train.retain_batch_size, rank, world, cfg.train.seed, "retain")
+
+    log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard, resume_from_step=start_step)
+    checkpoint_root = run_dir / "checkpoints"
+    every = cfg.checkpoint.every_steps
+    progress = None
+    if is_main_process():
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.train.steps, initial=start_step, desc=f"unlearn {job.method}", mininterval=5.0)
+    engine.train()
+    for step in range(start_step, cfg.train.steps):
+        started = time.perf_counter()
+        forget_idx = forget_sampler.indices(step)
+        forget_batch = {k: v.to(device) for k, v in collate_qa([forget_set[i] for i in forget_idx], pad_id).items()}
+        retain_batch = None
+        if retain_sampler is not None:
+            retain_idx = retain_sampler.indices(step)
+            retain_batch = {k: v.to(device) for k, v in collate_qa([retain_set[i] for i in retain_idx], pad_id).items()}
+        ref = reference_logprob[forget_idx].to(device) if reference_logprob is not None else None
+        out = objective(engine, forget_batch, retain_batch, ref)
+        engine.backward(out.loss)
+        engine.step()
+        values = mean_over_ranks(out.logs, device)
+        values["lr"] = float(engine.get_lr()[0])
+        values["step_seconds"] = time.perf_counter() - started
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            log.log(step + 1, values)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+        is_last = step + 1 == cfg.train.steps
+        if (every and (step + 1) % every == 0) or is_last:
+            path = save_checkpoint(
+                engine, checkpoint_root, step + 1, {"step": step + 1, "eval_before": before}, keep=cfg.checkpoint.keep
+            )
+            if not is_last:
+                reporter.report({"step": step + 1, **values}, path if is_main_process() else None)
+            final_checkpoint = path
+    if progress is not None:
+        progress.close()
+    log.close()
+
+    after = evaluate_splits(engine, eval_sets, pad_id, device=device)
+    export_hf_model(engine, tokenizer, run_dir / "model", torch_dtype(cfg.output.save_dtype))
+    summary = {
+        "method": job.method,
+        "steps": cfg.train.steps,
+        "world_size": world,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "reference": reference_mode,
+        "before": before,
+        "after": after,
+    }
+    if is_main_process():
+        tmp = run_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(run_dir / "metrics.json")
+    if start_step < cfg.train.steps:
+        reporter.report({"step": cfg.train.steps, "done": 1}, final_checkpoint if is_main_process() else None)
+    return summary

@@ -1,0 +1,74 @@
+"""Per-sequence answer statistics from a causal LM: summed log-probability, token count, greedy hits.
+
+Conventions used by every objective and metric in the package:
+``labels`` is ``[b, T]`` with ``-100`` on positions that are not scored (prompt, padding); position
+``t`` of the logits predicts label ``t + 1``. A *sequence log-probability* is
+``log π(y|x) = Σ_t log p(y_t | x, y_<t)`` over the scored tokens, and ``|y|`` is their count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SequenceStats:
+    """Per-sequence statistics, each a tensor of shape ``[b]``.
+
+    logprob: Σ_t log p(y_t | ·) over answer tokens (differentiable when the forward was).
+    num_tokens: |y|, the number of scored tokens (float, ≥ 1 for real examples).
+    num_correct: how many scored tokens the greedy (argmax) prediction gets right.
+    """
+
+    logprob: torch.Tensor
+    num_tokens: torch.Tensor
+    num_correct: torch.Tensor
+
+    @property
+    def mean_nll(self) -> torch.Tensor:
+        """Length-normalised negative log-likelihood NLL/|y|, shape ``[b]``."""
+        return -self.logprob / self.num_tokens.clamp(min=1)
+
+
+def shifted_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the next tokens.
+
+    Args:
+        logits: ``[b, T, V]``.
+        labels: ``[b, T]`` with ``-100`` on unscored positions.
+    Returns:
+        ``(logp, mask)``, both ``[b, T-1]``: ``logp[:, t] = log softmax(logits[:, t])[labels[:, t+1]]``
+        (0 where masked) and the float mask of scored positions.
+    """
+    target = labels[:, 1:]
+    mask = target.ne(IGNORE_INDEX)
+    safe_target = target.masked_fill(~mask, 0)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logp = logp.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    return token_logp * mask, mask.float()
+
+
+def sequence_stats(logits: torch.Tensor, labels: torch.Tensor) -> SequenceStats:
+    """Summed answer log-probability, answer length and greedy hits per sequence (see module doc)."""
+    token_logp, mask = shifted_token_logprobs(logits, labels)
+    greedy = logits[:, :-1].argmax(dim=-1)
+    correct = (greedy == labels[:, 1:]).float() * mask
+    return SequenceStats(token_logp.sum(-1), mask.sum(-1), correct.sum(-1).detach())
+
+
+def forward_sequence_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceStats:
+    """Run ``model`` (a module or a DeepSpeed engine) on a QA batch and return :class:`SequenceStats`."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return sequence_stats(out.logits, batch["labels"])
+
+
+def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross entropy over scored tokens (plain fine-tuning loss), shape ``[]``."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
