@@ -37,7 +37,7 @@ from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
 from dist_unlearn.engine.prepare import load_benchmark
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset
 from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
-from dist_unlearn.unlearning import get_objective
+from dist_unlearn.unlearning import objective_from_config
 
 
 class Reporter(Protocol):
@@ -126,9 +126,7 @@ def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None =
     facts = load_benchmark(cfg.data)
     forget_set = QADataset(facts.split("forget"), tokenizer, cfg.data.max_length)
     retain_set = QADataset(facts.split("retain"), tokenizer, cfg.data.max_length)
-    objective = get_objective(
-        job.method, cfg.method.forget_weight, cfg.method.retain_weight, **cfg.method.params.get(job.method, {})
-    )
+    objective = objective_from_config(cfg, job.method)
     reference_mode = resolve_reference_mode(cfg, objective.needs_reference)
     ds_config = build_deepspeed_config(
         zero_stage=cfg.deepspeed.zero_stage, micro_batch_size=cfg.train.forget_batch_size // world,

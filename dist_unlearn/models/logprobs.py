@@ -35,6 +35,11 @@ class SequenceStats:
         return -self.logprob / self.num_tokens.clamp(min=1)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are upcast for the softmax; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def shifted_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the next tokens.
 
@@ -48,16 +53,16 @@ def shifted_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[
     target = labels[:, 1:]
     mask = target.ne(IGNORE_INDEX)
     safe_target = target.masked_fill(~mask, 0)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(_at_least_fp32(logits[:, :-1]), dim=-1)
     token_logp = logp.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
-    return token_logp * mask, mask.float()
+    return token_logp * mask, mask.to(token_logp.dtype)
 
 
 def sequence_stats(logits: torch.Tensor, labels: torch.Tensor) -> SequenceStats:
     """Summed answer log-probability, answer length and greedy hits per sequence (see module doc)."""
     token_logp, mask = shifted_token_logprobs(logits, labels)
     greedy = logits[:, :-1].argmax(dim=-1)
-    correct = (greedy == labels[:, 1:]).float() * mask
+    correct = (greedy == labels[:, 1:]).to(mask.dtype) * mask
     return SequenceStats(token_logp.sum(-1), mask.sum(-1), correct.sum(-1).detach())
 
 
@@ -70,5 +75,5 @@ def forward_sequence_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor
 def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-mean cross entropy over scored tokens (plain fine-tuning loss), shape ``[]``."""
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        _at_least_fp32(logits[:, :-1].reshape(-1, logits.size(-1))), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )

@@ -5,6 +5,7 @@ from dist_unlearn.unlearning.objectives import (
     ObjectiveOutput,
     UnlearningObjective,
     get_objective,
+    objective_from_config,
 )
 
-__all__ = ["OBJECTIVES", "ObjectiveOutput", "UnlearningObjective", "get_objective"]
+__all__ = ["OBJECTIVES", "ObjectiveOutput", "UnlearningObjective", "get_objective", "objective_from_config"]

@@ -132,3 +132,11 @@ def get_objective(
         allowed = ", ".join(sorted(accepted)) or "none"
         raise ValueError(f"method '{name}' does not take parameter(s) {', '.join(unknown)}; it accepts: {allowed}")
     return UnlearningObjective(name, factory(**params), retain, forget_weight, retain_weight)
+
+
+def objective_from_config(cfg: Any, name: str) -> UnlearningObjective:
+    """The objective ``name`` of a run config: ``method.forget_weight``/``retain_weight`` as defaults,
+    overridden by ``method.params.<name>`` (which may also set ``forget_weight``/``retain_weight``)."""
+    params = {"forget_weight": cfg.method.forget_weight, "retain_weight": cfg.method.retain_weight}
+    params.update(cfg.method.params.get(name, {}))
+    return get_objective(name, **params)

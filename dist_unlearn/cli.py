@@ -1,0 +1,89 @@
+"""``dist-unlearn`` command line: ``run``, ``prepare`` (and more as the tool grows).
+
+Every command validates its config fully (schema, method names and parameters) before Ray or
+DeepSpeed start; a bad config prints one message naming the field and the fix and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dist_unlearn.config import ConfigError, RunConfig, load_config
+
+
+def _load(path: str, overrides: list[str]) -> RunConfig:
+    from dist_unlearn.engine.validate import validate_run
+    from dist_unlearn.unlearning import OBJECTIVES
+
+    cfg = load_config(path, overrides, known_methods=OBJECTIVES)
+    validate_run(cfg)
+    return cfg
+
+
+def _launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, args.overrides)
+    from dist_unlearn.engine.prepare import resolve_model_assets
+    from dist_unlearn.eval.tables import before_after_table
+
+    if cfg.ray.enabled and not _launched_by_torchrun():
+        from dist_unlearn.ray.trainer import run_with_ray
+
+        summaries = run_with_ray(cfg, resolve_model_assets(cfg), restart=args.restart)
+    else:
+        from dist_unlearn.engine.runner import run_without_ray
+
+        summaries = run_without_ray(cfg, restart=args.restart)
+    if os.environ.get("RANK", "0") == "0":  # the driver, or rank 0 of a torchrun launch
+        out = Path(cfg.output.dir)
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summaries, indent=2))
+        tmp.replace(out / "summary.json")
+        print("\n" + before_after_table(summaries))
+        print(f"\nresults: {out.resolve()}/<method>/ (model/, metrics.json, metrics.jsonl); summary: {out / 'summary.json'}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, args.overrides)
+    from dist_unlearn.engine.prepare import prepare_embedded
+
+    assets = prepare_embedded(cfg, force=args.force)
+    print(f"target: {assets.target_dir}\noracle: {assets.oracle_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-unlearn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="unlearn with every method of CONFIG (Ray workers, or torchrun ranks)")
+    run.add_argument("config", help="YAML run config")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. deepspeed.zero_stage=2")
+    run.add_argument("--restart", action="store_true", help="discard earlier checkpoints of these methods")
+    run.set_defaults(func=cmd_run)
+    prep = sub.add_parser("prepare", help="build the embedded fictitious-facts target and oracle models")
+    prep.add_argument("config")
+    prep.add_argument("overrides", nargs="*")
+    prep.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
+    prep.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"dist-unlearn: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Run every method of a config without Ray: in one process, or in each process of a ``torchrun`` /
+``deepspeed`` launch (the same command on every rank)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dist_unlearn.config import ConfigError, RunConfig, config_to_dict
+from dist_unlearn.distributed.env import (
+    barrier,
+    destroy_process_group,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+)
+from dist_unlearn.engine.prepare import ModelAssets, resolve_model_assets
+from dist_unlearn.engine.unlearn_loop import UnlearnJob, run_unlearning
+
+
+def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[UnlearnJob]:
+    """One job per method, each writing to ``OUTPUT/<method>/``."""
+    out = Path(cfg.output.dir).resolve()
+    data = config_to_dict(cfg)
+    return [UnlearnJob(data, name, assets.target_dir, str(out / name)) for name in cfg.method.names]
+
+
+# settings that may change between a run and its resumption
+_RESUMABLE_CHANGES = {"train": {"steps"}, "checkpoint": None, "eval": None, "ray": {"address", "max_failures", "enabled"},
+                      "output": {"tensorboard"}}
+RUN_SETTINGS_FILE = "run_settings.json"
+
+
+def run_settings(job: UnlearnJob, world_size: int) -> dict[str, Any]:
+    """The settings a checkpoint of ``job`` depends on (everything a resumed run must keep)."""
+    kept: dict[str, Any] = {"method": job.method, "world_size": world_size, "target_dir": job.target_dir}
+    for section, values in job.config.items():
+        free = _RESUMABLE_CHANGES.get(section, set())
+        if free is None:
+            continue
+        kept[section] = {k: v for k, v in values.items() if k not in free} if isinstance(values, dict) else values
+    return kept
+
+
+def check_resumable(jobs: list[UnlearnJob], world_size: int) -> None:
+    """Refuse, before any work, to continue a run directory whose checkpoints came from other settings.
+
+    A run directory with checkpoints is resumed (or extended when ``train.steps`` grew); changing
+    anything else would silently mix two experiments.
+    """
+    problems = []
+    for job in jobs:
+        path = Path(job.run_dir) / RUN_SETTINGS_FILE
+        if not path.is_file() or not (Path(job.run_dir) / "checkpoints").is_dir():
+            continue
+        old, new = json.loads(path.read_text()), run_settings(job, world_size)
+        changed = _diff(old, new)
+        if changed:
+            problems.append(
+                f"output.dir: {job.run_dir} holds checkpoints of a run with other settings ({', '.join(changed)}). "
+                "Fix: choose a new output.dir, or pass --restart to start this method over"
+            )
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems), problems)
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out: list[str] = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def prepare_run_dirs(jobs: list[UnlearnJob], world_size: int, restart: bool = False) -> None:
+    """Driver side, before launching: optionally wipe old runs, check resumability, record settings."""
+    if restart:
+        for job in jobs:
+            shutil.rmtree(job.run_dir, ignore_errors=True)
+            shutil.rmtree(Path(job.run_dir).parent / "ray_results" / job.method, ignore_errors=True)
+    check_resumable(jobs, world_size)
+    for job in jobs:
+        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(job.run_dir) / (RUN_SETTINGS_FILE + ".tmp")
+        tmp.write_text(json.dumps(run_settings(job, world_size), indent=2))
+        os.replace(tmp, Path(job.run_dir) / RUN_SETTINGS_FILE)
+
+
+def read_summaries(jobs: list[UnlearnJob]) -> dict[str, dict[str, Any]]:
+    """``metrics.json`` of each finished job, by method name."""
+    return {job.method: json.loads((Path(job.run_dir) / "metrics.json").read_text()) for job in jobs}
+
+
+def run_without_ray(cfg: RunConfig, restart: bool = False) -> dict[str, dict[str, Any]]:
+    """Prepare on rank 0 (others wait), then unlearn each method on all ranks; returns the summaries."""
+    init_distributed()
+    try:
+        if is_main_process():
+            prepare_run_dirs(plan_jobs(cfg, resolve_model_assets(cfg)), get_world_size(), restart)
+        barrier()
+        jobs = plan_jobs(cfg, resolve_model_assets(cfg))
+        for job in jobs:
+            run_unlearning(job)
+        barrier()
+        return read_summaries(jobs)
+    finally:
+        destroy_process_group()

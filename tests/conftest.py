@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny real Llama with QA batches, and one prepared embedded model per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_lm():
+    """Factory: a small real LlamaForCausalLM and forget/retain batches of the facts benchmark."""
+    from dist_unlearn.data import QADataset, collate_qa, generate_facts
+    from dist_unlearn.models import build_embedded_model
+
+    def make():
+        facts = generate_facts(num_people=6, questions_per_person=2, seed=1)
+        model, tok = build_embedded_model(facts.corpus(), vocab_size=400, hidden_size=32, num_layers=2, num_heads=2)
+        forget = collate_qa(list(QADataset(facts.split("forget"), tok, 48)), tok.pad_token_id)
+        retain = collate_qa(list(QADataset(facts.split("retain")[:4], tok, 48)), tok.pad_token_id)
+        torch.manual_seed(0)
+        return model, forget, retain
+
+    return make
+
+
+# --- end-to-end helpers ------------------------------------------------------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# A small embedded setup: 12 invented people, a 2-layer Llama; every e2e test starts from it.
+SMALL_DATA = {"num_people": 12, "questions_per_person": 3, "forget_fraction": 0.25, "holdout_fraction": 0.1}
+SMALL_PREPARE = {"steps": 150, "batch_size": 16, "lr": 3.0e-3, "hidden_size": 64, "num_layers": 2,
+                 "num_heads": 4, "vocab_size": 512}
+
+
+def small_run_config(output_dir: Path, target_dir: str | None = None, **sections) -> dict:
+    """A run config dict for the small setup; ``sections`` replace/extend its sections."""
+    cfg = {
+        "model": {"path": target_dir or "embedded"},
+        "data": dict(SMALL_DATA),
+        "prepare": dict(SMALL_PREPARE),
+        "method": {"names": ["grad_diff"]},
+        "train": {"steps": 6, "forget_batch_size": 4, "retain_batch_size": 4, "lr": 1.0e-3},
+        "deepspeed": {"zero_stage": 3},
+        "ray": {"num_workers": 2},
+        "checkpoint": {"every_steps": 3},
+        "eval": {"max_examples": 8},
+        "output": {"dir": str(output_dir), "save_dtype": "fp32"},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args: list[str], nproc: int | None = None, timeout: int = 600, check: bool = True):
+    """Run ``dist-unlearn ARGS`` (under ``torchrun --nproc_per_node NPROC`` when given); returns the result."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if nproc is None:
+        cmd = [str(BIN / "dist-unlearn"), *args]
+    else:
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "dist_unlearn.cli", *args]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def small_target(tmp_path_factory) -> str:
+    """The small embedded target model, prepared once per session (single process)."""
+    from dist_unlearn.config import config_from_dict
+    from dist_unlearn.engine.prepare import prepare_embedded
+
+    out = tmp_path_factory.mktemp("embedded")
+    cfg = config_from_dict(small_run_config(out))
+    return prepare_embedded(cfg, log=lambda *_: None).target_dir
