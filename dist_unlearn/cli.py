@@ -47,7 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(summaries, indent=2))
         tmp.replace(out / "summary.json")
         print("\n" + before_after_table(summaries))
-        print(f"\nresults: {out.resolve()}/<method>/ (model/, metrics.json, metrics.jsonl); summary: {out / 'summary.json'}")
+        print(f"\nper method: {out.resolve()}/<method>/ (model/, metrics.json, metrics.jsonl)")
+        print(f"summary: {out.resolve() / 'summary.json'}")
     return 0
 
 

@@ -40,8 +40,15 @@ BIN = Path(sys.executable).parent
 
 # A small embedded setup: 12 invented people, a 2-layer Llama; every e2e test starts from it.
 SMALL_DATA = {"num_people": 12, "questions_per_person": 3, "forget_fraction": 0.25, "holdout_fraction": 0.1}
-SMALL_PREPARE = {"steps": 150, "batch_size": 16, "lr": 3.0e-3, "hidden_size": 64, "num_layers": 2,
-                 "num_heads": 4, "vocab_size": 512}
+SMALL_PREPARE = {
+    "steps": 150,
+    "batch_size": 16,
+    "lr": 3.0e-3,
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "vocab_size": 512,
+}
 
 
 def small_run_config(output_dir: Path, target_dir: str | None = None, **sections) -> dict:
@@ -78,7 +85,9 @@ def run_cli(args: list[str], nproc: int | None = None, timeout: int = 600, check
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "dist_unlearn.cli", *args]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 

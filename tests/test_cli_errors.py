@@ -15,13 +15,18 @@ def run_main(args, capsys):
     captured = capsys.readouterr()
     return code, captured.err
 
+
 CASES = [
     ({"method": {"names": ["npoo"]}}, (), "method.names: unknown method 'npoo'; did you mean 'npo'"),
     ({"train": {"stpes": 3}}, (), "unknown key 'train.stpes'; did you mean 'train.steps'"),
     ({}, ("train.steps=abc",), "train.steps: expected an integer"),
     ({"deepspeed": {"config": "missing_ds.json"}}, (), "deepspeed.config"),
     ({"deepspeed": {"zero_stage": 5}}, (), "deepspeed.zero_stage"),
-    ({"method": {"names": ["npo"], "params": {"npo": {"gamma": 2}}}}, (), "method.params.npo: method 'npo' does not take"),
+    (
+        {"method": {"names": ["npo"], "params": {"npo": {"gamma": 2}}}},
+        (),
+        "method.params.npo: method 'npo' does not take",
+    ),
     ({"method": {"names": ["npo"], "reference": "none"}}, (), "method.reference: 'npo' needs a reference model"),
     ({"train": {"forget_batch_size": 5}}, (), "train.forget_batch_size"),
     ({"data": {"source": "no_such_file.jsonl"}}, (), "data.source: file not found"),

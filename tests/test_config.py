@@ -161,9 +161,7 @@ def test_wrong_type_bool_for_int(tmp_path: Path) -> None:
 
 
 def test_wrong_type_fractional_float_for_int(tmp_path: Path) -> None:
-    line = problem_line(
-        load_error(tmp_path, {"train": {"forget_batch_size": 3.5}}), "train.forget_batch_size:"
-    )
+    line = problem_line(load_error(tmp_path, {"train": {"forget_batch_size": 3.5}}), "train.forget_batch_size:")
     assert "got 3.5 (float)" in line
     assert "a whole number" in line
 
@@ -197,9 +195,7 @@ def test_zero_stage_out_of_range(tmp_path: Path) -> None:
 
 
 def test_numeric_ranges(tmp_path: Path) -> None:
-    message = load_error(
-        tmp_path, {"data": {"forget_fraction": 1.5, "max_length": 4}, "checkpoint": {"keep": 0}}
-    )
+    message = load_error(tmp_path, {"data": {"forget_fraction": 1.5, "max_length": 4}, "checkpoint": {"keep": 0}})
     assert "e.g. data.forget_fraction=0.1" in problem_line(message, "data.forget_fraction:")
     assert "must be >= 8, got 4" in problem_line(message, "data.max_length:")
     assert "must be >= 1, got 0" in problem_line(message, "checkpoint.keep:")

@@ -213,9 +213,7 @@ def _build(
     return cfg
 
 
-def _convert_section(
-    cls: type, raw: Mapping[str, Any], prefix: str, problems: list[str], bad: set[str]
-) -> Any:
+def _convert_section(cls: type, raw: Mapping[str, Any], prefix: str, problems: list[str], bad: set[str]) -> Any:
     """Build one section dataclass from ``raw``; fields with problems keep their defaults."""
     _report_unknown(raw, cls, prefix, problems)
     hints = _hints(cls)
@@ -258,8 +256,7 @@ def _convert_field(value: Any, fld: dataclasses.Field, hint: Any, dotted: str, p
         expected, fix = _KIND_TEXT[kind]
         got = detail or f"got {_describe(value)}"
         problems.append(
-            f"{dotted}: expected {expected}, {got}. "
-            f"Fix: set {dotted} to {fix}, e.g. {dotted}={_format(_example(fld))}"
+            f"{dotted}: expected {expected}, {got}. Fix: set {dotted} to {fix}, e.g. {dotted}={_format(_example(fld))}"
         )
         return _INVALID
     problem = _check_choice(converted, choices, dotted, fld) or _check_range(converted, fld, dotted)
@@ -269,9 +266,7 @@ def _convert_field(value: Any, fld: dataclasses.Field, hint: Any, dotted: str, p
     return converted
 
 
-def _check_choice(
-    value: Any, choices: Sequence[Any] | None, dotted: str, fld: dataclasses.Field
-) -> str | None:
+def _check_choice(value: Any, choices: Sequence[Any] | None, dotted: str, fld: dataclasses.Field) -> str | None:
     """Return a problem line when ``value`` is not one of ``choices``."""
     if not choices or value in choices:
         return None
@@ -301,9 +296,7 @@ def _check_range(value: Any, fld: dataclasses.Field, dotted: str) -> str | None:
         ok = ok and value < meta["lt"]
     if ok:
         return None
-    return (
-        f"{dotted}: must be {' and '.join(bounds)}, got {value}. Fix: e.g. {dotted}={_format(_example(fld))}"
-    )
+    return f"{dotted}: must be {' and '.join(bounds)}, got {value}. Fix: e.g. {dotted}={_format(_example(fld))}"
 
 
 # --- per-kind converters: return (value, None) or (_INVALID, optional "got ..." detail) -----------
@@ -445,10 +438,7 @@ def _check_cross_fields(cfg: RunConfig, problems: list[str], bad: set[str]) -> N
                 f"Fix: lower one of them, e.g. data.forget_fraction=0.1 data.holdout_fraction=0.1"
             )
     prep = cfg.prepare
-    if (
-        not bad & {"prepare", "prepare.hidden_size", "prepare.num_heads"}
-        and prep.hidden_size % prep.num_heads
-    ):
+    if not bad & {"prepare", "prepare.hidden_size", "prepare.num_heads"} and prep.hidden_size % prep.num_heads:
         problems.append(
             f"prepare.hidden_size ({prep.hidden_size}) must be divisible by prepare.num_heads "
             f"({prep.num_heads}). Fix: e.g. prepare.hidden_size={prep.num_heads * 32}"
@@ -485,9 +475,7 @@ def _nearest_divisors(number: int, target: int) -> list[int]:
     return ([max(below)] if below else []) + ([min(above)] if above else [])
 
 
-def _check_methods(
-    cfg: RunConfig, known_methods: Collection[str] | None, problems: list[str], bad: set[str]
-) -> None:
+def _check_methods(cfg: RunConfig, known_methods: Collection[str] | None, problems: list[str], bad: set[str]) -> None:
     """``method.names`` must be non-empty, unique and registered; params only for listed methods."""
     method = cfg.method
     if bad & {"method", "method.names"}:
@@ -545,9 +533,7 @@ def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[s
 def _check_deepspeed_file(value: str, base_dir: Path) -> tuple[str | None, str]:
     """Validate a DeepSpeed JSON path; return (problem, resolved path)."""
     path = _resolve(value, base_dir)
-    fix = (
-        "Fix: give a path to a DeepSpeed JSON file, or set deepspeed.config=null to use the built-in defaults"
-    )
+    fix = "Fix: give a path to a DeepSpeed JSON file, or set deepspeed.config=null to use the built-in defaults"
     if not path.is_file():
         return f"deepspeed.config: file not found: {path}. {fix}", str(path)
     try:
@@ -556,8 +542,7 @@ def _check_deepspeed_file(value: str, base_dir: Path) -> tuple[str | None, str]:
         return f"deepspeed.config: could not read {path} as JSON ({exc}). {fix}", str(path)
     if not isinstance(content, dict):
         return (
-            f"deepspeed.config: {path} must hold a JSON object of DeepSpeed settings, "
-            f"got {_describe(content)}. {fix}",
+            f"deepspeed.config: {path} must hold a JSON object of DeepSpeed settings, got {_describe(content)}. {fix}",
             str(path),
         )
     return None, str(path)

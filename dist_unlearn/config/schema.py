@@ -73,9 +73,7 @@ class MethodConfig:
     """Unlearning methods to run; each starts from the same model."""
 
     names: list[str] = field(default_factory=lambda: ["grad_diff"], metadata={"example": "grad_diff,npo"})
-    params: dict[str, dict[str, Any]] = field(
-        default_factory=dict, metadata={"example": "{npo: {beta: 0.1}}"}
-    )
+    params: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"example": "{npo: {beta: 0.1}}"})
     """Per-method keyword parameters, e.g. ``{npo: {beta: 0.1}}``."""
     forget_weight: float = _opt(1.0, ge=0.0)
     retain_weight: float = _opt(1.0, ge=0.0)

@@ -24,13 +24,9 @@ def _pool(text: str) -> tuple[str, ...]:
     return tuple(value.strip() for value in text.split(","))
 
 
-_FIRST_SYLLABLES = _pool(
-    "tal, mer, quo, bri, dav, sel, ora, ken, lum, fen, ivo, rha, zel, cor, nim, pae, vor, eli"
-)
+_FIRST_SYLLABLES = _pool("tal, mer, quo, bri, dav, sel, ora, ken, lum, fen, ivo, rha, zel, cor, nim, pae, vor, eli")
 _MID_SYLLABLES = _pool("vo, ra, lin, de, si, mo, ta, ne, ru, ka, bel, no")
-_LAST_SYLLABLES = _pool(
-    "mer, hol, dra, vin, sta, quel, brom, tes, lor, gan, fis, wen, char, plo, dun, zar, kel"
-)
+_LAST_SYLLABLES = _pool("mer, hol, dra, vin, sta, quel, brom, tes, lor, gan, fis, wen, char, plo, dun, zar, kel")
 _LAST_ENDINGS = _pool("rin, wick, sen, dale, ford, ley, mont, ric, vane, tor")
 
 _TOWNS = _pool(
@@ -211,9 +207,7 @@ def _fill(template: str, person: str, value: str) -> str:
     return template.format(person=person, value=value, article=_article(value))
 
 
-def _assign_splits(
-    num_people: int, forget_fraction: float, holdout_fraction: float, rng: random.Random
-) -> list[str]:
+def _assign_splits(num_people: int, forget_fraction: float, holdout_fraction: float, rng: random.Random) -> list[str]:
     """Split label per person index (forget gets at least one person, retain is never empty)."""
     num_forget = max(1, round(forget_fraction * num_people))
     num_holdout = round(holdout_fraction * num_people)

@@ -58,17 +58,14 @@ class QADataset(Dataset):
     ``__getitem__(i)`` returns ``{"input_ids": list[int], "labels": list[int], "index": i}``.
     """
 
-    def __init__(
-        self, items: Sequence[QAItem], tokenizer: Any, max_length: int, answer_field: str = "answer"
-    ) -> None:
+    def __init__(self, items: Sequence[QAItem], tokenizer: Any, max_length: int, answer_field: str = "answer") -> None:
         if answer_field not in _ANSWER_FIELDS:
             raise ValueError(f"answer_field must be one of {_ANSWER_FIELDS}, got {answer_field!r}")
         self.items = list(items)
         self.answer_field = answer_field
         self.max_length = max_length
         self._encoded = [
-            encode_qa(tokenizer, item.question, getattr(item, answer_field), max_length)
-            for item in self.items
+            encode_qa(tokenizer, item.question, getattr(item, answer_field), max_length) for item in self.items
         ]
 
     def __len__(self) -> int:
@@ -106,9 +103,7 @@ def collate_qa(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, t
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
 
 
-def encode_answers(
-    tokenizer: Any, question: str, answers: Sequence[str], max_length: int
-) -> dict[str, torch.Tensor]:
+def encode_answers(tokenizer: Any, question: str, answers: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """Encode several candidate answers to one question as a padded batch (as :func:`collate_qa`).
 
     Row ``k`` holds answer ``answers[k]``; ``index`` [n] is ``0..n-1``. Useful for truth-ratio style
@@ -119,7 +114,5 @@ def encode_answers(
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = _special_id(tokenizer, "eos_token_id")
-    examples = [
-        {**encode_qa(tokenizer, question, answer, max_length), "index": k} for k, answer in enumerate(answers)
-    ]
+    examples = [{**encode_qa(tokenizer, question, answer, max_length), "index": k} for k, answer in enumerate(answers)]
     return collate_qa(examples, pad_token_id=int(pad))

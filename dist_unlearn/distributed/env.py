@@ -36,8 +36,13 @@ def init_distributed(backend: str | None = None) -> None:
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(
-            {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(_free_port())}
+            {
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port()),
+            }
         )
     backend = backend or default_backend()
     if backend == "nccl":

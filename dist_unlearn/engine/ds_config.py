@@ -57,8 +57,7 @@ def build_deepspeed_config(
         "wall_clock_breakdown": False,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
-                       "torch_adam": True},
+            "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True},
         },
         "zero_optimization": {
             "stage": zero_stage,
@@ -70,8 +69,12 @@ def build_deepspeed_config(
     if warmup_steps > 0:
         config["scheduler"] = {
             "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup_steps,
-                       "warmup_type": "linear"},
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": lr,
+                "warmup_num_steps": warmup_steps,
+                "warmup_type": "linear",
+            },
         }
     if user_config is not None:
         if isinstance(user_config, str | Path):

@@ -25,8 +25,9 @@ def mean_over_ranks(values: dict[str, float], device: torch.device | str = "cpu"
 class MetricsLog:
     """Append-only JSONL log plus optional TensorBoard, active on rank 0 only.
 
-    ``resume_from_step`` drops lines of steps ``>= resume_from_step`` left by an interrupted run, so
-    the log of a resumed run reads like that of an uninterrupted one.
+    Rows are keyed by the number of completed steps. ``resume_from_step`` (the completed steps of the
+    checkpoint resumed from) drops rows beyond it left by an interrupted run, so the log of a resumed
+    run reads like that of an uninterrupted one.
     """
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_from_step: int = 0) -> None:
@@ -38,8 +39,9 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [
-                line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) < resume_from_step
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", -1) <= resume_from_step
             ]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
@@ -47,7 +49,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_from_step)
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_from_step + 1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.active:

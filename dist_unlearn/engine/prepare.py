@@ -76,19 +76,35 @@ def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAss
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     facts.to_jsonl(staging / "facts.jsonl")
-    summary: dict[str, object] = {"fingerprint": fingerprint, "config": {"data": asdict(cfg.data), "prepare": asdict(p)}}
+    summary: dict[str, object] = {
+        "fingerprint": fingerprint,
+        "config": {"data": asdict(cfg.data), "prepare": asdict(p)},
+    }
     for name, splits in (("target", ("forget", "retain")), ("oracle", ("retain",))):
         model, tokenizer = build_embedded_model(
-            facts.corpus(), vocab_size=p.vocab_size, hidden_size=p.hidden_size, num_layers=p.num_layers,
-            num_heads=p.num_heads, seed=cfg.train.seed,
+            facts.corpus(),
+            vocab_size=p.vocab_size,
+            hidden_size=p.hidden_size,
+            num_layers=p.num_layers,
+            num_heads=p.num_heads,
+            seed=cfg.train.seed,
         )
         items = [item for split in splits for item in facts.split(split)]
         train_set = QADataset(items, tokenizer, cfg.data.max_length)
         log(f"prepare: fine-tuning the {name} model on {'+'.join(splits)} ({len(items)} QA pairs, {p.steps} steps)")
-        losses = finetune(model, train_set, tokenizer.pad_token_id, p.steps, p.batch_size, p.lr,
-                          seed=cfg.train.seed, desc=f"prepare {name}")
+        losses = finetune(
+            model,
+            train_set,
+            tokenizer.pad_token_id,
+            p.steps,
+            p.batch_size,
+            p.lr,
+            seed=cfg.train.seed,
+            desc=f"prepare {name}",
+        )
         evals = evaluate_splits(
-            model, {s: QADataset(facts.split(s), tokenizer, cfg.data.max_length) for s in ("forget", "retain", "holdout")},
+            model,
+            {s: QADataset(facts.split(s), tokenizer, cfg.data.max_length) for s in ("forget", "retain", "holdout")},
             tokenizer.pad_token_id,
         )
         summary[name] = {"final_loss": losses[-1], "eval": evals}

@@ -29,8 +29,13 @@ def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[UnlearnJob]:
 
 
 # settings that may change between a run and its resumption
-_RESUMABLE_CHANGES = {"train": {"steps"}, "checkpoint": None, "eval": None, "ray": {"address", "max_failures", "enabled"},
-                      "output": {"tensorboard"}}
+_RESUMABLE_CHANGES = {
+    "train": {"steps"},
+    "checkpoint": None,
+    "eval": None,
+    "ray": {"address", "max_failures", "enabled"},
+    "output": {"tensorboard"},
+}
 RUN_SETTINGS_FILE = "run_settings.json"
 
 

@@ -96,7 +96,9 @@ def _device() -> torch.device:
 
 def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
     limit = cfg.eval.max_examples or None
-    return {split: QADataset(facts.split(split)[:limit], tokenizer, cfg.data.max_length) for split in ("forget", "retain")}
+    return {
+        split: QADataset(facts.split(split)[:limit], tokenizer, cfg.data.max_length) for split in ("forget", "retain")
+    }
 
 
 def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None = None) -> dict[str, Any]:
@@ -129,14 +131,22 @@ def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None =
     objective = objective_from_config(cfg, job.method)
     reference_mode = resolve_reference_mode(cfg, objective.needs_reference)
     ds_config = build_deepspeed_config(
-        zero_stage=cfg.deepspeed.zero_stage, micro_batch_size=cfg.train.forget_batch_size // world,
-        world_size=world, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        warmup_steps=cfg.train.warmup_steps, grad_clip=cfg.train.grad_clip, dtype=cfg.model.dtype,
-        user_config=cfg.deepspeed.config, offload_optimizer=cfg.deepspeed.offload_optimizer,
+        zero_stage=cfg.deepspeed.zero_stage,
+        micro_batch_size=cfg.train.forget_batch_size // world,
+        world_size=world,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_steps=cfg.train.warmup_steps,
+        grad_clip=cfg.train.grad_clip,
+        dtype=cfg.model.dtype,
+        user_config=cfg.deepspeed.config,
+        offload_optimizer=cfg.deepspeed.offload_optimizer,
     )
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config, dist_init_required=False,
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        dist_init_required=False,
     )
     pad_id = tokenizer.pad_token_id
     eval_sets = _eval_datasets(facts, tokenizer, cfg)
@@ -159,7 +169,9 @@ def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None =
     forget_sampler = StepSampler(len(forget_set), cfg.train.forget_batch_size, rank, world, cfg.train.seed, "forget")
     retain_sampler = None
     if objective.uses_retain and cfg.train.retain_batch_size > 0:
-        retain_sampler = StepSampler(len(retain_set), cfg.train.retain_batch_size, rank, world, cfg.train.seed, "retain")
+        retain_sampler = StepSampler(
+            len(retain_set), cfg.train.retain_batch_size, rank, world, cfg.train.seed, "retain"
+        )
 
     log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard, resume_from_step=start_step)
     checkpoint_root = run_dir / "checkpoints"

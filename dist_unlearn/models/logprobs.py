@@ -75,5 +75,7 @@ def forward_sequence_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor
 def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-mean cross entropy over scored tokens (plain fine-tuning loss), shape ``[]``."""
     return F.cross_entropy(
-        _at_least_fp32(logits[:, :-1].reshape(-1, logits.size(-1))), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        _at_least_fp32(logits[:, :-1].reshape(-1, logits.size(-1))),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
     )

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make quickstart` (set up, run the embedded default) and
+# `make test` (set up, lint, run the test suite). Both create .venv if it is missing.
+VENV ?= .venv
+PYTHON ?= python3
+# torch is installed first and pinned, so pip never pulls a multi-GB CUDA build by accident on a
+# CPU-only machine; on a GPU machine set TORCH_SPEC to the CUDA build you want.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+quickstart: setup
+	$(BIN)/dist-unlearn run configs/quickstart/unlearn.yaml
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf runs .pytest_cache
