@@ -315,11 +315,17 @@ def test_empty_method_names(tmp_path: Path) -> None:
     assert "at least one method" in line and "method.names=grad_diff" in line
 
 
-def test_params_for_absent_method(tmp_path: Path) -> None:
+def test_params_for_unknown_method(tmp_path: Path) -> None:
+    data = {"method": {"names": ["npo"], "params": {"simnpoo": {"beta": 0.1}}}}
+    line = problem_line(load_error(tmp_path, data, known_methods=KNOWN), "method.params.simnpoo:")
+    assert "nor a known method. Did you mean 'simnpo'?" in line
+    assert "remove method.params.simnpoo" in line
+
+
+def test_params_for_a_known_method_that_is_not_run_are_kept(tmp_path: Path) -> None:
     data = {"method": {"names": ["npo"], "params": {"simnpo": {"beta": 0.1}}}}
-    line = problem_line(load_error(tmp_path, data, known_methods=KNOWN), "method.params.simnpo:")
-    assert "parameters given for a method that is not in method.names" in line
-    assert "add simnpo to method.names" in line
+    cfg = load_config(write_yaml(tmp_path, data), known_methods=KNOWN)
+    assert cfg.method.params == {"simnpo": {"beta": 0.1}}
 
 
 def test_config_from_dict_header_without_path() -> None:

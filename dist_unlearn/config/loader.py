@@ -495,12 +495,18 @@ def _check_methods(cfg: RunConfig, known_methods: Collection[str] | None, proble
             problems.append(f"method.names: unknown method '{name}'{hint} Known methods: {', '.join(known)}")
     if "method.params" in bad:
         return
+    # parameters for a known method that is not run are kept (a config may carry settings for several
+    # methods and the command line pick some); a name that is no method at all is a typo
     for name in method.params:
-        if name not in method.names:
-            problems.append(
-                f"method.params.{name}: parameters given for a method that is not in method.names "
-                f"({', '.join(method.names)}). Fix: add {name} to method.names or remove method.params.{name}"
-            )
+        if name in method.names or (known is not None and name in known):
+            continue
+        close = difflib.get_close_matches(name, known or method.names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        problems.append(
+            f"method.params.{name}: parameters given for '{name}', which is neither in method.names "
+            f"({', '.join(method.names)}) nor a known method.{hint} "
+            f"Fix: correct the name or remove method.params.{name}"
+        )
 
 
 def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[str]) -> None:
