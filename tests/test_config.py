@@ -49,7 +49,9 @@ def problem_line(message: str, start: str) -> str:
 
 def test_empty_yaml_gives_defaults(tmp_path: Path) -> None:
     cfg = load_config(write_yaml(tmp_path, None))
-    assert cfg == RunConfig()
+    expected = RunConfig()
+    expected.output.dir = str(Path("runs/default").resolve())
+    assert cfg == expected
     assert cfg.model.path == "embedded"
     assert cfg.method.names == ["grad_diff"]
     assert cfg.train.steps == 30
@@ -85,7 +87,7 @@ def test_overrides_of_each_type(tmp_path: Path) -> None:
     assert cfg.train.weight_decay == pytest.approx(0.01)
     assert cfg.output.tensorboard is False
     assert cfg.method.names == ["ga", "npo"]
-    assert cfg.output.dir == "runs/exp1"
+    assert cfg.output.dir == str(Path("runs/exp1").resolve())
     assert cfg.ray.address is None
     assert cfg.ray.use_gpu == "true"
 
@@ -354,4 +356,13 @@ def test_round_trip(tmp_path: Path) -> None:
     plain = config_to_dict(cfg)
     assert json.loads(json.dumps(plain)) == plain
     assert config_from_dict(plain, known_methods=KNOWN) == cfg
-    assert config_from_dict(config_to_dict(RunConfig())) == RunConfig()
+    defaults = config_from_dict({})
+    assert config_from_dict(config_to_dict(defaults)) == defaults
+
+
+def test_relative_output_dir_becomes_absolute_against_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        write_yaml(tmp_path / "sub", {"output": {"dir": "runs/x"}}) if (tmp_path / "sub").mkdir() is None else None
+    )
+    assert cfg.output.dir == str(tmp_path / "runs" / "x")

@@ -100,6 +100,14 @@ def test_world_size_invariance_one_vs_two_ranks(tmp_path, small_target, torchrun
         one, two = _losses(tmp_path / method), _losses(torchrun_two / method)
         assert one == pytest.approx(two, rel=1e-4, abs=1e-5), (method, one, two)
         assert _max_diff(_weights(tmp_path / method), _weights(torchrun_two / method)) < 1e-4
+        # evaluation sharded over 2 ranks equals the single-process one
+        one_eval = json.loads((tmp_path / method / "metrics.json").read_text())
+        two_eval = json.loads((torchrun_two / method / "metrics.json").read_text())
+        for when in ("before", "after"):
+            for split in ("forget", "retain"):
+                assert one_eval[when][split]["count"] == two_eval[when][split]["count"] == 8
+                for key in ("prob", "acc", "nll"):
+                    assert one_eval[when][split][key] == pytest.approx(two_eval[when][split][key], rel=1e-4, abs=1e-6)
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, small_target, torchrun_two):

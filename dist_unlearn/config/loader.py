@@ -510,7 +510,13 @@ def _check_methods(cfg: RunConfig, known_methods: Collection[str] | None, proble
 
 
 def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[str]) -> None:
-    """Check the files named in the config and store them as absolute paths."""
+    """Check the files named in the config and store them as absolute paths.
+
+    ``output.dir`` is made absolute against the current directory (where the user runs the command),
+    since workers of a Ray cluster run elsewhere.
+    """
+    if not bad & {"output", "output.dir"}:
+        cfg.output.dir = str(Path(cfg.output.dir).expanduser().resolve())
     if not bad & {"data", "data.source"} and cfg.data.source != FICTITIOUS_SOURCE:
         path = _resolve(cfg.data.source, base_dir)
         fix = f"Fix: give a path to a local .json/.jsonl file, or use data.source={FICTITIOUS_SOURCE}"

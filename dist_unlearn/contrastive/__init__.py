@@ -1,0 +1,28 @@
+"""Large-batch contrastive training: cross-rank losses and a tiled (memory-efficient) InfoNCE.
+
+Every loss scores local queries against the docs of all ranks and follows one gradient convention:
+averaging the per-rank parameter gradients (as DDP/DeepSpeed do) gives the single-process gradient of the
+loss on the whole global batch. See :mod:`dist_unlearn.contrastive.losses`. Never imports Ray.
+"""
+
+from dist_unlearn.contrastive.losses import (
+    AUCLoss,
+    CrossRankLoss,
+    DebiasedContrastiveLoss,
+    DecoupledContrastiveLoss,
+    InfoNCELoss,
+    MatryoshkaLoss,
+    SigmoidLoss,
+)
+from dist_unlearn.contrastive.tiled import TiledInfoNCELoss
+
+__all__ = [
+    "AUCLoss",
+    "CrossRankLoss",
+    "DebiasedContrastiveLoss",
+    "DecoupledContrastiveLoss",
+    "InfoNCELoss",
+    "MatryoshkaLoss",
+    "SigmoidLoss",
+    "TiledInfoNCELoss",
+]

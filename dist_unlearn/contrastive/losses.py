@@ -1,0 +1,473 @@
+"""Contrastive losses with negatives shared across ranks ("local rows x global columns").
+
+Layout
+    ``queries``: ``[b, d]`` on this rank. ``docs``: ``[b, 1 + h, d]`` or the same flattened to
+    ``[b * (1 + h), d]``; the ``1 + h`` docs of query ``i`` are ``[positive, hard_neg_1, ..., hard_neg_h]``,
+    i.e. flat row ``i * (1 + h)`` is its positive. ``h >= 0`` (``h = 0``: docs ``[b, d]`` are the positives).
+    Each rank gathers the docs of all ranks with :func:`~dist_unlearn.distributed.gather.all_gather_with_grad`
+    (rank order, unequal sizes allowed), so every query is scored against all ``N = sum_r b_r (1 + h_r)``
+    docs; the logits are ``[b, N]``, never ``[B, N]``. Query ``i`` on rank ``r`` has the label
+    ``o_r + i * (1 + h)`` where ``o_r`` is the number of docs gathered from ranks ``< r``.
+
+Gradient convention (``reduction="global_mean"``, the default)
+    Let ``l_i`` be the loss of global row ``i`` and ``B = sum_r b_r`` the global number of rows. The
+    single-process objective is ``L = (1 / B) sum_i l_i``. Rank ``r`` of ``W`` returns
+
+        loss_r = (W / B) * sum_{i on rank r} l_i,    so that    (1 / W) sum_r loss_r = L.
+
+    Each rank calls ``loss_r.backward()``; the gather's backward all-reduce-sums the doc gradients, so the
+    sum over ranks of the parameter gradients is ``W * dL/dtheta``, and the **average** that DDP and
+    DeepSpeed apply gives exactly ``dL/dtheta``, also with unequal per-rank batches. The same holds for a
+    learnable temperature, scale or bias: its per-rank gradient is ``d loss_r / d tau`` and the rank average
+    is ``dL/dtau`` -- provided it is averaged like any other parameter (keep the loss module inside the
+    DDP/DeepSpeed model, or all-reduce-average its gradient yourself). A framework that *sums* gradients
+    over ranks needs a division by ``W``. The returned value is therefore ``W``-scaled and differs per rank;
+    ``self.last_global_loss`` holds the detached true ``L`` (identical on all ranks) for logging.
+    ``reduction="local_mean"`` returns ``(1 / b) sum_{i on rank r} l_i`` instead (the rank average equals
+    ``L`` only for equal local batch sizes).
+
+Inputs are L2-normalised here when ``normalize=True`` (default), so scores are cosine similarities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dist_unlearn.distributed.gather import all_gather_with_sizes, group_rank, group_world_size
+
+__all__ = [
+    "AUCLoss",
+    "CrossRankLoss",
+    "DebiasedContrastiveLoss",
+    "DecoupledContrastiveLoss",
+    "InfoNCELoss",
+    "MatryoshkaLoss",
+    "SigmoidLoss",
+    "false_negative_mask",
+    "flatten_docs",
+]
+
+Reduction = Literal["global_mean", "local_mean"]
+
+
+def flatten_docs(queries: Tensor, docs: Tensor) -> tuple[Tensor, int]:
+    """Validate the doc layout and flatten it.
+
+    Args:
+        queries: ``[b, d]``.
+        docs: ``[b, 1 + h, d]`` or ``[b * (1 + h), d]``, per query ``[positive, hard negatives...]``.
+    Returns:
+        ``(docs_flat [b * (1 + h), d], 1 + h)``; query ``i``'s positive is row ``i * (1 + h)``.
+    """
+    if queries.dim() != 2:
+        raise ValueError(f"queries must be [b, d], got shape {tuple(queries.shape)}")
+    b, dim = queries.shape
+    if docs.dim() == 3:
+        if docs.shape[0] != b or docs.shape[2] != dim:
+            raise ValueError(f"docs must be [b, 1+h, d] = [{b}, 1+h, {dim}], got {tuple(docs.shape)}")
+        return docs.reshape(-1, dim), docs.shape[1]
+    if docs.dim() != 2 or docs.shape[1] != dim:
+        raise ValueError(f"docs must be [b*(1+h), d] with d={dim}, got {tuple(docs.shape)}")
+    if b == 0:
+        return docs, 1
+    if docs.shape[0] % b != 0 or docs.shape[0] == 0:
+        raise ValueError(f"docs rows ({docs.shape[0]}) must be a positive multiple of the number of queries ({b})")
+    return docs, docs.shape[0] // b
+
+
+@torch.no_grad()
+def false_negative_mask(scores: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """Candidates suspected to be false negatives (never the positive itself).
+
+    ``mask[i, j] = scores[i, j] > scores[i, labels[i]] - margin`` for ``j != labels[i]``.
+
+    Args:
+        scores: ``[b, N]`` similarities (before temperature).
+        labels: ``[b]`` column of each row's positive.
+        margin: similarity margin (same units as ``scores``).
+    Returns:
+        bool ``[b, N]``; masked logits are set to ``-inf`` by the callers.
+    """
+    positive = scores.gather(1, labels[:, None])
+    mask = scores > positive - margin
+    mask.scatter_(1, labels[:, None], False)
+    return mask
+
+
+class CrossRankLoss(nn.Module):
+    """Base class: cross-rank columns, global-mean reduction and ``last_global_loss`` (see module docstring).
+
+    Args:
+        cross_rank: gather columns from all ranks (``False``: only this rank's columns, still the same
+            reduction convention over global rows).
+        reduction: ``"global_mean"`` (default) or ``"local_mean"``.
+        normalize: L2-normalise queries and docs.
+        group: process group (default: the world).
+    """
+
+    def __init__(
+        self, cross_rank: bool = True, reduction: Reduction = "global_mean", normalize: bool = True, group: Any = None
+    ) -> None:
+        super().__init__()
+        if reduction not in ("global_mean", "local_mean"):
+            raise ValueError(f"reduction must be 'global_mean' or 'local_mean', got {reduction!r}")
+        self.cross_rank = cross_rank
+        self.reduction = reduction
+        self.normalize = normalize
+        self.group = group
+        self.last_global_loss: Tensor | None = None
+
+    def _prep(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=-1) if self.normalize else x
+
+    def _columns(self, x: Tensor) -> tuple[Tensor, int]:
+        """``(columns [N, d], offset of this rank's rows in columns)``."""
+        if not self.cross_rank:
+            return x, 0
+        gathered, sizes = all_gather_with_sizes(x, self.group)
+        return gathered, sum(sizes[: group_rank(self.group)])
+
+    def _scored(self, queries: Tensor, docs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Normalise, gather docs, score. Returns ``(q [b,d], d_local [b*k,d], scores [b,N], labels [b], k)``."""
+        flat, k = flatten_docs(queries, docs)
+        q, d = self._prep(queries), self._prep(flat)
+        cols, offset = self._columns(d)
+        labels = offset + torch.arange(q.shape[0], device=q.device) * k
+        return q, d, q @ cols.T, labels, k
+
+    def _reduce(self, rows: Tensor) -> Tensor:
+        """Per-row losses ``[b]`` -> this rank's loss under the chosen reduction; sets ``last_global_loss``."""
+        stats = torch.stack(
+            [rows.detach().sum().to(torch.float64), torch.tensor(float(rows.shape[0]), device=rows.device).double()]
+        )
+        world = group_world_size(self.group)
+        if world > 1:
+            torch.distributed.all_reduce(stats, group=self.group)
+        total_rows = stats[1].clamp(min=1.0)
+        self.last_global_loss = (stats[0] / total_rows).to(rows.dtype)
+        if self.reduction == "local_mean":
+            return rows.sum() / max(rows.shape[0], 1)
+        return rows.sum() * (world / total_rows).to(rows.dtype)
+
+
+class _TemperatureLoss(CrossRankLoss):
+    """Adds a fixed or learnable temperature ``tau`` stored as ``log(1 / tau)``, clamped at ``1/tau <= max``."""
+
+    def __init__(
+        self, temperature: float, learnable_temperature: bool, max_inverse_temperature: float, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        value = torch.tensor(math.log(1.0 / temperature))
+        if learnable_temperature:
+            self.log_inverse_temperature = nn.Parameter(value)
+        else:
+            self.register_buffer("log_inverse_temperature", value)
+        self.max_inverse_temperature = max_inverse_temperature
+
+    def inverse_temperature(self) -> Tensor:
+        """``1 / tau = exp(min(log_inverse_temperature, log(max_inverse_temperature)))`` (0-dim)."""
+        return self.log_inverse_temperature.clamp(max=math.log(self.max_inverse_temperature)).exp()
+
+
+class InfoNCELoss(_TemperatureLoss):
+    """Softmax contrastive loss (InfoNCE; van den Oord et al. 2018, Chen et al. 2020 SimCLR, Radford et al. 2021
+    CLIP, Karpukhin et al. 2020 DPR for hard negatives) with cross-rank in-batch negatives.
+
+    Query -> doc row loss for global query ``i`` with positive ``p(i)``, ``s_ij = q_i . d_j``, ``t = 1/tau``:
+
+        l_i = -t s_{i,p(i)} + log sum_{j not masked} exp(t s_ij),   j over all N gathered docs.
+
+    ``symmetric=True`` adds a doc -> query loss over positives only, ``l'_i = -t s_{i,p(i)} +
+    log sum_k exp(t d_{p(i)} . q_k)`` (``k`` over all global queries) and uses ``(l_i + l'_i) / 2``.
+    ``false_negative_margin=m`` masks (``-inf``, no gradient through the mask) every candidate other than the
+    positive whose similarity exceeds the positive's minus ``m`` (in both directions when symmetric).
+
+    Args:
+        temperature: initial ``tau``.
+        learnable_temperature: learn ``log(1/tau)`` (an ``nn.Parameter``); its gradient follows the global-mean
+            convention: the rank average equals the single-process gradient.
+        max_inverse_temperature: clamp of ``1/tau`` (CLIP uses 100).
+        symmetric: add the doc -> query direction.
+        cross_rank: use the docs (and, when symmetric, queries) of all ranks as candidates.
+        false_negative_margin: ``None`` (off) or the margin ``m``.
+        normalize: L2-normalise inputs.
+        reduction: see the module docstring.
+        group: process group.
+
+    Shapes: ``forward(queries [b, d], docs [b, 1+h, d] | [b*(1+h), d]) -> 0-dim`` (this rank's scaled loss;
+    ``last_global_loss`` holds the true global mean).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        learnable_temperature: bool = False,
+        max_inverse_temperature: float = 100.0,
+        symmetric: bool = False,
+        cross_rank: bool = True,
+        false_negative_margin: float | None = None,
+        normalize: bool = True,
+        reduction: Reduction = "global_mean",
+        group: Any = None,
+    ) -> None:
+        super().__init__(
+            temperature,
+            learnable_temperature,
+            max_inverse_temperature,
+            cross_rank=cross_rank,
+            reduction=reduction,
+            normalize=normalize,
+            group=group,
+        )
+        self.symmetric = symmetric
+        self.false_negative_margin = false_negative_margin
+
+    def _cross_entropy(self, scores: Tensor, labels: Tensor, t: Tensor) -> Tensor:
+        logits = scores * t
+        if self.false_negative_margin is not None:
+            logits = logits.masked_fill(false_negative_mask(scores, labels, self.false_negative_margin), -math.inf)
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
+        q, d, scores, labels, k = self._scored(queries, docs)
+        t = self.inverse_temperature().to(scores.dtype)
+        rows = self._cross_entropy(scores, labels, t)
+        if self.symmetric:
+            positives = d.reshape(q.shape[0], k, -1)[:, 0]
+            query_cols, q_offset = self._columns(q)
+            back_labels = q_offset + torch.arange(q.shape[0], device=q.device)
+            rows = 0.5 * (rows + self._cross_entropy(positives @ query_cols.T, back_labels, t))
+        return self._reduce(rows)
+
+
+class SigmoidLoss(CrossRankLoss):
+    """Pairwise sigmoid loss (SigLIP; Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training").
+
+    With ``s_ij = q_i . d_j``, scale ``t = exp(t')`` and bias ``b``, ``z_ij = +1`` for the query's own
+    positive and ``-1`` for every other gathered doc (other queries' positives and all hard negatives):
+
+        l_i = sum_j -log sigmoid(z_ij (t s_ij + b)),   j over all N gathered docs;  L = (1/B) sum_i l_i.
+
+    Args:
+        init_scale: initial ``t`` (stored as ``t' = log t``; SigLIP: 10).
+        init_bias: initial ``b`` (SigLIP: -10).
+        learnable: learn ``t'`` and ``b`` (their gradients follow the global-mean convention).
+        cross_rank, normalize, reduction, group: see :class:`CrossRankLoss`.
+
+    Shapes: ``forward(queries [b, d], docs [b, 1+h, d] | [b*(1+h), d]) -> 0-dim``.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 10.0,
+        init_bias: float = -10.0,
+        learnable: bool = True,
+        cross_rank: bool = True,
+        normalize: bool = True,
+        reduction: Reduction = "global_mean",
+        group: Any = None,
+    ) -> None:
+        super().__init__(cross_rank=cross_rank, reduction=reduction, normalize=normalize, group=group)
+        log_scale, bias = torch.tensor(math.log(init_scale)), torch.tensor(float(init_bias))
+        if learnable:
+            self.log_scale, self.bias = nn.Parameter(log_scale), nn.Parameter(bias)
+        else:
+            self.register_buffer("log_scale", log_scale)
+            self.register_buffer("bias", bias)
+
+    def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
+        _, _, scores, labels, _ = self._scored(queries, docs)
+        logits = scores * self.log_scale.exp().to(scores.dtype) + self.bias.to(scores.dtype)
+        signs = torch.full_like(scores, -1.0).scatter_(1, labels[:, None], 1.0)
+        return self._reduce(-F.logsigmoid(signs * logits).sum(dim=1))
+
+
+class DecoupledContrastiveLoss(_TemperatureLoss):
+    """Decoupled contrastive loss (DCL; Yeh et al. 2022, "Decoupled Contrastive Learning"): InfoNCE with the
+    positive removed from the denominator,
+
+        l_i = -t s_{i,p(i)} + log sum_{j != p(i)} exp(t s_ij),   j over all N gathered docs.
+
+    Needs at least one negative (``N >= 2``). Args as :class:`InfoNCELoss` (no symmetric/margin options).
+    Shapes: ``forward(queries [b, d], docs [b, 1+h, d] | [b*(1+h), d]) -> 0-dim``.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        learnable_temperature: bool = False,
+        max_inverse_temperature: float = 100.0,
+        cross_rank: bool = True,
+        normalize: bool = True,
+        reduction: Reduction = "global_mean",
+        group: Any = None,
+    ) -> None:
+        super().__init__(
+            temperature,
+            learnable_temperature,
+            max_inverse_temperature,
+            cross_rank=cross_rank,
+            reduction=reduction,
+            normalize=normalize,
+            group=group,
+        )
+
+    def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
+        _, _, scores, labels, _ = self._scored(queries, docs)
+        logits = scores * self.inverse_temperature().to(scores.dtype)
+        positive = logits.gather(1, labels[:, None]).squeeze(1)
+        negatives = logits.scatter(1, labels[:, None], -math.inf)
+        return self._reduce(torch.logsumexp(negatives, dim=1) - positive)
+
+
+class DebiasedContrastiveLoss(_TemperatureLoss):
+    """Debiased contrastive loss (Chuang et al. 2020, "Debiased Contrastive Learning").
+
+    Negatives are drawn from the data, so a fraction ``tau_plus`` (class prior) of them share the query's
+    class. With ``M = N - 1`` negatives per row, ``P = exp(t s_{i,p(i)})`` and ``t = 1/tau``:
+
+        Ng_i = max( (sum_{j != p(i)} exp(t s_ij) - tau_plus * M * P) / (1 - tau_plus),  M * exp(-t) )
+        l_i  = -log( P / (P + Ng_i) )
+
+    The lower bound ``M exp(-t)`` is the smallest possible value for cosine scores (``s >= -1``), so use
+    normalised inputs. Computed with a per-row max shift for stability (the value is shift invariant).
+
+    Args:
+        temperature: ``tau`` (paper: 0.5 for images; smaller suits text embeddings).
+        tau_plus: class prior in ``[0, 1)``.
+        Others as :class:`InfoNCELoss`.
+    Shapes: ``forward(queries [b, d], docs [b, 1+h, d] | [b*(1+h), d]) -> 0-dim``.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        tau_plus: float = 0.1,
+        learnable_temperature: bool = False,
+        max_inverse_temperature: float = 100.0,
+        cross_rank: bool = True,
+        normalize: bool = True,
+        reduction: Reduction = "global_mean",
+        group: Any = None,
+    ) -> None:
+        super().__init__(
+            temperature,
+            learnable_temperature,
+            max_inverse_temperature,
+            cross_rank=cross_rank,
+            reduction=reduction,
+            normalize=normalize,
+            group=group,
+        )
+        if not 0.0 <= tau_plus < 1.0:
+            raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus}")
+        self.tau_plus = tau_plus
+
+    def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
+        _, _, scores, labels, _ = self._scored(queries, docs)
+        t = self.inverse_temperature().to(scores.dtype)
+        logits = scores * t
+        num_neg = scores.shape[1] - 1
+        shift = logits.detach().amax(dim=1, keepdim=True) if logits.numel() else logits.new_zeros(logits.shape[0], 1)
+        positive = logits.gather(1, labels[:, None]) - shift
+        negatives = (logits - shift).exp().scatter(1, labels[:, None], 0.0).sum(dim=1, keepdim=True)
+        estimate = (negatives - self.tau_plus * num_neg * positive.exp()) / (1.0 - self.tau_plus)
+        estimate = torch.maximum(estimate, num_neg * torch.exp(-t - shift))
+        return self._reduce((torch.log(positive.exp() + estimate) - positive).squeeze(1))
+
+
+class AUCLoss(_TemperatureLoss):
+    """Mann-Whitney / AUC ranking loss: a logistic (BCE) loss on every positive - negative score difference
+    (Yan et al. 2003, "Optimizing classifier performance via an approximation to the Wilcoxon-Mann-Whitney
+    statistic"; Burges et al. 2005, RankNet). With ``M = N - 1`` negatives per row and ``t = 1/tau``:
+
+        l_i = (1/M) sum_{j != p(i)} log(1 + exp(t (s_ij - s_{i,p(i)}))),   j over all N gathered docs,
+
+    a smooth surrogate of ``1 - AUC`` of the positive against the negatives of query ``i``.
+
+    Args as :class:`InfoNCELoss` (no symmetric/margin options).
+    Shapes: ``forward(queries [b, d], docs [b, 1+h, d] | [b*(1+h), d]) -> 0-dim``.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        learnable_temperature: bool = False,
+        max_inverse_temperature: float = 100.0,
+        cross_rank: bool = True,
+        normalize: bool = True,
+        reduction: Reduction = "global_mean",
+        group: Any = None,
+    ) -> None:
+        super().__init__(
+            temperature,
+            learnable_temperature,
+            max_inverse_temperature,
+            cross_rank=cross_rank,
+            reduction=reduction,
+            normalize=normalize,
+            group=group,
+        )
+
+    def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
+        _, _, scores, labels, _ = self._scored(queries, docs)
+        logits = scores * self.inverse_temperature().to(scores.dtype)
+        margins = logits - logits.gather(1, labels[:, None])
+        pairs = F.softplus(margins).scatter(1, labels[:, None], 0.0)
+        return self._reduce(pairs.sum(dim=1) / max(scores.shape[1] - 1, 1))
+
+
+class MatryoshkaLoss(nn.Module):
+    """Matryoshka representation loss (Kusupati et al. 2022, "Matryoshka Representation Learning").
+
+        L = sum_k w_k * base_loss(normalize(q[:, :m_k]), normalize(docs[..., :m_k]))
+
+    Each term follows ``base_loss``'s gradient convention, so the weighted sum does too;
+    ``last_global_loss`` is the weighted sum of the base loss's ``last_global_loss`` values. The base loss
+    (and its learnable temperature, if any) is shared across prefix sizes; it gathers once per prefix.
+
+    Args:
+        base_loss: a :class:`CrossRankLoss` (or any module ``(queries, docs) -> loss``).
+        dims: prefix sizes ``m_k``; each must be ``<= d``.
+        weights: ``w_k`` (default all 1).
+
+    Shapes: ``forward(queries [b, d], docs [b, 1+h, d] | [b*(1+h), d]) -> 0-dim``.
+    """
+
+    def __init__(
+        self,
+        base_loss: nn.Module,
+        dims: Sequence[int] = (64, 128, 256, 512, 768),
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        dims = [int(m) for m in dims]
+        weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+        if not dims or len(weights) != len(dims) or min(dims) <= 0:
+            raise ValueError(f"dims must be positive and match weights, got dims={dims}, weights={weights}")
+        self.base_loss = base_loss
+        self.dims = dims
+        self.weights = weights
+        self.last_global_loss: Tensor | None = None
+
+    def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
+        if max(self.dims) > queries.shape[-1]:
+            raise ValueError(f"MatryoshkaLoss dims {self.dims} exceed the embedding size {queries.shape[-1]}")
+        total: Tensor | float = 0.0
+        logged: Tensor | float = 0.0
+        for dim, weight in zip(self.dims, self.weights, strict=True):
+            q = F.normalize(queries[..., :dim], dim=-1)
+            d = F.normalize(docs[..., :dim], dim=-1)
+            total = total + weight * self.base_loss(q, d)
+            last = getattr(self.base_loss, "last_global_loss", None)
+            logged = logged + weight * last if last is not None else logged
+        self.last_global_loss = logged if isinstance(logged, Tensor) else None
+        return total  # type: ignore[return-value]
