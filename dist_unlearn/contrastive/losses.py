@@ -142,22 +142,28 @@ class CrossRankLoss(nn.Module):
         return q, d, q @ cols.T, labels, k
 
     def _reduce(self, rows: Tensor) -> Tensor:
-        """Per-row losses ``[b]`` -> this rank's loss under the chosen reduction; sets ``last_global_loss``."""
+        """Per-row losses ``[b]`` -> this rank's loss (0-dim, float32 for half inputs); sets ``last_global_loss``."""
         stats = torch.stack(
-            [rows.detach().sum().to(torch.float64), torch.tensor(float(rows.shape[0]), device=rows.device).double()]
+            [rows.detach().double().sum(), torch.tensor(float(rows.shape[0]), device=rows.device).double()]
         )
         world = group_world_size(self.group)
         if world > 1:
             torch.distributed.all_reduce(stats, group=self.group)
         total_rows = stats[1].clamp(min=1.0)
-        self.last_global_loss = (stats[0] / total_rows).to(rows.dtype)
+        # Sum and scale in float32 at least: a bf16 scale such as W/B would be rounded to 3 digits.
+        acc = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype
+        self.last_global_loss = (stats[0] / total_rows).to(acc)
         if self.reduction == "local_mean":
-            return rows.sum() / max(rows.shape[0], 1)
-        return rows.sum() * (world / total_rows).to(rows.dtype)
+            return rows.sum(dtype=acc) / max(rows.shape[0], 1)
+        return rows.sum(dtype=acc) * (world / total_rows).to(acc)
 
 
 class _TemperatureLoss(CrossRankLoss):
-    """Adds a fixed or learnable temperature ``tau`` stored as ``log(1 / tau)``, clamped at ``1/tau <= max``."""
+    """Adds a temperature ``tau``: learnable as ``log(1 / tau)`` (an ``nn.Parameter``) or a fixed Python float.
+
+    ``1 / tau`` is clamped at ``max_inverse_temperature``. A fixed temperature is kept as a float so that it is
+    exact in every dtype (a float32 buffer would round ``1/tau``).
+    """
 
     def __init__(
         self, temperature: float, learnable_temperature: bool, max_inverse_temperature: float, **kwargs: Any
@@ -165,16 +171,24 @@ class _TemperatureLoss(CrossRankLoss):
         super().__init__(**kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        value = torch.tensor(math.log(1.0 / temperature))
+        self.temperature = float(temperature)
+        self.max_inverse_temperature = float(max_inverse_temperature)
+        self.log_inverse_temperature: nn.Parameter | None = None
         if learnable_temperature:
-            self.log_inverse_temperature = nn.Parameter(value)
-        else:
-            self.register_buffer("log_inverse_temperature", value)
-        self.max_inverse_temperature = max_inverse_temperature
+            self.log_inverse_temperature = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
-    def inverse_temperature(self) -> Tensor:
-        """``1 / tau = exp(min(log_inverse_temperature, log(max_inverse_temperature)))`` (0-dim)."""
-        return self.log_inverse_temperature.clamp(max=math.log(self.max_inverse_temperature)).exp()
+    def inverse_temperature(self, like: Tensor | None = None) -> Tensor:
+        """``1 / tau = exp(min(log_inverse_temperature, log(max_inverse_temperature)))``, 0-dim.
+
+        Returned in the dtype and on the device of ``like`` when given.
+        """
+        if self.log_inverse_temperature is None:
+            value = min(1.0 / self.temperature, self.max_inverse_temperature)
+            if like is None:
+                return torch.tensor(value)
+            return torch.tensor(value, dtype=like.dtype, device=like.device)
+        t = self.log_inverse_temperature.clamp(max=math.log(self.max_inverse_temperature)).exp()
+        return t if like is None else t.to(like.dtype)
 
 
 class InfoNCELoss(_TemperatureLoss):
@@ -238,10 +252,10 @@ class InfoNCELoss(_TemperatureLoss):
 
     def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
         q, d, scores, labels, k = self._scored(queries, docs)
-        t = self.inverse_temperature().to(scores.dtype)
+        t = self.inverse_temperature(scores)
         rows = self._cross_entropy(scores, labels, t)
         if self.symmetric:
-            positives = d.reshape(q.shape[0], k, -1)[:, 0]
+            positives = d.reshape(q.shape[0], k, d.shape[-1])[:, 0]
             query_cols, q_offset = self._columns(q)
             back_labels = q_offset + torch.arange(q.shape[0], device=q.device)
             rows = 0.5 * (rows + self._cross_entropy(positives @ query_cols.T, back_labels, t))
@@ -276,16 +290,19 @@ class SigmoidLoss(CrossRankLoss):
         group: Any = None,
     ) -> None:
         super().__init__(cross_rank=cross_rank, reduction=reduction, normalize=normalize, group=group)
-        log_scale, bias = torch.tensor(math.log(init_scale)), torch.tensor(float(init_bias))
+        self.init_scale, self.init_bias = float(init_scale), float(init_bias)
+        self.log_scale: nn.Parameter | None = None
+        self.bias: nn.Parameter | None = None
         if learnable:
-            self.log_scale, self.bias = nn.Parameter(log_scale), nn.Parameter(bias)
-        else:
-            self.register_buffer("log_scale", log_scale)
-            self.register_buffer("bias", bias)
+            self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+            self.bias = nn.Parameter(torch.tensor(float(init_bias)))
 
     def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
         _, _, scores, labels, _ = self._scored(queries, docs)
-        logits = scores * self.log_scale.exp().to(scores.dtype) + self.bias.to(scores.dtype)
+        if self.log_scale is None or self.bias is None:
+            logits = scores * self.init_scale + self.init_bias
+        else:
+            logits = scores * self.log_scale.exp().to(scores.dtype) + self.bias.to(scores.dtype)
         signs = torch.full_like(scores, -1.0).scatter_(1, labels[:, None], 1.0)
         return self._reduce(-F.logsigmoid(signs * logits).sum(dim=1))
 
@@ -322,7 +339,7 @@ class DecoupledContrastiveLoss(_TemperatureLoss):
 
     def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
         _, _, scores, labels, _ = self._scored(queries, docs)
-        logits = scores * self.inverse_temperature().to(scores.dtype)
+        logits = scores * self.inverse_temperature(scores)
         positive = logits.gather(1, labels[:, None]).squeeze(1)
         negatives = logits.scatter(1, labels[:, None], -math.inf)
         return self._reduce(torch.logsumexp(negatives, dim=1) - positive)
@@ -373,7 +390,7 @@ class DebiasedContrastiveLoss(_TemperatureLoss):
 
     def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
         _, _, scores, labels, _ = self._scored(queries, docs)
-        t = self.inverse_temperature().to(scores.dtype)
+        t = self.inverse_temperature(scores)
         logits = scores * t
         num_neg = scores.shape[1] - 1
         shift = logits.detach().amax(dim=1, keepdim=True) if logits.numel() else logits.new_zeros(logits.shape[0], 1)
@@ -419,7 +436,7 @@ class AUCLoss(_TemperatureLoss):
 
     def forward(self, queries: Tensor, docs: Tensor) -> Tensor:
         _, _, scores, labels, _ = self._scored(queries, docs)
-        logits = scores * self.inverse_temperature().to(scores.dtype)
+        logits = scores * self.inverse_temperature(scores)
         margins = logits - logits.gather(1, labels[:, None])
         pairs = F.softplus(margins).scatter(1, labels[:, None], 0.0)
         return self._reduce(pairs.sum(dim=1) / max(scores.shape[1] - 1, 1))

@@ -13,8 +13,11 @@ accumulates, with ``g_i`` the incoming gradient of row ``i`` and ``t = 1/tau``,
     dt   = sum_ij g_i (p_ij - [j = p(i)]) s_ij.
 
 Extra memory is ``O(b T)`` instead of ``O(b N)``; the result equals :class:`~dist_unlearn.contrastive.InfoNCELoss`
-(query -> doc direction) up to floating-point rounding. The idea at scale: Cheng et al. 2024, "Breaking the
-Memory Barrier: Near Infinite Batch Size Scaling for Contrastive Loss" (Inf-CL).
+(query -> doc direction) up to floating-point rounding. For fp16/bf16 inputs the tile matmuls run in the
+input dtype and everything after them (running max/sum, lse, gradients) in float32; the positive's score is read
+from the same tile matmul as the log-sum-exp so that both carry the same rounding.
+The idea at scale: Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for
+Contrastive Loss" (Inf-CL).
 """
 
 from __future__ import annotations
@@ -35,19 +38,17 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _tile_logits(
-    q: Tensor, k_tile: Tensor, start: int, labels: Tensor, positive: Tensor, t: Tensor, margin: float | None
-) -> tuple[Tensor, Tensor]:
-    """Scores ``s [b, T]`` and logits ``t s`` (false negatives set to ``-inf``) of one column tile."""
-    scores = (q @ k_tile.T).to(positive.dtype)
+    q: Tensor, k_tile: Tensor, start: int, labels: Tensor, mask_ref: Tensor, t: Tensor, margin: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One column tile: scores ``s [b, T]``, logits ``t s`` (false negatives ``-inf``) and the bool ``[b, T]``
+    marking each row's positive (if it falls in this tile). ``mask_ref [b]``: positive scores for the mask."""
+    scores = (q @ k_tile.T).to(mask_ref.dtype)
+    is_pos = labels[:, None] == torch.arange(start, start + k_tile.shape[0], device=labels.device)[None, :]
     logits = scores * t
     if margin is not None:
-        mask = scores > (positive - margin)[:, None]
-        own = labels - start
-        inside = (own >= 0) & (own < k_tile.shape[0])
-        rows = torch.nonzero(inside).squeeze(1)
-        mask[rows, own[rows]] = False
+        mask = (scores > (mask_ref - margin)[:, None]) & ~is_pos
         logits = logits.masked_fill(mask, -math.inf)
-    return scores, logits
+    return scores, logits, is_pos
 
 
 class _TiledCrossEntropy(torch.autograd.Function):
@@ -59,23 +60,29 @@ class _TiledCrossEntropy(torch.autograd.Function):
     ) -> Tensor:
         acc = _accumulate_dtype(q.dtype)
         t_val = t.detach().to(acc)
-        positive = (q * k[labels]).sum(dim=1).to(acc) if q.shape[0] else q.new_zeros(0, dtype=acc)
+        # Positive scores for the false-negative mask, rounded like a matmul output in the input dtype.
+        mask_ref = (q.to(acc) * k[labels].to(acc)).sum(dim=1).to(q.dtype).to(acc)
+        # The positive's score is read from the same tile matmul as the log-sum-exp, so rounding is consistent.
+        positive = torch.zeros(q.shape[0], dtype=acc, device=q.device)
         run_max = torch.full((q.shape[0],), -math.inf, dtype=acc, device=q.device)
         run_sum = torch.zeros_like(run_max)
         for start in range(0, k.shape[0], tile_size):
-            _, logits = _tile_logits(q, k[start : start + tile_size], start, labels, positive, t_val, margin)
+            scores, logits, is_pos = _tile_logits(
+                q, k[start : start + tile_size], start, labels, mask_ref, t_val, margin
+            )
+            positive += torch.where(is_pos, scores, torch.zeros_like(scores)).sum(dim=1)
             new_max = torch.maximum(run_max, logits.amax(dim=1))
             ref = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
             run_sum = run_sum * torch.exp(run_max - ref) + torch.exp(logits - ref[:, None]).sum(dim=1)
             run_max = new_max
         lse = run_max + torch.log(run_sum)
-        ctx.save_for_backward(q, k, labels, t, lse, positive)
+        ctx.save_for_backward(q, k, labels, t, lse, positive, mask_ref)
         ctx.tile_size, ctx.margin = tile_size, margin
-        return (lse - t_val * positive).to(q.dtype)
+        return lse - t_val * positive  # [b] in float32 at least
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, Tensor | None, None, None]:
-        q, k, labels, t, lse, positive = ctx.saved_tensors
+        q, k, labels, t, lse, positive, mask_ref = ctx.saved_tensors
         acc = lse.dtype
         t_val = t.detach().to(acc)
         g = grad.to(acc)
@@ -85,7 +92,7 @@ class _TiledCrossEntropy(torch.autograd.Function):
         grad_t = torch.zeros((), dtype=acc, device=q.device)
         for start in range(0, k.shape[0], ctx.tile_size):
             k_tile = k[start : start + ctx.tile_size]
-            scores, logits = _tile_logits(q, k_tile, start, labels, positive, t_val, ctx.margin)
+            scores, logits, _ = _tile_logits(q, k_tile, start, labels, mask_ref, t_val, ctx.margin)
             weights = torch.exp(logits - lse[:, None]) * g[:, None]  # g_i p_ij, 0 where masked
             grad_q += t_val * (weights @ k_tile.to(acc))
             grad_k[start : start + k_tile.shape[0]] = t_val * (weights.T @ qa)
@@ -115,7 +122,8 @@ def tiled_cross_entropy(
         tile_size: columns per tile ``T``.
         margin: optional false-negative margin (as :func:`~dist_unlearn.contrastive.losses.false_negative_mask`).
     Returns:
-        ``[b]`` row losses ``log sum_j exp(t q_i . k_j) - t q_i . k_{labels_i}``; differentiable in ``q``,
+        ``[b]`` row losses ``log sum_j exp(t q_i . k_j) - t q_i . k_{labels_i}`` (float32 for half inputs);
+        differentiable in ``q``,
         ``k`` and ``t`` with memory ``O(b T)``.
     """
     if tile_size <= 0:
@@ -172,6 +180,6 @@ class TiledInfoNCELoss(_TemperatureLoss):
         q, d = self._prep(queries), self._prep(flat)
         cols, offset = self._columns(d)
         labels = offset + torch.arange(q.shape[0], device=q.device) * k
-        t = self.inverse_temperature()
+        t = self.inverse_temperature(q)
         rows = tiled_cross_entropy(q, cols, labels, t, self.tile_size, self.false_negative_margin)
         return self._reduce(rows)

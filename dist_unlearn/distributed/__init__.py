@@ -8,9 +8,13 @@ from dist_unlearn.distributed.env import (
     init_distributed,
     is_main_process,
 )
+from dist_unlearn.distributed.gather import all_gather_with_grad, all_gather_with_sizes, gather_sizes
 from dist_unlearn.distributed.seeding import rank_seed, seed_everything
 
 __all__ = [
+    "all_gather_with_grad",
+    "all_gather_with_sizes",
+    "gather_sizes",
     "barrier",
     "destroy_process_group",
     "get_rank",

@@ -1,0 +1,97 @@
+"""Run a function on N gloo ranks (spawned processes on localhost) and collect the results.
+
+Usage (the function must be importable by module path, i.e. defined at module level)::
+
+    from multiproc import run_on_ranks
+
+    def work(rank: int, world_size: int, scale: float) -> dict:
+        ...  # torch.distributed is initialised (gloo); return something picklable
+
+    results = run_on_ranks(work, 2, 3.0)  # [result_of_rank_0, result_of_rank_1]
+
+Each rank runs with ``torch.set_num_threads(1)``; results travel through ``torch.save`` files in a
+temporary directory (tensors are fine). An exception on any rank is re-raised in the parent with the
+rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:  # report every failure to the parent, then fail this process
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        raise
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return results by rank.
+
+    Args:
+        fn: module-level function; ``torch.distributed`` is initialised when it runs.
+        world_size: number of ranks (processes).
+        args: extra picklable arguments passed to every rank.
+        timeout: seconds to wait for all ranks before failing.
+    Returns:
+        ``[fn(0, ...), ..., fn(world_size - 1, ...)]``.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(
+            _worker,
+            args=(fn, world_size, free_port(), out_dir, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks did not finish within {timeout} s")
+        except Exception as exc:
+            errors = []
+            for rank in range(world_size):
+                path = os.path.join(out_dir, f"rank{rank}.pt")
+                if os.path.exists(path):
+                    record = torch.load(path, weights_only=False)
+                    if not record["ok"]:
+                        errors.append(f"--- rank {rank} ---\n{record['error']}")
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise RuntimeError("\n".join(errors) or str(exc)) from exc
+        results = []
+        for rank in range(world_size):
+            record = torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False)
+            if not record["ok"]:
+                raise RuntimeError(f"rank {rank} failed:\n{record['error']}")
+            results.append(record["result"])
+        return results
