@@ -31,7 +31,7 @@ def _launched_by_torchrun() -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
     from dist_unlearn.engine.prepare import resolve_model_assets
-    from dist_unlearn.eval.tables import before_after_table
+    from dist_unlearn.eval.tables import before_after_table, retrieval_table
 
     if cfg.ray.enabled and not _launched_by_torchrun():
         from dist_unlearn.ray.trainer import run_with_ray
@@ -46,7 +46,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         tmp = out / "summary.json.tmp"
         tmp.write_text(json.dumps(summaries, indent=2))
         tmp.replace(out / "summary.json")
-        print("\n" + before_after_table(summaries))
+        if cfg.job.kind == "contrastive":
+            print("\nheld-out retrieval (questions about people never trained on):")
+            print(retrieval_table(summaries["contrastive"]))
+        else:
+            print("\n" + before_after_table(summaries))
         print(f"\nper method: {out.resolve()}/<method>/ (model/, metrics.json, metrics.jsonl)")
         print(f"summary: {out.resolve() / 'summary.json'}")
     return 0

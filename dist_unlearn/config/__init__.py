@@ -9,9 +9,11 @@ from dist_unlearn.config.loader import (
 )
 from dist_unlearn.config.schema import (
     CheckpointConfig,
+    ContrastiveConfig,
     DataConfig,
     DeepSpeedConfig,
     EvalConfig,
+    JobConfig,
     MethodConfig,
     ModelConfig,
     OutputConfig,
@@ -24,9 +26,11 @@ from dist_unlearn.config.schema import (
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
+    "ContrastiveConfig",
     "DataConfig",
     "DeepSpeedConfig",
     "EvalConfig",
+    "JobConfig",
     "MethodConfig",
     "ModelConfig",
     "OutputConfig",

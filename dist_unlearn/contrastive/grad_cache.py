@@ -28,16 +28,29 @@ Accumulation across chunks is exact for each kind of model:
   ``model.no_sync()``; the last backward all-reduces the accumulated gradients once.
 - ``deepspeed.DeepSpeedEngine``: gradients always go through ``engine.backward`` (never around it, so
   ZeRO's hooks, partitioning and fp16 loss scaling apply). ZeRO-1/2/3: all chunk backwards run inside
-  ``engine.coalesce_grad_reduction()``, one reduction at the end. Without it, several
-  ``engine.backward`` calls in one ZeRO-1/2 step give silently wrong gradients. Where that context
-  raises ``NotImplementedError`` (ZeRO-0, the BF16/FP16 optimizer wrappers, DeepSpeed without the
-  method), the fallback marks gradient-accumulation boundaries: ``set_gradient_accumulation_boundary(False)``
-  before every chunk but the last, ``True`` before the last, so gradients accumulate locally and are
-  reduced once. ``engine.backward`` divides by ``gradient_accumulation_steps``; GradCache calls it
-  with ``scale_wrt_gas=False`` (the same as pre-multiplying the surrogate by that number), so the
+  ``engine.coalesce_grad_reduction()``, one reduction at the end. (Without it or boundaries, several
+  ``engine.backward`` calls in one ZeRO-1/2 step give silently wrong gradients; the tests measure a
+  relative error of 1.4.) Where that context raises ``NotImplementedError`` (ZeRO-0, the BF16/FP16
+  optimizer wrappers) or does not exist (older DeepSpeed), the fallback marks gradient-accumulation
+  boundaries: ``set_gradient_accumulation_boundary(False)`` before every chunk but the last, ``True``
+  before the last (and left ``True``: the same as DeepSpeed's own answer with one accumulation step),
+  so gradients accumulate locally and are reduced once. The tests check both paths against a
+  one-process reference on ZeRO 0-3.
+- ``engine.backward`` divides the loss by ``gradient_accumulation_steps``; GradCache calls it with
+  ``scale_wrt_gas=False`` (the same as pre-multiplying the surrogate by that number), so the
   accumulated gradient is the full-batch gradient of ``loss_fn``. One :meth:`GradCache.step` is one
   optimizer step's gradient, so the DeepSpeed config must have ``gradient_accumulation_steps: 1``
-  (grow the GradCache batch instead of accumulating); other values are refused.
+  (grow the GradCache batch instead of accumulating); other values are refused in ``__init__``.
+
+Ranks may hold batches of different sizes. ZeRO-3 gathers parameters in every forward and backward (and
+DDP may broadcast buffers in forward), so all ranks must run the same number of passes: under DDP and
+DeepSpeed the ranks agree on the largest chunk count per input (one small ``all_reduce``), and a rank
+with fewer chunks runs one-row "ghost" chunks whose surrogate has weight 0 (and whose forwards draw
+from a forked RNG, leaving the global RNG untouched).
+
+Exactness needs a forward that is a function of (parameters, inputs, RNG state). Dropout is fine; a
+module that changes its own state in forward (batch-norm running statistics) is updated twice per
+step. ``check_replay=True`` verifies the replayed representations against the cached ones.
 
 GradCache never steps the optimizer: call ``engine.step()`` (DeepSpeed) or ``optimizer.step()`` /
 ``optimizer.zero_grad()`` yourself after :meth:`GradCache.step`, so it plugs into an existing loop::
@@ -57,6 +70,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 Batch = Tensor | Mapping[str, Any]
@@ -99,14 +113,33 @@ def split_batch(batch: Batch, chunk_size: int) -> list[Batch]:
     return [slice_batch(batch, start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
 
 
-def first_device_type(batches: Sequence[Batch]) -> str:
-    """Device type (``"cuda"``, ``"cpu"``, ...) of the first tensor found in ``batches``; ``"cpu"`` if none."""
+def first_device(batches: Sequence[Batch]) -> torch.device:
+    """Device of the first tensor found in ``batches``; the CPU if there is none."""
     for batch in batches:
         values = [batch] if isinstance(batch, Tensor) else list(batch.values())
         for value in values:
             if isinstance(value, Tensor):
-                return value.device.type
-    return "cpu"
+                return value.device
+    return torch.device("cpu")
+
+
+def ghost_chunk(chunk: Batch) -> Batch:
+    """A one-row stand-in for a chunk that this rank does not have (see :func:`agreed_chunk_counts`)."""
+    return slice_batch(chunk, 0, 1)
+
+
+def agreed_chunk_counts(counts: list[int], device: torch.device) -> list[int]:
+    """Per input, the largest number of chunks any rank has (``all_reduce`` MAX); ``counts`` if not distributed.
+
+    ZeRO-3 gathers parameters inside every forward and backward, and DDP may broadcast buffers in
+    forward, so every rank must run the same number of passes even when the ranks' batches differ in size.
+    A rank with fewer chunks adds one-row "ghost" chunks whose surrogate has zero weight.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return counts
+    agreed = torch.tensor(counts, dtype=torch.long, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return [int(n) for n in agreed.tolist()]
 
 
 # --- encoding -----------------------------------------------------------------------------------
@@ -273,7 +306,10 @@ class GradCache:
         Args:
             inputs: one or more batches (e.g. a query batch ``[Bq, ...]`` and a document batch
                 ``[Bd, ...]``), each a tensor or a mapping of tensors sharing dim 0. Each is encoded
-                chunk by chunk into ``reps[i]`` ``[B_i, d]``.
+                chunk by chunk into ``reps[i]`` ``[B_i, d]``. Under DDP/DeepSpeed every rank calls
+                ``step`` with the same number of inputs; row counts may differ between ranks (every
+                rank still runs the same number of forwards and backwards, see
+                :func:`agreed_chunk_counts`).
             loss_kwargs: passed to ``loss_fn`` unchanged.
 
         Returns:
@@ -282,13 +318,22 @@ class GradCache:
         if not inputs:
             raise ValueError("GradCache.step needs at least one input batch")
         chunks = [split_batch(batch, self.chunk_size) for batch in inputs]
-        device_type = first_device_type(inputs)
-        reps, states = self._representation_pass(chunks, device_type)
+        device = first_device(inputs)
+        real = [len(input_chunks) for input_chunks in chunks]
+        if self.kind != "plain":
+            agreed = agreed_chunk_counts(real, self._collective_device(device))
+            chunks = [c + [ghost_chunk(c[0])] * (n - len(c)) for c, n in zip(chunks, agreed, strict=True)]
+        reps, states = self._representation_pass(chunks, real, device.type)
         loss, grads = self._cache_gradients(reps, loss_kwargs)
-        self._replay(chunks, states, reps, grads, device_type)
+        self._replay(chunks, real, states, reps, grads, device.type)
         return loss.detach()
 
     # -- the three phases ----------------------------------------------------------------------
+
+    def _collective_device(self, input_device: torch.device) -> torch.device:
+        """Where a small tensor for a collective must live: the engine's device, else the inputs'."""
+        device = getattr(self.model, "device", None) if self.kind == "deepspeed" else None
+        return torch.device(device) if device is not None else input_device
 
     def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """``torch.autocast`` for the forwards when ``autocast_dtype`` is set, else a no-op."""
@@ -307,18 +352,27 @@ class GradCache:
         return reps
 
     def _representation_pass(
-        self, chunks: list[list[Batch]], device_type: str
+        self, chunks: list[list[Batch]], real: list[int], device_type: str
     ) -> tuple[list[list[Tensor]], list[list[RngState]]]:
-        """Phase 1: no-grad representations of every chunk and the RNG state each chunk started from."""
+        """Phase 1: no-grad representations of every real chunk and the RNG state each chunk started from.
+
+        Ghost chunks (index ``>= real[i]``) are encoded too, to match the other ranks' collectives, but
+        from a forked RNG so that they draw nothing from the global generators; their output is dropped.
+        """
         reps: list[list[Tensor]] = []
         states: list[list[RngState]] = []
         with torch.no_grad():
-            for input_chunks in chunks:
+            for input_chunks, n_real in zip(chunks, real, strict=True):
                 reps.append([])
                 states.append([])
-                for chunk in input_chunks:
-                    states[-1].append(RngState.capture())
-                    reps[-1].append(self._encode(chunk, device_type).detach())
+                for j, chunk in enumerate(input_chunks):
+                    state = RngState.capture()
+                    states[-1].append(state)
+                    if j < n_real:
+                        reps[-1].append(self._encode(chunk, device_type).detach())
+                    else:
+                        with state.restored():
+                            self._encode(chunk, device_type)
         return reps, states
 
     def _cache_gradients(
@@ -341,21 +395,29 @@ class GradCache:
     def _replay(
         self,
         chunks: list[list[Batch]],
+        real: list[int],
         states: list[list[RngState]],
         reps: list[list[Tensor]],
         grads: list[list[Tensor]],
         device_type: str,
     ) -> None:
-        """Phase 3: re-forward every chunk with grad from its saved RNG state and backpropagate the surrogate."""
+        """Phase 3: re-forward every chunk with grad from its saved RNG state and backpropagate the surrogate.
+
+        The surrogate of chunk ``c`` is ``Σ r_c ⊙ G_c`` (``G_c`` = cached ∂L/∂r_c, a constant), whose
+        parameter gradient is chunk ``c``'s share of ∂L/∂θ; a ghost chunk's surrogate is ``0 · Σ r``.
+        """
         order = [(i, j) for i, input_chunks in enumerate(chunks) for j in range(len(input_chunks))]
         with self._accumulation() as before_chunk:
             for position, (i, j) in enumerate(order):
                 last = position == len(order) - 1
                 with before_chunk(last), states[i][j].restored():
                     new_reps = self._encode(chunks[i][j], device_type)
-                    if self.check_replay:
-                        self._verify_replay(new_reps, reps[i][j], i, j)
-                    surrogate = (new_reps * grads[i][j]).sum()
+                    if j >= real[i]:
+                        surrogate = new_reps.sum() * 0.0
+                    else:
+                        if self.check_replay:
+                            self._verify_replay(new_reps, reps[i][j], i, j)
+                        surrogate = (new_reps * grads[i][j]).sum()
                     self._backward(surrogate)
 
     # -- gradient accumulation per model kind --------------------------------------------------

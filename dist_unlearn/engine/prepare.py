@@ -27,6 +27,7 @@ from dist_unlearn.data.facts import FactsBenchmark, generate_facts, load_qa_file
 from dist_unlearn.data.qa import QADataset
 from dist_unlearn.engine.finetune import finetune
 from dist_unlearn.eval.answers import evaluate_splits
+from dist_unlearn.models.encoders import encoder_path
 from dist_unlearn.models.tiny_llama import build_embedded_model
 
 
@@ -119,7 +120,10 @@ def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAss
 
 
 def resolve_model_assets(cfg: RunConfig, log=print) -> ModelAssets:
-    """The embedded models (prepared if missing) or the user's model path (no oracle)."""
+    """The embedded models (prepared if missing) or the user's model path (no oracle); for a contrastive
+    job the encoder (``embedded`` = the bundled all-MiniLM-L6-v2)."""
+    if cfg.job.kind == "contrastive":
+        return ModelAssets(encoder_path(cfg.model.path), None)
     if cfg.model.path == EMBEDDED_MODEL:
         return prepare_embedded(cfg, log=log)
     return ModelAssets(cfg.model.path, None)

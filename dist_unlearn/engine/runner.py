@@ -18,14 +18,17 @@ from dist_unlearn.distributed.env import (
     is_main_process,
 )
 from dist_unlearn.engine.prepare import ModelAssets, resolve_model_assets
-from dist_unlearn.engine.unlearn_loop import UnlearnJob, run_unlearning
+from dist_unlearn.engine.job import Job, run_job
 
 
-def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[UnlearnJob]:
-    """One job per method, each writing to ``OUTPUT/<method>/``."""
+def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[Job]:
+    """Unlearning: one job per method, each writing to ``OUTPUT/<method>/``; contrastive: one job
+    writing to ``OUTPUT/contrastive/``."""
     out = Path(cfg.output.dir).resolve()
     data = config_to_dict(cfg)
-    return [UnlearnJob(data, name, assets.target_dir, str(out / name)) for name in cfg.method.names]
+    if cfg.job.kind == "contrastive":
+        return [Job(data, "contrastive", "contrastive", assets.target_dir, str(out / "contrastive"))]
+    return [Job(data, "unlearn", name, assets.target_dir, str(out / name)) for name in cfg.method.names]
 
 
 # settings that may change between a run and its resumption
@@ -39,9 +42,9 @@ _RESUMABLE_CHANGES = {
 RUN_SETTINGS_FILE = "run_settings.json"
 
 
-def run_settings(job: UnlearnJob, world_size: int) -> dict[str, Any]:
+def run_settings(job: Job, world_size: int) -> dict[str, Any]:
     """The settings a checkpoint of ``job`` depends on (everything a resumed run must keep)."""
-    kept: dict[str, Any] = {"method": job.method, "world_size": world_size, "target_dir": job.target_dir}
+    kept: dict[str, Any] = {"job": job.kind, "name": job.name, "world_size": world_size, "model_dir": job.model_dir}
     for section, values in job.config.items():
         free = _RESUMABLE_CHANGES.get(section, set())
         if free is None:
@@ -50,7 +53,7 @@ def run_settings(job: UnlearnJob, world_size: int) -> dict[str, Any]:
     return kept
 
 
-def check_resumable(jobs: list[UnlearnJob], world_size: int) -> None:
+def check_resumable(jobs: list[Job], world_size: int) -> None:
     """Refuse, before any work, to continue a run directory whose checkpoints came from other settings.
 
     A run directory with checkpoints is resumed (or extended when ``train.steps`` grew); changing
@@ -84,12 +87,12 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     return out
 
 
-def prepare_run_dirs(jobs: list[UnlearnJob], world_size: int, restart: bool = False) -> None:
+def prepare_run_dirs(jobs: list[Job], world_size: int, restart: bool = False) -> None:
     """Driver side, before launching: optionally wipe old runs, check resumability, record settings."""
     if restart:
         for job in jobs:
             shutil.rmtree(job.run_dir, ignore_errors=True)
-            shutil.rmtree(Path(job.run_dir).parent / "ray_results" / job.method, ignore_errors=True)
+            shutil.rmtree(Path(job.run_dir).parent / "ray_results" / job.name, ignore_errors=True)
     check_resumable(jobs, world_size)
     for job in jobs:
         Path(job.run_dir).mkdir(parents=True, exist_ok=True)
@@ -98,9 +101,9 @@ def prepare_run_dirs(jobs: list[UnlearnJob], world_size: int, restart: bool = Fa
         os.replace(tmp, Path(job.run_dir) / RUN_SETTINGS_FILE)
 
 
-def read_summaries(jobs: list[UnlearnJob]) -> dict[str, dict[str, Any]]:
+def read_summaries(jobs: list[Job]) -> dict[str, dict[str, Any]]:
     """``metrics.json`` of each finished job, by method name."""
-    return {job.method: json.loads((Path(job.run_dir) / "metrics.json").read_text()) for job in jobs}
+    return {job.name: json.loads((Path(job.run_dir) / "metrics.json").read_text()) for job in jobs}
 
 
 def run_without_ray(cfg: RunConfig, restart: bool = False) -> dict[str, dict[str, Any]]:
@@ -112,7 +115,7 @@ def run_without_ray(cfg: RunConfig, restart: bool = False) -> dict[str, dict[str
         barrier()
         jobs = plan_jobs(cfg, resolve_model_assets(cfg))
         for job in jobs:
-            run_unlearning(job)
+            run_job(job)
         barrier()
         return read_summaries(jobs)
     finally:

@@ -14,9 +14,8 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -30,7 +29,8 @@ from dist_unlearn.distributed.env import (
     is_main_process,
 )
 from dist_unlearn.distributed.seeding import derive_seed, seed_everything
-from dist_unlearn.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dist_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
+from dist_unlearn.engine.job import Job, LocalReporter, Reporter
 from dist_unlearn.engine.ds_config import build_deepspeed_config, torch_dtype
 from dist_unlearn.engine.export import export_hf_model
 from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
@@ -38,44 +38,6 @@ from dist_unlearn.engine.prepare import load_benchmark
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset
 from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
 from dist_unlearn.unlearning import objective_from_config
-
-
-class Reporter(Protocol):
-    """What the launcher provides: where to resume from, and how to announce checkpoints."""
-
-    def latest_checkpoint(self) -> Path | None: ...
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
-
-
-class LocalReporter:
-    """Checkpoints stay in ``RUN_DIR/checkpoints``; resuming picks the newest complete one."""
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.root = Path(run_dir) / "checkpoints"
-
-    def latest_checkpoint(self) -> Path | None:
-        return latest_checkpoint(self.root)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        return None
-
-
-@dataclass(frozen=True)
-class UnlearnJob:
-    """Everything a worker needs, as plain data (it crosses process boundaries).
-
-    config: ``config_to_dict`` of the run; method: one name of ``config.method.names``;
-    target_dir: the model to unlearn from; run_dir: this method's output directory.
-    """
-
-    config: dict[str, Any]
-    method: str
-    target_dir: str
-    run_dir: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "method": self.method, "target_dir": self.target_dir, "run_dir": self.run_dir}
 
 
 def resolve_reference_mode(cfg: RunConfig, needs_reference: bool) -> str:
@@ -101,8 +63,8 @@ def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
     }
 
 
-def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None = None) -> dict[str, Any]:
-    """Unlearn ``job.method`` on this rank's share of the data; returns the run summary (all ranks).
+def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Unlearn ``job.name`` on this rank's share of the data; returns the run summary (all ranks).
 
     Collective: every rank of the process group runs it. Writes, from rank 0, ``metrics.jsonl``,
     TensorBoard events, checkpoints under ``checkpoints/``, the final model under ``model/`` (HF
@@ -111,8 +73,6 @@ def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None =
     import deepspeed  # heavy; imported where it is needed
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    if isinstance(job, dict):
-        job = UnlearnJob(**job)
     cfg = config_from_dict(job.config)
     run_dir = Path(job.run_dir)
     reporter = reporter or LocalReporter(run_dir)
@@ -123,12 +83,12 @@ def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None =
         torch.set_num_threads(cfg.ray.cpus_per_worker)
     seed_everything(derive_seed(cfg.train.seed, "model"))
 
-    tokenizer = load_tokenizer(job.target_dir)
-    model = load_causal_lm(job.target_dir, torch.float32, cfg.model.attn_implementation)
+    tokenizer = load_tokenizer(job.model_dir)
+    model = load_causal_lm(job.model_dir, torch.float32, cfg.model.attn_implementation)
     facts = load_benchmark(cfg.data)
     forget_set = QADataset(facts.split("forget"), tokenizer, cfg.data.max_length)
     retain_set = QADataset(facts.split("retain"), tokenizer, cfg.data.max_length)
-    objective = objective_from_config(cfg, job.method)
+    objective = objective_from_config(cfg, job.name)
     reference_mode = resolve_reference_mode(cfg, objective.needs_reference)
     ds_config = build_deepspeed_config(
         zero_stage=cfg.deepspeed.zero_stage,
@@ -162,7 +122,7 @@ def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None =
         state = load_checkpoint(engine, resume_dir)
         start_step, before = int(state["step"]), state.get("eval_before")
         if is_main_process():
-            print(f"[{job.method}] resumed from {resume_dir} at step {start_step}", flush=True)
+            print(f"[{job.name}] resumed from {resume_dir} at step {start_step}", flush=True)
     if before is None:
         before = evaluate_splits(engine, eval_sets, pad_id, device=device)
 
@@ -180,7 +140,7 @@ def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None =
     if is_main_process():
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.train.steps, initial=start_step, desc=f"unlearn {job.method}", mininterval=5.0)
+        progress = tqdm(total=cfg.train.steps, initial=start_step, desc=f"unlearn {job.name}", mininterval=5.0)
     engine.train()
     for step in range(start_step, cfg.train.steps):
         started = time.perf_counter()
@@ -217,7 +177,7 @@ def run_unlearning(job: UnlearnJob | dict[str, Any], reporter: Reporter | None =
     after = evaluate_splits(engine, eval_sets, pad_id, device=device)
     export_hf_model(engine, tokenizer, run_dir / "model", torch_dtype(cfg.output.save_dtype))
     summary = {
-        "method": job.method,
+        "method": job.name,
         "steps": cfg.train.steps,
         "world_size": world,
         "zero_stage": cfg.deepspeed.zero_stage,

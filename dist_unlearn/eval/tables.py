@@ -24,3 +24,12 @@ def before_after_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def retrieval_table(summary: Mapping[str, Any]) -> str:
+    """Held-out retrieval metrics of a contrastive run, before -> after."""
+    keys = [k for k in summary["before"] if k in summary["after"]]
+    width = max(len(k) for k in keys)
+    lines = [f"{'metric'.ljust(width)}  before  after", f"{'-' * width}  ------  -----"]
+    lines += [f"{k.ljust(width)}  {summary['before'][k]:.3f}   {summary['after'][k]:.3f}" for k in keys]
+    return "\n".join(lines)

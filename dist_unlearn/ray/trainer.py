@@ -1,7 +1,7 @@
 """Launch the unlearning train function on Ray Train workers (one ``TorchTrainer`` run per method).
 
 Ray creates the process group (gloo on CPU, NCCL on GPU) and sets ``RANK``/``WORLD_SIZE``; the worker
-function is :func:`dist_unlearn.engine.unlearn_loop.run_unlearning`, the same one ``torchrun`` uses.
+function is :func:`dist_unlearn.engine.job.run_job`, the same one ``torchrun`` uses.
 Checkpoints are reported to Ray by rank 0 (all ranks write their shards into one directory, so
 ``output.dir`` must be on a filesystem every node sees); a restarted worker group resumes from
 Ray's latest checkpoint.
@@ -23,7 +23,7 @@ from dist_unlearn.config import RunConfig as DistUnlearnConfig
 from dist_unlearn.engine.checkpoint import latest_checkpoint
 from dist_unlearn.engine.prepare import ModelAssets
 from dist_unlearn.engine.runner import plan_jobs, prepare_run_dirs, read_summaries
-from dist_unlearn.engine.unlearn_loop import UnlearnJob, run_unlearning
+from dist_unlearn.engine.job import Job, run_job
 
 
 class RayReporter:
@@ -44,7 +44,7 @@ class RayReporter:
 
 
 def _train_fn(job: dict[str, Any]) -> None:
-    run_unlearning(UnlearnJob(**job), RayReporter(job["run_dir"]))
+    run_job(Job(**job), RayReporter(job["run_dir"]))
 
 
 def _wants_gpu(cfg: DistUnlearnConfig) -> bool:
@@ -76,8 +76,8 @@ def connect(cfg: DistUnlearnConfig) -> bool:
     return True
 
 
-def run_job_on_ray(cfg: DistUnlearnConfig, job: UnlearnJob) -> None:
-    """One ``TorchTrainer.fit`` for one method; resumes if a run of the same name exists in storage."""
+def run_job_on_ray(cfg: DistUnlearnConfig, job: Job) -> None:
+    """One ``TorchTrainer.fit`` for one job (a method, or the contrastive run); resumes if a run of the same name exists in storage."""
     use_gpu = _wants_gpu(cfg)
     trainer = TorchTrainer(
         _train_fn,
@@ -88,7 +88,7 @@ def run_job_on_ray(cfg: DistUnlearnConfig, job: UnlearnJob) -> None:
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=job.method,
+            name=job.name,
             storage_path=str(Path(job.run_dir).parent / "ray_results"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
