@@ -17,8 +17,8 @@ from dist_unlearn.distributed.env import (
     init_distributed,
     is_main_process,
 )
-from dist_unlearn.engine.prepare import ModelAssets, resolve_model_assets
 from dist_unlearn.engine.job import Job, run_job
+from dist_unlearn.engine.prepare import ModelAssets, resolve_model_assets
 
 
 def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[Job]:

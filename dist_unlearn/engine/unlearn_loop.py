@@ -30,9 +30,9 @@ from dist_unlearn.distributed.env import (
 )
 from dist_unlearn.distributed.seeding import derive_seed, seed_everything
 from dist_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
-from dist_unlearn.engine.job import Job, LocalReporter, Reporter
 from dist_unlearn.engine.ds_config import build_deepspeed_config, torch_dtype
 from dist_unlearn.engine.export import export_hf_model
+from dist_unlearn.engine.job import Job, LocalReporter, Reporter
 from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
 from dist_unlearn.engine.prepare import load_benchmark
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset

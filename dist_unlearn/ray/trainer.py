@@ -21,9 +21,9 @@ from ray.train.torch import TorchTrainer
 
 from dist_unlearn.config import RunConfig as DistUnlearnConfig
 from dist_unlearn.engine.checkpoint import latest_checkpoint
+from dist_unlearn.engine.job import Job, run_job
 from dist_unlearn.engine.prepare import ModelAssets
 from dist_unlearn.engine.runner import plan_jobs, prepare_run_dirs, read_summaries
-from dist_unlearn.engine.job import Job, run_job
 
 
 class RayReporter:
@@ -77,7 +77,10 @@ def connect(cfg: DistUnlearnConfig) -> bool:
 
 
 def run_job_on_ray(cfg: DistUnlearnConfig, job: Job) -> None:
-    """One ``TorchTrainer.fit`` for one job (a method, or the contrastive run); resumes if a run of the same name exists in storage."""
+    """One ``TorchTrainer.fit`` for one job (a method, or the contrastive run).
+
+    Resumes when a run of the same name exists in storage.
+    """
     use_gpu = _wants_gpu(cfg)
     trainer = TorchTrainer(
         _train_fn,
