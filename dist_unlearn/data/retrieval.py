@@ -70,6 +70,11 @@ class RetrievalEvalSet:
 
 
 def retrieval_eval_set(facts: FactsBenchmark, split: str) -> RetrievalEvalSet:
-    """Every question of ``split`` against the passages of all its items."""
-    items = facts.split(split)
-    return RetrievalEvalSet([i.question for i in items], [_passage(i) for i in items], list(range(len(items))))
+    """Every question of ``split`` against the passages of *all* items of the benchmark (the other
+    people's passages act as distractors, as in a real corpus)."""
+    items = list(facts.items)
+    position = {id(item): i for i, item in enumerate(items)}
+    queries = facts.split(split)
+    return RetrievalEvalSet(
+        [q.question for q in queries], [_passage(i) for i in items], [position[id(q)] for q in queries]
+    )
