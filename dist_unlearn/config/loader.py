@@ -222,12 +222,30 @@ def _convert_section(cls: type, raw: Mapping[str, Any], prefix: str, problems: l
         if fld.name not in raw:
             continue
         dotted = f"{prefix}.{fld.name}"
-        value = _convert_field(raw[fld.name], fld, hints[fld.name], dotted, problems)
+        if dataclasses.is_dataclass(hints[fld.name]):
+            value = _convert_subsection(hints[fld.name], raw[fld.name], dotted, problems, bad)
+        else:
+            value = _convert_field(raw[fld.name], fld, hints[fld.name], dotted, problems)
         if value is _INVALID:
             bad.add(dotted)
         else:
             kwargs[fld.name] = value
     return cls(**kwargs)
+
+
+def _convert_subsection(cls: type, raw: Any, dotted: str, problems: list[str], bad: set[str]) -> Any:
+    """A nested section such as ``model.lora``: a mapping converted like a top-level section."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        first = dataclasses.fields(cls)[0]
+        problems.append(
+            f"{dotted}: expected a mapping of settings, got {_describe(raw)}. Fix: set them one by one, "
+            f"e.g. {dotted}.{first.name}={_format(_example(first))}"
+        )
+        bad.add(dotted)
+        return _INVALID
+    return _convert_section(cls, raw, dotted, problems, bad)
 
 
 def _report_unknown(raw: Mapping[str, Any], cls: type, prefix: str, problems: list[str]) -> None:
@@ -428,6 +446,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _check_cross_fields(cfg: RunConfig, problems: list[str], bad: set[str]) -> None:
     """Checks that involve more than one field."""
+    _check_quantization(cfg, problems, bad)
     data = cfg.data
     if not bad & {"data", "data.forget_fraction", "data.holdout_fraction"}:
         total = data.forget_fraction + data.holdout_fraction
@@ -461,6 +480,24 @@ def _check_cross_fields(cfg: RunConfig, problems: list[str], bad: set[str]) -> N
             f"train.{name} ({batch}) must be divisible by ray.num_workers ({workers}): it is the global "
             f"batch, split evenly across workers. Fix: set train.{name} to {' or '.join(sizes)}, "
             f"or set ray.num_workers to {' or '.join(str(w) for w in worker_options)}"
+        )
+
+
+def _check_quantization(cfg: RunConfig, problems: list[str], bad: set[str]) -> None:
+    """Quantized base weights are frozen (LoRA needed); 8-bit weights are refused under ZeRO-3."""
+    if bad & {"model", "model.quantization"} or cfg.model.quantization == "none":
+        return
+    quant = cfg.model.quantization
+    if quant == "int8" and not bad & {"deepspeed", "deepspeed.zero_stage"} and cfg.deepspeed.zero_stage == 3:
+        problems.append(
+            "model.quantization=int8 with deepspeed.zero_stage=3: 8-bit base weights with ZeRO-3 are reported "
+            "to train badly (ZeRO-3 cannot partition the int8 weights and their scales). "
+            "Fix: use model.quantization=nf4 or deepspeed.zero_stage=2"
+        )
+    if not bad & {"model.lora", "model.lora.r"} and cfg.model.lora.r == 0:
+        problems.append(
+            f"model.quantization={quant} needs LoRA adapters: quantized base weights are frozen: set "
+            f"model.lora.r, e.g. model.lora.r=8 (or use model.quantization=none)"
         )
 
 

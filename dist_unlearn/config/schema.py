@@ -31,6 +31,23 @@ def _opt(default: Any, **meta: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the (possibly quantized, then frozen) base weights; ``r = 0`` = no LoRA."""
+
+    r: int = _opt(0, ge=0, example=8)
+    """Adapter rank; 0 = train the full model (no adapters)."""
+    alpha: int = _opt(16, gt=0)
+    """Scale numerator: the adapter output is multiplied by ``alpha / r``."""
+    dropout: float = _opt(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = field(default_factory=list, metadata={"example": "q_proj,v_proj"})
+    """Module names to adapt; empty = the attention projections of the architecture (Llama
+    ``q_proj,k_proj,v_proj,o_proj``; BERT ``query,key,value``)."""
+
+
 @dataclass
 class ModelConfig:
     """Which model to unlearn from and how to load it."""
@@ -39,6 +56,9 @@ class ModelConfig:
     """``embedded`` = the tiny Llama built by ``dist-unlearn prepare``; else a local dir or hub name."""
     dtype: str = _opt("fp32", choices=DTYPES)
     attn_implementation: str = _opt("auto", choices=ATTN_IMPLEMENTATIONS)
+    quantization: str = _opt("none", choices=QUANTIZATIONS, example="nf4")
+    """bitsandbytes quantization of the frozen base weights (needs ``lora.r > 0``)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass

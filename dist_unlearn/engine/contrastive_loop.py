@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
 from dist_unlearn.config import ContrastiveConfig, config_from_dict
 from dist_unlearn.contrastive import GradCache, InfoNCELoss, SigmoidLoss, TiledInfoNCELoss
@@ -33,6 +33,7 @@ from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
 from dist_unlearn.engine.prepare import load_benchmark
 from dist_unlearn.eval.retrieval import evaluate_retrieval
 from dist_unlearn.models.encoders import encode_batch, tokenize
+from dist_unlearn.models.loading import model_for_config
 
 TRAIN_SPLITS = ("retain", "forget")
 EVAL_SPLIT = "holdout"
@@ -74,7 +75,7 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
     seed_everything(derive_seed(cfg.train.seed, "model"))
 
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
-    model = AutoModel.from_pretrained(job.model_dir, dtype=torch.float32)
+    model = model_for_config(job.model_dir, cfg.model, kind="encoder")
     facts = load_benchmark(cfg.data)
     examples = mine_hard_negatives(
         [item for split in TRAIN_SPLITS for item in facts.split(split)], c.hard_negatives, seed=cfg.train.seed

@@ -36,7 +36,7 @@ from dist_unlearn.engine.job import Job, LocalReporter, Reporter
 from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
 from dist_unlearn.engine.prepare import load_benchmark
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset
-from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
+from dist_unlearn.models.loading import load_tokenizer, model_for_config
 from dist_unlearn.unlearning import objective_from_config
 
 
@@ -84,7 +84,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     seed_everything(derive_seed(cfg.train.seed, "model"))
 
     tokenizer = load_tokenizer(job.model_dir)
-    model = load_causal_lm(job.model_dir, torch.float32, cfg.model.attn_implementation)
+    model = model_for_config(job.model_dir, cfg.model, kind="causal_lm")
     facts = load_benchmark(cfg.data)
     forget_set = QADataset(facts.split("forget"), tokenizer, cfg.data.max_length)
     retain_set = QADataset(facts.split("retain"), tokenizer, cfg.data.max_length)

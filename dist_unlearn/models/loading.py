@@ -1,5 +1,8 @@
-"""Load a causal LM and its tokenizer from a local directory or a hub name, with dtype and attention
-implementation chosen by the caller."""
+"""Load a causal LM or encoder and its tokenizer from a local directory or a hub name, with dtype,
+attention implementation, bitsandbytes quantization and LoRA adapters chosen by the caller.
+
+:func:`load_model_for_training` is the one loading path of both jobs (unlearning and contrastive);
+:func:`model_for_config` applies a run's ``model`` section to it."""
 
 from __future__ import annotations
 
@@ -8,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from dist_unlearn.config.schema import LoraSettings, ModelConfig
+from dist_unlearn.models.lora import KINDS, add_lora
+from dist_unlearn.models.quantization import bnb_config, prepare_quantized
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def choose_attn_implementation(requested: str = "auto") -> str:
@@ -30,6 +39,60 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, attn_im
     """``AutoModelForCausalLM.from_pretrained`` with the chosen dtype and attention implementation."""
     return AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=choose_attn_implementation(attn_implementation)
+    )
+
+
+def load_model_for_training(
+    path: str | Path,
+    kind: str = "causal_lm",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "auto",
+    quantization: str = "none",
+    lora: LoraSettings | None = None,
+) -> torch.nn.Module:
+    """Load a model ready to hand to ``deepspeed.initialize``.
+
+    Args:
+        path: local directory or hub name.
+        kind: ``causal_lm`` (``AutoModelForCausalLM``) or ``encoder`` (``AutoModel``, e.g. BERT/MiniLM).
+        dtype: dtype of the weights as loaded (for a quantized model also the 4-bit storage and compute
+            dtype, and the dtype of the frozen non-quantized weights after kbit preparation is fp32).
+        attn_implementation: see :func:`choose_attn_implementation`.
+        quantization: ``none``, ``nf4``, ``fp4`` or ``int8`` (bitsandbytes; base weights frozen).
+        lora: LoRA settings; ``None`` or ``r == 0`` = no adapters (all weights train, unless quantized).
+    Returns:
+        The module: a ``peft.PeftModel`` whose only trainable parameters are the LoRA weights when
+        LoRA is on, else the plain ``transformers`` model. Pass ``[p for p in model.parameters() if
+        p.requires_grad]`` as ``model_parameters``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    use_lora = lora is not None and lora.r > 0
+    if quantization != "none" and not use_lora:
+        raise ValueError("quantized base weights are frozen: set model.lora.r, e.g. model.lora.r=8")
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": choose_attn_implementation(attn_implementation)}
+    quant = bnb_config(quantization, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    model = auto.from_pretrained(str(path), **kwargs)
+    if quant is not None:
+        model = prepare_quantized(model)
+    if use_lora:
+        model = add_lora(model, kind, lora.r, lora.alpha, lora.dropout, lora.targets)
+    return model
+
+
+def model_for_config(path: str | Path, model_cfg: ModelConfig, kind: str = "causal_lm") -> torch.nn.Module:
+    """:func:`load_model_for_training` with a run's ``model`` section.
+
+    Unquantized weights load in fp32 (DeepSpeed keeps fp32 master weights and casts for bf16/fp16
+    itself); quantized models load in ``model.dtype`` so that the 4-bit storage dtype is the dtype
+    DeepSpeed runs the module in (a later cast would corrupt the packed weights).
+    """
+    dtype = torch.float32 if model_cfg.quantization == "none" else _DTYPES[model_cfg.dtype]
+    return load_model_for_training(
+        path, kind, dtype, model_cfg.attn_implementation, model_cfg.quantization, model_cfg.lora
     )
 
 

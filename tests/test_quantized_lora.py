@@ -1,0 +1,167 @@
+"""Quantized (bitsandbytes, CPU) base weights with LoRA adapters under DeepSpeed: config checks, exact
+GradCache gradients of an nf4 MiniLM on 2 ZeRO-2 ranks, and QLoRA unlearning of the embedded tiny Llama
+on 2 ZeRO-3 ranks through the CLI (export merged into a plain model)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import run_cli, small_run_config, write_config
+from multiproc import run_on_ranks
+
+from dist_unlearn.config import ConfigError, config_from_dict
+from dist_unlearn.config.schema import LoraSettings
+
+GLOBAL_BATCH, WORLD, CHUNK = 8, 2, 2
+LORA = LoraSettings(r=4, alpha=8)
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def _problems(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    return info.value.problems
+
+
+def test_int8_with_zero3_is_refused_before_any_work() -> None:
+    problems = _problems({"model": {"quantization": "int8", "lora": {"r": 8}}, "deepspeed": {"zero_stage": 3}})
+    assert len(problems) == 1
+    assert "8-bit base weights with ZeRO-3 are reported to train badly" in problems[0]
+    assert "Fix: use model.quantization=nf4 or deepspeed.zero_stage=2" in problems[0]
+    cfg = config_from_dict({"model": {"quantization": "int8", "lora": {"r": 8}}, "deepspeed": {"zero_stage": 2}})
+    assert cfg.model.quantization == "int8" and cfg.model.lora.r == 8
+
+
+def test_quantization_needs_lora_and_nested_keys_are_checked() -> None:
+    (problem,) = _problems({"model": {"quantization": "nf4"}})
+    assert "quantized base weights are frozen: set model.lora.r, e.g. model.lora.r=8" in problem
+    (problem,) = _problems({"model": {"quantization": "nf4", "lora": {"r": 8, "rr": 8}}})
+    assert problem.startswith("unknown key 'model.lora.rr'; did you mean 'model.lora.r'?")
+    cfg = config_from_dict({"model": {"lora": {"r": 8, "targets": "q_proj, v_proj"}}})
+    assert cfg.model.lora == LoraSettings(r=8, targets=["q_proj", "v_proj"])
+
+
+# --- GradCache on an nf4 encoder with LoRA: 2 ZeRO-2 ranks == one process ----------------------------
+
+
+def _nf4_minilm() -> torch.nn.Module:
+    """The bundled MiniLM, nf4 base + LoRA, dropout off, adapters set to seeded non-zero values (so
+    that every adapter weight gets a non-zero gradient)."""
+    from dist_unlearn.models.encoders import encoder_path
+    from dist_unlearn.models.loading import load_model_for_training
+
+    model = load_model_for_training(encoder_path("embedded"), "encoder", torch.float32, "eager", "nf4", LORA)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def _batches() -> tuple[dict, dict]:
+    from transformers import AutoTokenizer
+
+    from dist_unlearn.models.encoders import encoder_path, tokenize
+
+    tok = AutoTokenizer.from_pretrained(encoder_path("embedded"))
+    people = ["Ada", "Bram", "Cleo", "Dara", "Eli", "Fenna", "Gus", "Hale"][:GLOBAL_BATCH]
+    queries = tokenize(tok, [f"Where was {p} born?" for p in people], 24)
+    docs = tokenize(tok, [f"{p} was born in the town number {i}." for i, p in enumerate(people)], 24)
+    return queries, docs
+
+
+def _encode(module, chunk):
+    from dist_unlearn.models.encoders import encode_batch
+
+    return encode_batch(module, chunk, "mean")
+
+
+def _grad_cache_rank(rank: int, world: int, queries: dict, docs: dict) -> dict[str, torch.Tensor]:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from dist_unlearn.contrastive import GradCache, InfoNCELoss
+    from dist_unlearn.engine.ds_config import build_deepspeed_config
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    model = _nf4_minilm()
+    per_rank = GLOBAL_BATCH // world
+    config = build_deepspeed_config(zero_stage=2, micro_batch_size=per_rank, world_size=world, lr=1e-3)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=config,
+        dist_init_required=False,
+    )
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    mine = [{k: v[rows] for k, v in batch.items()} for batch in (queries, docs)]
+    GradCache(engine, CHUNK, InfoNCELoss(temperature=0.05, cross_rank=True), encode=_encode).step(*mine)
+    return {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_nf4_lora_grad_cache_two_zero2_ranks_equal_one_process() -> None:
+    from dist_unlearn.contrastive import InfoNCELoss
+
+    queries, docs = _batches()
+    model = _nf4_minilm()
+    loss = InfoNCELoss(temperature=0.05, cross_rank=False)(_encode(model, queries), _encode(model, docs))
+    loss.backward()
+    reference = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert reference and all("lora_" in n for n in reference)
+    assert {type(m).__name__ for m in model.modules()} >= {"Linear4bit"}
+
+    ranks = run_on_ranks(_grad_cache_rank, WORLD, queries, docs, timeout=300)
+    for grads in ranks:
+        assert grads.keys() == reference.keys()
+        for name, ref in reference.items():
+            assert float(ref.norm()) > 0, name
+            rel = float((grads[name] - ref).norm() / ref.norm())
+            assert rel < 1e-4, (name, rel)
+
+
+# --- QLoRA unlearning end to end: nf4 tiny Llama, ZeRO-3, 2 torchrun ranks ---------------------------
+
+
+@pytest.mark.slow
+def test_nf4_lora_unlearning_zero3_two_ranks_through_the_cli(tmp_path, small_target) -> None:
+    cfg = small_run_config(
+        tmp_path,
+        small_target,
+        ray={"enabled": False},
+        train={"steps": 4, "lr": 1.0e-2},
+        checkpoint={"every_steps": 0},
+    )
+    path = write_config(tmp_path / "run.yaml", cfg)
+    run_cli(["run", str(path), "model.quantization=nf4", "model.lora.r=8", "model.lora.alpha=16"], nproc=2)
+
+    run_dir = tmp_path / "grad_diff"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["zero_stage"] == 3
+    before, after = metrics["before"]["forget"], metrics["after"]["forget"]
+    assert after["nll"] > before["nll"] and after["prob"] < before["prob"], (before, after)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = run_dir / "model"
+    config = json.loads((export / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (export / "adapter" / "adapter_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export)
+    assert model(**tok("Question: hi", return_tensors="pt")).logits.shape[-1] == len(tok)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    # the adapters were merged into the attention projections; everything else is the base
+    exported = load_file(str(export / "model.safetensors"))
+    base = AutoModelForCausalLM.from_pretrained(small_target).state_dict()
+    changed = {k for k in exported if not torch.equal(exported[k], base[k].to(exported[k].dtype))}
+    assert changed and all(k.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj"} for k in changed), changed
