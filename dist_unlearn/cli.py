@@ -65,6 +65,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dist_unlearn.bench import contrastive
+
+    try:
+        args = contrastive.resolve(args)
+    except ValueError as exc:
+        print(f"dist-unlearn bench: {exc}", file=sys.stderr)
+        return 2
+    contrastive.run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-unlearn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("overrides", nargs="*")
     prep.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
     prep.set_defaults(func=cmd_prepare)
+    bench = sub.add_parser("bench", help="measure speed and memory (writes JSON, prints a table)")
+    bench_sub = bench.add_subparsers(dest="suite", required=True)
+    from dist_unlearn.bench.contrastive import add_arguments as add_bench_arguments
+
+    contrastive = bench_sub.add_parser(
+        "contrastive", help="GradCache overhead/memory, vs sentence-transformers, tiled loss"
+    )
+    add_bench_arguments(contrastive)
+    contrastive.set_defaults(func=cmd_bench)
     return parser
 
 
