@@ -10,7 +10,6 @@ import json
 import pytest
 
 from dist_unlearn.bench import contrastive
-from dist_unlearn.bench.memory import PeakProbe
 from dist_unlearn.cli import main
 
 
@@ -57,11 +56,23 @@ def test_resolve_fills_mode_defaults():
         contrastive.resolve(parser.parse_args(["--loss-sizes", "1k"]))
 
 
+_PROBE_SCRIPT = """
+import json
+from dist_unlearn.bench.memory import PeakProbe
+probe = PeakProbe("cpu")
+probe.start()
+block = bytearray(64 * 1024 * 1024)
+block[::4096] = b"x" * len(block[::4096])  # touch every page
+print(json.dumps(probe.report()))
+"""
+
+
 def test_peak_probe_sees_an_allocation():
-    probe = PeakProbe("cpu")
-    probe.start()
-    block = bytearray(64 * 1024 * 1024)
-    block[::4096] = b"x" * len(block[::4096])  # touch every page
-    report = probe.report()
-    del block
+    """In a fresh process: where the kernel refuses to reset VmHWM (seen in CI's sandbox) the probe falls
+    back to the high-water mark so far, which in a long-lived test process may already exceed 64 MiB."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT], capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["peak_increase_mib"] > 32
