@@ -7,7 +7,6 @@ DeepSpeed start; a bad config prints one message naming the field and the fix an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ def _launched_by_torchrun() -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
     from dist_unlearn.engine.prepare import resolve_model_assets
+    from dist_unlearn.engine.worker import write_json_atomic
     from dist_unlearn.eval.tables import before_after_table, retrieval_table
 
     if cfg.ray.enabled and not _launched_by_torchrun():
@@ -43,9 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         summaries = run_without_ray(cfg, restart=args.restart)
     if os.environ.get("RANK", "0") == "0":  # the driver, or rank 0 of a torchrun launch
         out = Path(cfg.output.dir)
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summaries, indent=2))
-        tmp.replace(out / "summary.json")
+        write_json_atomic(out / "summary.json", summaries)
         if cfg.job.kind == "contrastive":
             print("\nheld-out retrieval (questions about people never trained on):")
             print(retrieval_table(summaries["contrastive"]))

@@ -9,10 +9,7 @@ and after.
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +20,13 @@ from dist_unlearn.config import ContrastiveConfig, config_from_dict
 from dist_unlearn.contrastive import GradCache, InfoNCELoss, SigmoidLoss, TiledInfoNCELoss
 from dist_unlearn.data.retrieval import mine_hard_negatives, retrieval_eval_set
 from dist_unlearn.data.sampling import StepSampler
-from dist_unlearn.distributed.env import get_rank, get_world_size, init_distributed, is_main_process
-from dist_unlearn.distributed.seeding import derive_seed, seed_everything
-from dist_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
-from dist_unlearn.engine.ds_config import build_deepspeed_config, torch_dtype
+from dist_unlearn.distributed.env import is_main_process
+from dist_unlearn.engine.ds_config import torch_dtype
 from dist_unlearn.engine.export import export_hf_model
 from dist_unlearn.engine.job import Job, LocalReporter, Reporter
 from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
 from dist_unlearn.engine.prepare import load_benchmark
+from dist_unlearn.engine.worker import Checkpointer, initialize_engine, progress_bar, resume, start_worker
 from dist_unlearn.eval.retrieval import evaluate_retrieval
 from dist_unlearn.models.encoders import encode_batch, tokenize
 from dist_unlearn.models.loading import model_for_config
@@ -48,31 +44,18 @@ def build_contrastive_loss(cfg: ContrastiveConfig) -> torch.nn.Module:
     return SigmoidLoss(cross_rank=True, learnable=False)
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
     """Train the encoder of ``job`` contrastively; returns the summary (collective over all ranks).
 
     Writes, from rank 0, ``metrics.jsonl``, TensorBoard events, checkpoints, the trained encoder under
     ``model/`` and ``metrics.json`` (retrieval metrics before/after on the held-out people).
     """
-    import deepspeed
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     cfg = config_from_dict(job.config)
     c = cfg.contrastive
     run_dir = Path(job.run_dir)
     reporter = reporter or LocalReporter(run_dir)
-    init_distributed()
-    rank, world = get_rank(), get_world_size()
-    device = _device()
-    if cfg.ray.cpus_per_worker > 0 and not torch.cuda.is_available():
-        torch.set_num_threads(cfg.ray.cpus_per_worker)
-    seed_everything(derive_seed(cfg.train.seed, "model"))
+    ctx = start_worker(cfg)
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
 
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     model = model_for_config(job.model_dir, cfg.model, kind="encoder")
@@ -81,24 +64,7 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
         [item for split in TRAIN_SPLITS for item in facts.split(split)], c.hard_negatives, seed=cfg.train.seed
     )
     eval_set = retrieval_eval_set(facts, EVAL_SPLIT)
-    ds_config = build_deepspeed_config(
-        zero_stage=cfg.deepspeed.zero_stage,
-        micro_batch_size=max(1, c.global_batch_size // world),
-        world_size=world,
-        lr=c.lr,
-        weight_decay=cfg.train.weight_decay,
-        warmup_steps=cfg.train.warmup_steps,
-        grad_clip=cfg.train.grad_clip,
-        dtype=cfg.model.dtype,
-        user_config=cfg.deepspeed.config,
-        offload_optimizer=cfg.deepspeed.offload_optimizer,
-    )
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        dist_init_required=False,
-    )
+    engine = initialize_engine(cfg, model, max(1, c.global_batch_size // world), c.lr)
     loss_fn = build_contrastive_loss(c)
 
     def encode(module: Any, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -106,11 +72,7 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
 
     cache = GradCache(engine, c.chunk_size, loss_fn, encode=encode) if c.chunk_size > 0 else None
 
-    start_step, before = 0, None
-    resume_dir = reporter.latest_checkpoint()
-    if resume_dir is not None:
-        state = load_checkpoint(engine, resume_dir)
-        start_step, before = int(state["step"]), state.get("eval_before")
+    start_step, before = resume(engine, reporter, "contrastive")
     if before is None:
         before = evaluate_retrieval(engine, tokenizer, eval_set, c.max_length, c.pooling, device)
     if is_main_process():
@@ -118,13 +80,9 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
 
     sampler = StepSampler(len(examples), c.global_batch_size, rank, world, cfg.train.seed, "contrastive")
     log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard, resume_from_step=start_step)
-    progress = None
-    if is_main_process():
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=c.steps, initial=start_step, desc="contrastive", mininterval=5.0)
+    checkpointer = Checkpointer(engine, reporter, run_dir, cfg, c.steps, before)
+    progress = progress_bar(c.steps, start_step, "contrastive")
     engine.train()
-    final_checkpoint = None
     for step in range(start_step, c.steps):
         started = time.perf_counter()
         batch = [examples[i] for i in sampler.indices(step)]
@@ -139,22 +97,10 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
         values["step_seconds"] = time.perf_counter() - started
         values["examples_per_second"] = c.global_batch_size / values["step_seconds"]
         log.log(step + 1, values)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-        every, is_last = cfg.checkpoint.every_steps, step + 1 == c.steps
-        if (every and (step + 1) % every == 0) or is_last:
-            final_checkpoint = save_checkpoint(
-                engine,
-                run_dir / "checkpoints",
-                step + 1,
-                {"step": step + 1, "eval_before": before},
-                keep=cfg.checkpoint.keep,
-            )
-            if not is_last:
-                reporter.report({"step": step + 1, **values}, final_checkpoint if is_main_process() else None)
-    if progress is not None:
-        progress.close()
+        progress.update(1)
+        progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+        checkpointer.after_step(step + 1, values)
+    progress.close()
     log.close()
 
     after = evaluate_retrieval(engine, tokenizer, eval_set, c.max_length, c.pooling, device)
@@ -172,10 +118,5 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
         "before": before,
         "after": after,
     }
-    if is_main_process():
-        tmp = run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(run_dir / "metrics.json")
-    if final_checkpoint is not None:
-        reporter.report({"step": c.steps, "done": 1}, final_checkpoint if is_main_process() else None)
+    checkpointer.finish(run_dir, summary)
     return summary

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from dist_unlearn.distributed.env import (
 )
 from dist_unlearn.engine.job import Job, run_job
 from dist_unlearn.engine.prepare import ModelAssets, resolve_model_assets
+from dist_unlearn.engine.worker import write_json_atomic
 
 
 def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[Job]:
@@ -96,9 +96,7 @@ def prepare_run_dirs(jobs: list[Job], world_size: int, restart: bool = False) ->
     check_resumable(jobs, world_size)
     for job in jobs:
         Path(job.run_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(job.run_dir) / (RUN_SETTINGS_FILE + ".tmp")
-        tmp.write_text(json.dumps(run_settings(job, world_size), indent=2))
-        os.replace(tmp, Path(job.run_dir) / RUN_SETTINGS_FILE)
+        write_json_atomic(Path(job.run_dir) / RUN_SETTINGS_FILE, run_settings(job, world_size))
 
 
 def read_summaries(jobs: list[Job]) -> dict[str, dict[str, Any]]:

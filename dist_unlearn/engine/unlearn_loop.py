@@ -10,31 +10,19 @@ the one of a single process on the whole global batch.
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from dist_unlearn.config import RunConfig, config_from_dict
 from dist_unlearn.data.qa import QADataset, collate_qa
 from dist_unlearn.data.sampling import StepSampler
-from dist_unlearn.distributed.env import (
-    get_rank,
-    get_world_size,
-    init_distributed,
-    is_main_process,
-)
-from dist_unlearn.distributed.seeding import derive_seed, seed_everything
-from dist_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
-from dist_unlearn.engine.ds_config import build_deepspeed_config, torch_dtype
+from dist_unlearn.engine.ds_config import torch_dtype
 from dist_unlearn.engine.export import export_hf_model
 from dist_unlearn.engine.job import Job, LocalReporter, Reporter
 from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
 from dist_unlearn.engine.prepare import load_benchmark
+from dist_unlearn.engine.worker import Checkpointer, initialize_engine, progress_bar, resume, start_worker
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset
 from dist_unlearn.models.loading import load_tokenizer, model_for_config
 from dist_unlearn.unlearning import objective_from_config
@@ -48,12 +36,6 @@ def resolve_reference_mode(cfg: RunConfig, needs_reference: bool) -> str:
     if mode == "none" and needs_reference:
         raise ValueError("method.reference=none, but this method needs a reference model: use method.reference=cached")
     return mode
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
@@ -70,18 +52,11 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     TensorBoard events, checkpoints under ``checkpoints/``, the final model under ``model/`` (HF
     format, ``output.save_dtype``) and ``metrics.json``.
     """
-    import deepspeed  # heavy; imported where it is needed
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     cfg = config_from_dict(job.config)
     run_dir = Path(job.run_dir)
     reporter = reporter or LocalReporter(run_dir)
-    init_distributed()
-    rank, world = get_rank(), get_world_size()
-    device = _device()
-    if cfg.ray.cpus_per_worker > 0 and not torch.cuda.is_available():
-        torch.set_num_threads(cfg.ray.cpus_per_worker)
-    seed_everything(derive_seed(cfg.train.seed, "model"))
+    ctx = start_worker(cfg)
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
 
     tokenizer = load_tokenizer(job.model_dir)
     model = model_for_config(job.model_dir, cfg.model, kind="causal_lm")
@@ -90,24 +65,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     retain_set = QADataset(facts.split("retain"), tokenizer, cfg.data.max_length)
     objective = objective_from_config(cfg, job.name)
     reference_mode = resolve_reference_mode(cfg, objective.needs_reference)
-    ds_config = build_deepspeed_config(
-        zero_stage=cfg.deepspeed.zero_stage,
-        micro_batch_size=cfg.train.forget_batch_size // world,
-        world_size=world,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        warmup_steps=cfg.train.warmup_steps,
-        grad_clip=cfg.train.grad_clip,
-        dtype=cfg.model.dtype,
-        user_config=cfg.deepspeed.config,
-        offload_optimizer=cfg.deepspeed.offload_optimizer,
-    )
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        dist_init_required=False,
-    )
+    engine = initialize_engine(cfg, model, cfg.train.forget_batch_size // world, cfg.train.lr)
     pad_id = tokenizer.pad_token_id
     eval_sets = _eval_datasets(facts, tokenizer, cfg)
 
@@ -116,13 +74,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     if reference_mode == "cached":
         reference_logprob = score_dataset(engine, forget_set, pad_id, device=device)[:, 0]
 
-    start_step, before = 0, None
-    resume_dir = reporter.latest_checkpoint()
-    if resume_dir is not None:
-        state = load_checkpoint(engine, resume_dir)
-        start_step, before = int(state["step"]), state.get("eval_before")
-        if is_main_process():
-            print(f"[{job.name}] resumed from {resume_dir} at step {start_step}", flush=True)
+    start_step, before = resume(engine, reporter, job.name)
     if before is None:
         before = evaluate_splits(engine, eval_sets, pad_id, device=device)
 
@@ -134,13 +86,8 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         )
 
     log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard, resume_from_step=start_step)
-    checkpoint_root = run_dir / "checkpoints"
-    every = cfg.checkpoint.every_steps
-    progress = None
-    if is_main_process():
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=cfg.train.steps, initial=start_step, desc=f"unlearn {job.name}", mininterval=5.0)
+    checkpointer = Checkpointer(engine, reporter, run_dir, cfg, cfg.train.steps, before)
+    progress = progress_bar(cfg.train.steps, start_step, f"unlearn {job.name}")
     engine.train()
     for step in range(start_step, cfg.train.steps):
         started = time.perf_counter()
@@ -159,19 +106,10 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         values["step_seconds"] = time.perf_counter() - started
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             log.log(step + 1, values)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-        is_last = step + 1 == cfg.train.steps
-        if (every and (step + 1) % every == 0) or is_last:
-            path = save_checkpoint(
-                engine, checkpoint_root, step + 1, {"step": step + 1, "eval_before": before}, keep=cfg.checkpoint.keep
-            )
-            if not is_last:
-                reporter.report({"step": step + 1, **values}, path if is_main_process() else None)
-            final_checkpoint = path
-    if progress is not None:
-        progress.close()
+        progress.update(1)
+        progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+        checkpointer.after_step(step + 1, values)
+    progress.close()
     log.close()
 
     after = evaluate_splits(engine, eval_sets, pad_id, device=device)
@@ -185,10 +123,5 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         "before": before,
         "after": after,
     }
-    if is_main_process():
-        tmp = run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(run_dir / "metrics.json")
-    if start_step < cfg.train.steps:
-        reporter.report({"step": cfg.train.steps, "done": 1}, final_checkpoint if is_main_process() else None)
+    checkpointer.finish(run_dir, summary)
     return summary

@@ -14,6 +14,7 @@ import torch
 
 from dist_unlearn.data.qa import QADataset, collate_qa
 from dist_unlearn.distributed.sharded import sharded_map
+from dist_unlearn.eval.modes import eval_mode
 from dist_unlearn.models.logprobs import forward_sequence_stats
 
 SCORE_COLUMNS = ("logprob", "num_tokens", "num_correct")
@@ -38,12 +39,8 @@ def score_dataset(
         stats = forward_sequence_stats(model, batch)
         return torch.stack([stats.logprob, stats.num_tokens, stats.num_correct], dim=1)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return sharded_map(len(dataset), batch_size, score, device=device)
-    finally:
-        model.train(was_training)
 
 
 def summarize_scores(scores: torch.Tensor) -> dict[str, float]:

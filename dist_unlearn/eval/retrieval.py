@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dist_unlearn.data.retrieval import RetrievalEvalSet
 from dist_unlearn.distributed.sharded import sharded_map
+from dist_unlearn.eval.modes import eval_mode
 from dist_unlearn.models.encoders import encode_batch, tokenize
 
 
@@ -34,12 +35,8 @@ def embed_texts(
         batch = tokenize(tokenizer, [texts[i] for i in indices], max_length, device)
         return F.normalize(encode_batch(model, batch, pooling).float(), dim=-1)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return sharded_map(len(texts), batch_size, score, device=device)
-    finally:
-        model.train(was_training)
 
 
 def retrieval_metrics(
