@@ -22,20 +22,11 @@ from dist_unlearn.engine.export import export_hf_model
 from dist_unlearn.engine.job import Job, LocalReporter, Reporter
 from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
 from dist_unlearn.engine.prepare import load_benchmark
+from dist_unlearn.engine.validate import resolve_reference_mode
 from dist_unlearn.engine.worker import Checkpointer, initialize_engine, progress_bar, resume, start_worker
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset
 from dist_unlearn.models.loading import load_tokenizer, model_for_config
 from dist_unlearn.unlearning import objective_from_config
-
-
-def resolve_reference_mode(cfg: RunConfig, needs_reference: bool) -> str:
-    """``auto`` -> ``cached`` when the method needs π_ref, else ``none``; ``none`` for such a method is an error."""
-    mode = cfg.method.reference
-    if mode == "auto":
-        return "cached" if needs_reference else "none"
-    if mode == "none" and needs_reference:
-        raise ValueError("method.reference=none, but this method needs a reference model: use method.reference=cached")
-    return mode
 
 
 def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
@@ -64,7 +55,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     forget_set = QADataset(facts.split("forget"), tokenizer, cfg.data.max_length)
     retain_set = QADataset(facts.split("retain"), tokenizer, cfg.data.max_length)
     objective = objective_from_config(cfg, job.name)
-    reference_mode = resolve_reference_mode(cfg, objective.needs_reference)
+    reference_mode = resolve_reference_mode(cfg, job.name, objective.needs_reference)
     engine = initialize_engine(cfg, model, cfg.train.forget_batch_size // world, cfg.train.lr)
     pad_id = tokenizer.pad_token_id
     eval_sets = _eval_datasets(facts, tokenizer, cfg)

@@ -6,6 +6,23 @@ from dist_unlearn.config import ConfigError, RunConfig
 from dist_unlearn.unlearning import objective_from_config
 
 
+def resolve_reference_mode(cfg: RunConfig, name: str, needs_reference: bool) -> str:
+    """The reference strategy for method ``name``: ``auto`` -> ``cached`` when it needs π_ref, else ``none``.
+
+    Raises:
+        ValueError: ``method.reference=none`` for a method that needs a reference model.
+    """
+    mode = cfg.method.reference
+    if mode == "auto":
+        return "cached" if needs_reference else "none"
+    if mode == "none" and needs_reference:
+        raise ValueError(
+            f"method.reference: '{name}' needs a reference model but method.reference=none. "
+            "Fix: method.reference=cached (or auto)"
+        )
+    return mode
+
+
 def validate_run(cfg: RunConfig) -> None:
     """Build every objective once so bad method parameters fail before Ray or DeepSpeed start.
 
@@ -19,11 +36,10 @@ def validate_run(cfg: RunConfig) -> None:
         except (TypeError, ValueError) as exc:
             problems.append(f"method.params.{name}: {exc}")
             continue
-        if objective.needs_reference and cfg.method.reference == "none":
-            problems.append(
-                f"method.reference: '{name}' needs a reference model but method.reference=none. "
-                "Fix: method.reference=cached (or auto)"
-            )
+        try:
+            resolve_reference_mode(cfg, name, objective.needs_reference)
+        except ValueError as exc:
+            problems.append(str(exc))
         if objective.uses_retain and cfg.train.retain_batch_size == 0 and cfg.method.retain_weight > 0:
             problems.append(
                 f"train.retain_batch_size: '{name}' has a retain term but train.retain_batch_size=0. "
