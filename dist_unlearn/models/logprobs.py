@@ -13,6 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dist_unlearn.models.chunked_lm import (
+    forward_hidden,
+    output_head,
+    scatter_per_sequence,
+    scored_positions,
+    target_logprob_and_hit,
+    token_values,
+)
+
 IGNORE_INDEX = -100
 
 
@@ -66,10 +75,28 @@ def sequence_stats(logits: torch.Tensor, labels: torch.Tensor) -> SequenceStats:
     return SequenceStats(token_logp.sum(-1), mask.sum(-1), correct.sum(-1).detach())
 
 
-def forward_sequence_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceStats:
-    """Run ``model`` (a module or a DeepSpeed engine) on a QA batch and return :class:`SequenceStats`."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return sequence_stats(out.logits, batch["labels"])
+def forward_sequence_stats(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None
+) -> SequenceStats:
+    """Run ``model`` (a module, PEFT model or DeepSpeed engine) on a QA batch and return :class:`SequenceStats`.
+
+    Memory-lean and exact: the logits are computed only at scored positions, a chunk of tokens at a time,
+    and recomputed in the backward (:mod:`dist_unlearn.models.chunked_lm`); equal to
+    ``sequence_stats(model(...).logits, labels)`` in value and gradient.
+    """
+    return sequence_stats_from_hidden(model, forward_hidden(model, batch).final, batch["labels"], chunk_size)
+
+
+def sequence_stats_from_hidden(
+    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None
+) -> SequenceStats:
+    """:class:`SequenceStats` from final hidden states ``[b, T, H]`` through the model's output head, chunked."""
+    mask, targets = scored_positions(labels)
+    per_token = token_values(
+        target_logprob_and_hit, output_head(model), hidden[:, :-1][mask], targets, chunk_size=chunk_size
+    )
+    per_seq = scatter_per_sequence(per_token, mask).sum(1)  # [b, 2]
+    return SequenceStats(per_seq[:, 0], mask.sum(-1).to(per_seq.dtype), per_seq[:, 1].detach())
 
 
 def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
