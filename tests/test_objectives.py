@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from fixed_logits import FixedLogitsLM
 
 from dist_unlearn.models.logprobs import IGNORE_INDEX, sequence_stats
 from dist_unlearn.unlearning import OBJECTIVES, get_objective
@@ -38,32 +39,15 @@ def _loop_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[tor
     return sums, counts
 
 
-class _FixedLogits(torch.nn.Module):
-    """A 'model' returning given logits, so objectives can be checked on fixed tensors."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, input_ids, attention_mask):
-        return type("Out", (), {"logits": self.logits})()
-
-
 def _run(name: str, forget, retain=None, ref=None, **params):
     objective = get_objective(name, **params)
-    model = _FixedLogits(forget[0])
     fb = {"input_ids": forget[1], "attention_mask": torch.ones_like(forget[1]), "labels": forget[1]}
+    rb = None
+    pairs = [forget]
     if retain is not None:
-        # the fixed-logits model returns the same tensor for any batch: use a second model for retain
-        class Both(torch.nn.Module):
-            def forward(self, input_ids, attention_mask):
-                logits = forget[0] if input_ids is forget[1] else retain[0]
-                return type("Out", (), {"logits": logits})()
-
-        model = Both()
         rb = {"input_ids": retain[1], "attention_mask": torch.ones_like(retain[1]), "labels": retain[1]}
-    else:
-        rb = None
+        pairs.append(retain)
+    model = FixedLogitsLM(*pairs)
     return objective(model, fb, rb, ref)
 
 

@@ -149,10 +149,11 @@ def token_values(
     *aligned: torch.Tensor,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Apply ``fn(head(hidden[i:j]).float(), *(a[i:j] for a in aligned))`` chunk by chunk and concatenate.
+    """Apply ``fn(head(hidden[i:j]), *(a[i:j] for a in aligned))`` chunk by chunk and concatenate.
 
     Args:
-        fn: per-token function of fp32 logits ``[c, V]`` (and the aligned chunks) returning ``[c]`` or ``[c, k]``.
+        fn: per-token function of logits ``[c, V]`` (half precision upcast to fp32) and the aligned
+            chunks, returning ``[c]`` or ``[c, k]``.
         head: the output projection module.
         hidden: ``[n, H]`` hidden states of the scored positions.
         aligned: tensors whose first dimension is ``n`` (targets, reference hidden states, ...).
@@ -166,7 +167,8 @@ def token_values(
         chunk_size = chunk_size_for(int(getattr(head, "out_features", 0) or _vocab_of(head, hidden)))
 
     def one_chunk(h: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        return fn(head(h).float(), *rest)
+        logits = head(h)
+        return fn(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, *rest)
 
     needs_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     num_chunks = _agreed_chunk_count(n, chunk_size, head, hidden.device)
