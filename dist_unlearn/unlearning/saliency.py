@@ -1,0 +1,244 @@
+"""Weight-saliency mask: updates restricted to the weights the forget loss depends on most.
+
+SalUn (Fan et al. 2024, "SalUn: Empowering Machine Unlearning via Gradient-based Weight Saliency",
+ICLR) and WAGLE (Jia et al. 2024, "WAGLE: Strategic Weight Attribution for Effective and Modular
+Unlearning in Large Language Models") restrict unlearning to the salient weights. Here the saliency of
+weight ``j`` is the magnitude of the forget-loss gradient at the starting weights θ₀,
+
+    s_j = |∂ L_f(θ₀) / ∂θ_j|,   L_f(θ) = (1/N) Σ_{i ∈ D_f} NLL_θ(y_i|x_i) / |y_i|
+
+(the GA term's gradient up to sign), and the mask keeps the top fraction ``x`` of all trainable
+weights, with one global threshold τ over every parameter tensor:
+
+    m_j = [s_j ≥ τ],   τ = the ⌈x·P⌉-th largest s_j,   P = number of trainable weights.
+
+Every optimizer step then uses ``g ⊙ m`` in place of the gradient ``g`` (apply the mask between
+``engine.backward`` and ``engine.step``); with Adam(W) and no weight decay the weights outside the
+mask stay exactly at θ₀ (their moments stay zero, so their update is ``0/(0+ε) = 0``).
+
+Distributed: under ZeRO-3 every rank holds only a flat partition of each parameter and of its
+gradient (``ds_tensor``, ``⌈numel/world⌉`` elements, the last one padded). The mask lives on those
+partitions (``bool``, the size of the local gradient partition) and is applied through DeepSpeed's
+``safe_get_local_grad`` / ``safe_set_local_grad``. The threshold is exact and global without
+gathering the magnitudes: non-negative float32 values order like their int32 bit patterns, so a
+binary search over the 31-bit patterns finds τ with one ``all_reduce`` of a count per probe
+(:func:`global_kth_largest`). At ZeRO 0-2 every rank sees whole gradients
+(``safe_get_full_grad`` / ``safe_set_full_grad``), and the same code runs with no reduction. A plain
+``nn.Module`` (no DeepSpeed) takes the ZeRO 0 path, which gives the single-process mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dist_unlearn.models.logprobs import forward_sequence_stats
+
+Batch = dict[str, torch.Tensor]
+_BITS_OF_INF = 0x7F800000  # int32 pattern of +inf; finite non-negative floats lie below it
+
+
+def _is_engine(model: Any) -> bool:
+    return hasattr(model, "zero_optimization_stage") and hasattr(model, "module")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class _Slot:
+    """One trainable parameter as this rank sees its gradient.
+
+    partitioned: ZeRO-3 flat partition (``start``: first element of the flattened parameter held
+    here; ``valid``: how many of the partition's elements are real, the rest is padding); otherwise
+    the whole gradient (``start = 0``, ``valid = numel``).
+    """
+
+    name: str
+    param: torch.nn.Parameter
+    partitioned: bool
+    start: int
+    valid: int
+
+    def get(self) -> torch.Tensor:
+        """The gradient elements this rank owns, flat ``[valid]`` (fp32 copy)."""
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+        if self.partitioned:
+            return safe_get_local_grad(self.param).reshape(-1)[: self.valid].float().clone()
+        grad = safe_get_full_grad(self.param)
+        if grad is None:
+            raise RuntimeError(f"saliency: parameter {self.name} has no gradient (call it after backward)")
+        return grad.reshape(-1).float().clone()
+
+    def set(self, value: torch.Tensor) -> None:
+        """Write ``value`` (``[valid]``) back as this rank's gradient of the parameter."""
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
+
+        if self.partitioned:
+            local = safe_get_local_grad(self.param)
+            full = local.reshape(-1).clone()
+            full[: self.valid] = value.to(full.dtype)
+            safe_set_local_grad(self.param, full.view_as(local))
+        else:
+            grad = safe_get_full_grad(self.param)
+            safe_set_full_grad(self.param, value.to(grad.dtype).view_as(grad))
+
+
+def _slots(model: Any) -> tuple[list[_Slot], bool]:
+    """The trainable parameters of ``model`` (engine or plain module) and whether they are
+    partitioned over ranks (ZeRO-3 with more than one rank)."""
+    module = model.module if _is_engine(model) else model
+    rank, world = _world()
+    zero3 = _is_engine(model) and model.zero_optimization_stage() == 3
+    slots = []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if zero3:
+            part = p.ds_tensor.numel()
+            start = rank * part
+            slots.append(_Slot(name, p, True, start, max(0, min(part, p.ds_numel - start))))
+        else:
+            slots.append(_Slot(name, p, False, 0, p.numel()))
+    if not slots:
+        raise ValueError("saliency: the model has no trainable parameters")
+    return slots, zero3 and world > 1
+
+
+def _sum_over_ranks(value: int, partitioned: bool) -> int:
+    if not partitioned:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def global_kth_largest(values: torch.Tensor, k: int, partitioned: bool) -> float:
+    """The exact ``k``-th largest of the non-negative float32 ``values`` held by all ranks together.
+
+    ``values`` is this rank's share (disjoint shares when ``partitioned``; otherwise every rank holds
+    all values and nothing is reduced). Non-negative IEEE floats order like their int32 bit patterns,
+    so a binary search over patterns ``t`` for the largest with ``#{v ≥ t} ≥ k`` finds the value in
+    31 probes, each one ``all_reduce`` of a single count; no magnitudes are gathered.
+    """
+    total = _sum_over_ranks(values.numel(), partitioned)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}], got {k}")
+    bits = values.float().clamp(min=0).nan_to_num(0.0, posinf=0.0).contiguous().view(torch.int32)
+    lo, hi = 0, _BITS_OF_INF + 1  # count(lo) = total ≥ k, count(hi) = 0 < k
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _sum_over_ranks(int((bits >= mid).sum()), partitioned) >= k:
+            lo = mid
+        else:
+            hi = mid
+    return float(torch.tensor([lo], dtype=torch.int32).view(torch.float32).item())
+
+
+class SaliencyMask:
+    """A 0/1 mask over the trainable weights, held as each rank's share (see the module doc).
+
+    Build it with :func:`forget_saliency_mask` (or :meth:`from_gradients` after your own backward);
+    call :meth:`apply` after every ``backward`` and before ``step``.
+    """
+
+    def __init__(self, slots: list[_Slot], masks: list[torch.Tensor], partitioned: bool, threshold: float) -> None:
+        self._slots, self._masks, self._partitioned = slots, masks, partitioned
+        self.threshold = threshold
+        """τ: the smallest saliency kept."""
+        self.total = _sum_over_ranks(sum(s.valid for s in slots), partitioned)
+        """P: trainable weights in the whole model."""
+        self.selected = _sum_over_ranks(sum(int(m.sum()) for m in masks), partitioned)
+        """Weights inside the mask (⌈x·P⌉, more only when several saliencies equal τ)."""
+
+    @property
+    def fraction(self) -> float:
+        """Selected share of all trainable weights."""
+        return self.selected / self.total
+
+    @classmethod
+    def from_gradients(cls, model: Any, fraction: float) -> SaliencyMask:
+        """The top-``fraction`` mask of the gradient magnitudes currently held by ``model`` (an engine
+        between backward and step, or a plain module after ``loss.backward()``). Collective under ZeRO-3."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"saliency fraction must be in (0, 1], got {fraction}")
+        slots, partitioned = _slots(model)
+        magnitudes = [slot.get().abs() for slot in slots]
+        flat = torch.cat(magnitudes) if magnitudes else torch.zeros(0)
+        total = _sum_over_ranks(flat.numel(), partitioned)
+        threshold = global_kth_largest(flat, max(1, math.ceil(fraction * total)), partitioned)
+        masks = [m >= threshold for m in magnitudes]
+        return cls(slots, masks, partitioned, threshold)
+
+    def apply(self, model: Any = None) -> None:
+        """Zero the gradient outside the mask: ``g ← g ⊙ m`` on this rank's share. Call between
+        ``engine.backward(loss)`` and ``engine.step()`` on every rank. ``model`` is accepted for
+        readability (the mask already knows its parameters)."""
+        for slot, mask in zip(self._slots, self._masks, strict=True):
+            slot.set(slot.get() * mask)
+
+    def full_masks(self) -> dict[str, torch.Tensor]:
+        """Every parameter's whole mask (``bool``, parameter shape), by parameter name. Collective under
+        ZeRO-3 (partitions are all-gathered); for saving or inspecting, not needed for training."""
+        out = {}
+        for slot, mask in zip(self._slots, self._masks, strict=True):
+            if not self._partitioned:
+                out[slot.name] = mask.view(getattr(slot.param, "ds_shape", slot.param.shape)).clone()
+                continue
+            part = slot.param.ds_tensor.numel()
+            padded = torch.zeros(part, dtype=torch.uint8)
+            padded[: slot.valid] = mask.to(torch.uint8)
+            pieces = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+            dist.all_gather(pieces, padded)
+            out[slot.name] = torch.cat(pieces)[: slot.param.ds_numel].bool().view(slot.param.ds_shape)
+        return out
+
+
+def _backward(model: Any, loss: torch.Tensor) -> None:
+    if _is_engine(model):
+        model.backward(loss)
+    else:
+        loss.backward()
+
+
+def _clear_gradients(model: Any) -> None:
+    if _is_engine(model) and model.zero_optimization():
+        model.optimizer.zero_grad(set_to_none=True)
+    else:
+        module = model.module if _is_engine(model) else model
+        module.zero_grad(set_to_none=True)
+
+
+def forget_saliency_mask(model: Any, forget_batch: Batch, num_examples: int, fraction: float) -> SaliencyMask:
+    """SalUn's mask from one backward of the forget NLL at the current weights; gradients cleared after.
+
+    Args:
+        model: a DeepSpeed engine (any ZeRO stage; collective) or a plain module (single process).
+        forget_batch: this rank's share of the forget examples (``collate_qa`` dict, ``[b, T]``).
+        num_examples: N, the forget examples over all ranks together (for an engine; ``b`` otherwise).
+        fraction: x ∈ (0, 1], the share of trainable weights kept.
+    Returns:
+        The mask of ``|∇ (1/N) Σ_i NLL_i/|y_i||`` (module doc); DeepSpeed averages gradients over the
+        ``w`` ranks, so each rank's loss is ``(w/N) Σ_{i on rank} NLL_i/|y_i|``.
+    """
+    world = _world()[1] if _is_engine(model) else 1
+    stats = forward_sequence_stats(model, forget_batch)
+    loss = stats.mean_nll.sum() * (world / num_examples)
+    _backward(model, loss)
+    mask = SaliencyMask.from_gradients(model, fraction)
+    _clear_gradients(model)
+    return mask
+
+
+def rank_share(indices: Sequence[int], rank: int, world: int) -> list[int]:
+    """Every ``world``-th index starting at ``rank``: a disjoint split of the forget set over ranks."""
+    return list(indices)[rank::world]
