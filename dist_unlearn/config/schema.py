@@ -18,7 +18,7 @@ from typing import Any
 DTYPES = ("fp32", "bf16", "fp16")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-REFERENCE_MODES = ("auto", "none", "cached")
+REFERENCE_MODES = ("auto", "none", "adapter_disabled", "cached", "sharded", "quantized")
 USE_GPU_MODES = ("auto", "true", "false")
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -98,6 +98,8 @@ class MethodConfig:
     forget_weight: float = _opt(1.0, ge=0.0)
     retain_weight: float = _opt(1.0, ge=0.0)
     reference: str = _opt("auto", choices=REFERENCE_MODES)
+    """π_ref for methods that need one (reference-free methods never load one): ``auto`` = adapter_disabled
+    with LoRA, else sharded when token logits are needed, else cached; see ``dist_unlearn.unlearning.reference``."""
 
 
 @dataclass
