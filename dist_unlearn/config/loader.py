@@ -312,6 +312,9 @@ def _check_range(value: Any, fld: dataclasses.Field, dotted: str) -> str | None:
     if "lt" in meta:
         bounds.append(f"< {meta['lt']}")
         ok = ok and value < meta["lt"]
+    if "le" in meta:
+        bounds.append(f"<= {meta['le']}")
+        ok = ok and value <= meta["le"]
     if ok:
         return None
     return f"{dotted}: must be {' and '.join(bounds)}, got {value}. Fix: e.g. {dotted}={_format(_example(fld))}"
@@ -447,6 +450,7 @@ def _hints(cls: type) -> dict[str, Any]:
 def _check_cross_fields(cfg: RunConfig, problems: list[str], bad: set[str]) -> None:
     """Checks that involve more than one field."""
     _check_quantization(cfg, problems, bad)
+    _check_saliency_and_continual(cfg, problems, bad)
     data = cfg.data
     if not bad & {"data", "data.forget_fraction", "data.holdout_fraction"}:
         total = data.forget_fraction + data.holdout_fraction
@@ -498,6 +502,30 @@ def _check_quantization(cfg: RunConfig, problems: list[str], bad: set[str]) -> N
         problems.append(
             f"model.quantization={quant} needs LoRA adapters: quantized base weights are frozen: set "
             f"model.lora.r, e.g. model.lora.r=8 (or use model.quantization=none)"
+        )
+
+
+def _check_saliency_and_continual(cfg: RunConfig, problems: list[str], bad: set[str]) -> None:
+    """A saliency mask needs no weight decay (AdamW would still shrink the masked-out weights); continual
+    requests train LoRA adapters (``model.lora.r > 0``) under ZeRO 0-2 (the orthogonality penalty reads
+    whole adapter matrices, which ZeRO-3 partitions)."""
+    saliency_fields = {"method", "method.saliency", "train", "train.weight_decay"}
+    if not bad & saliency_fields and cfg.method.saliency < 1.0 and cfg.train.weight_decay > 0.0:
+        problems.append(
+            f"method.saliency={cfg.method.saliency:g} with train.weight_decay={cfg.train.weight_decay:g}: "
+            "AdamW's decoupled weight decay would also change the weights outside the saliency mask. "
+            "Fix: set train.weight_decay=0 (or method.saliency=1)"
+        )
+    if bad & {"job", "job.kind"} or cfg.job.kind != "continual":
+        return
+    if not bad & {"model.lora", "model.lora.r"} and cfg.model.lora.r == 0:
+        problems.append(
+            "job.kind=continual trains one LoRA adapter per forget request: set model.lora.r. Fix: e.g. model.lora.r=8"
+        )
+    if not bad & {"deepspeed", "deepspeed.zero_stage"} and cfg.deepspeed.zero_stage == 3:
+        problems.append(
+            "job.kind=continual with deepspeed.zero_stage=3: the adapter orthogonality penalty needs whole LoRA "
+            "matrices, which ZeRO-3 partitions. Fix: deepspeed.zero_stage=2 (adapters are small)"
         )
 
 

@@ -100,6 +100,9 @@ class MethodConfig:
     reference: str = _opt("auto", choices=REFERENCE_MODES)
     """π_ref for methods that need one (reference-free methods never load one): ``auto`` = adapter_disabled
     with LoRA, else sharded when token logits are needed, else cached; see ``dist_unlearn.unlearning.reference``."""
+    saliency: float = _opt(1.0, gt=0.0, le=1.0, example=0.5)
+    """SalUn/WAGLE weight saliency: only this fraction of the trainable weights (largest forget-gradient
+    magnitude at the start) is updated; 1 = no mask. Needs ``train.weight_decay=0``."""
 
 
 @dataclass
@@ -168,7 +171,7 @@ class OutputConfig:
     tensorboard: bool = True
 
 
-JOB_KINDS = ("unlearn", "contrastive")
+JOB_KINDS = ("unlearn", "contrastive", "continual")
 CONTRASTIVE_LOSSES = ("infonce", "tiled_infonce", "sigmoid")
 POOLINGS = ("mean", "cls")
 
@@ -178,7 +181,8 @@ class JobConfig:
     """Which job ``dist-unlearn run`` performs."""
 
     kind: str = _opt("unlearn", choices=JOB_KINDS)
-    """``unlearn`` (methods of ``method``) or ``contrastive`` (large-batch embedding training)."""
+    """``unlearn`` (methods of ``method``), ``contrastive`` (large-batch embedding training) or
+    ``continual`` (a sequence of forget requests, one LoRA adapter each; see ``continual``)."""
 
 
 @dataclass
@@ -201,6 +205,18 @@ class ContrastiveConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """Continual unlearning requests (``job.kind=continual``, O3-style: Gao et al. 2025, "On Large
+    Language Model Continual Unlearning"): the forget people are split, in order, into
+    ``num_requests`` groups; request k trains its own LoRA adapter (``model.lora``) for ``train.steps``
+    steps with each method of ``method.names``, earlier adapters applied and frozen."""
+
+    num_requests: int = _opt(2, ge=1)
+    orthogonal_weight: float = _opt(0.1, ge=0.0)
+    """λ of the penalty λ·Σ_earlier Σ_modules ‖A_new A_oldᵀ‖_F² between LoRA ``A`` matrices (O-LoRA)."""
+
+
+@dataclass
 class RunConfig:
     """The whole run configuration; one attribute per YAML section."""
 
@@ -216,3 +232,4 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
