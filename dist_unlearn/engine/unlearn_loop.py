@@ -27,6 +27,7 @@ from dist_unlearn.engine.worker import Checkpointer, initialize_engine, progress
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset
 from dist_unlearn.models.loading import load_tokenizer, model_for_config
 from dist_unlearn.unlearning import objective_from_config
+from dist_unlearn.unlearning.saliency import saliency_mask_for_run
 
 
 def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
@@ -65,6 +66,8 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     if reference_mode == "cached":
         reference_logprob = score_dataset(engine, forget_set, pad_id, device=device)[:, 0]
 
+    # SalUn mask from the starting weights (None unless method.saliency < 1)
+    saliency = saliency_mask_for_run(engine, forget_set, pad_id, cfg.method.saliency, device)
     start_step, before = resume(engine, reporter, job.name)
     if before is None:
         before = evaluate_splits(engine, eval_sets, pad_id, device=device)
@@ -91,6 +94,8 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         ref = reference_logprob[forget_idx].to(device) if reference_logprob is not None else None
         out = objective(engine, forget_batch, retain_batch, ref)
         engine.backward(out.loss)
+        if saliency is not None:
+            saliency.apply(engine)
         engine.step()
         values = mean_over_ranks(out.logs, device)
         values["lr"] = float(engine.get_lr()[0])

@@ -242,3 +242,31 @@ def forget_saliency_mask(model: Any, forget_batch: Batch, num_examples: int, fra
 def rank_share(indices: Sequence[int], rank: int, world: int) -> list[int]:
     """Every ``world``-th index starting at ``rank``: a disjoint split of the forget set over ranks."""
     return list(indices)[rank::world]
+
+
+def saliency_mask_for_run(
+    model: Any, forget_set: Any, pad_token_id: int, fraction: float, device: torch.device | str = "cpu"
+) -> SaliencyMask | None:
+    """The mask of a run (``method.saliency``) from every forget example, or ``None`` when ``fraction == 1``.
+
+    Each rank scores every ``world``-th example of ``forget_set`` (a ``QADataset``) in one batch, so the
+    gradient is that of the whole forget set. Collective for an engine. Call it before loading a
+    checkpoint: the saliency belongs to the starting weights θ₀.
+    """
+    from dist_unlearn.data.qa import collate_qa
+
+    if fraction >= 1.0:
+        return None
+    rank, world = _world() if _is_engine(model) else (0, 1)
+    share = rank_share(range(len(forget_set)), rank, world)
+    if not share:
+        raise ValueError(f"saliency needs a forget example on every rank: {len(forget_set)} examples, {world} ranks")
+    batch = {k: v.to(device) for k, v in collate_qa([forget_set[i] for i in share], pad_token_id).items()}
+    mask = forget_saliency_mask(model, batch, len(forget_set), fraction)
+    if rank == 0:
+        print(
+            f"saliency: updating {mask.selected}/{mask.total} weights ({mask.fraction:.2%}), "
+            f"|forget gradient| >= {mask.threshold:.3g}",
+            flush=True,
+        )
+    return mask
