@@ -1,0 +1,85 @@
+"""``dist-unlearn eval``: evaluate saved models with the suite, sharded over the ranks of the process
+group (Ray workers, ``torchrun`` ranks, or one process). Never imports Ray.
+
+Which models: ``eval.model_dir`` when set, else every method's ``OUTPUT/<method>/model`` that exists,
+plus the starting model (``original``) and, for the embedded benchmark, the ``oracle``. Each result
+goes to ``OUTPUT/<name>/eval.json`` (rank 0, temporary name then rename).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dist_unlearn.config import RunConfig, config_from_dict, config_to_dict
+
+
+def eval_targets(cfg: RunConfig, target_dir: str, oracle_dir: str | None) -> dict[str, str]:
+    """``name → model directory`` to evaluate (see module docstring)."""
+    if cfg.eval.model_dir:
+        path = Path(cfg.eval.model_dir)
+        return {(path.parent.name if path.name == "model" else path.name): str(path)}
+    out = Path(cfg.output.dir).resolve()
+    targets = {"original": target_dir}
+    if oracle_dir:
+        targets["oracle"] = oracle_dir
+    for name in cfg.method.names:
+        if (out / name / "model" / "config.json").is_file():
+            targets[name] = str(out / name / "model")
+    return targets
+
+
+def check_targets(targets: dict[str, str]) -> None:
+    """Fail before any work when a model directory is missing (one line naming the field and the fix)."""
+    from dist_unlearn.config import ConfigError
+
+    missing = [
+        f"eval.model_dir: {path} has no config.json"
+        for path in targets.values()
+        if not (Path(path) / "config.json").is_file()
+    ]
+    if missing:
+        problems = [
+            m + ". Fix: point eval.model_dir at a saved model directory (e.g. OUTPUT/<method>/model)" for m in missing
+        ]
+        raise ConfigError("invalid config:\n" + "\n".join(problems), problems)
+
+
+def eval_job(cfg: RunConfig, targets: dict[str, str], oracle_dir: str | None) -> dict[str, Any]:
+    """Plain data for the workers of :func:`run_eval_job`."""
+    return {"config": config_to_dict(cfg), "targets": targets, "oracle_dir": oracle_dir}
+
+
+def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate every target of ``job`` on this rank's share (collective); rank 0 writes the eval.json files."""
+    from dist_unlearn.distributed.env import is_main_process
+    from dist_unlearn.engine.prepare import load_benchmark
+    from dist_unlearn.engine.worker import start_worker, write_json_atomic
+    from dist_unlearn.eval.suite import evaluate_directory
+
+    cfg = config_from_dict(job["config"])
+    ctx = start_worker(cfg)
+    facts = load_benchmark(cfg.data)
+    out = Path(cfg.output.dir).resolve()
+    results: dict[str, Any] = {}
+    oracle_result = None
+    for name, model_dir in job["targets"].items():
+        evaluation = evaluate_directory(cfg, model_dir, job["oracle_dir"], facts, ctx.device, oracle_result)
+        oracle_result = evaluation["oracle"]
+        evaluation["name"] = name
+        if is_main_process():
+            (out / name).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out / name / "eval.json", evaluation)
+        results[name] = evaluation
+    return results
+
+
+def run_eval_without_ray(cfg: RunConfig, targets: dict[str, str], oracle_dir: str | None) -> dict[str, Any]:
+    """:func:`run_eval_job` in this process or on each ``torchrun`` rank."""
+    from dist_unlearn.distributed.env import destroy_process_group, init_distributed
+
+    init_distributed()
+    try:
+        return run_eval_job(eval_job(cfg, targets, oracle_dir))
+    finally:
+        destroy_process_group()

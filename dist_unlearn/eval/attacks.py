@@ -1,0 +1,91 @@
+"""Robustness attacks on an unlearned model: the model is changed, then the suite re-measures it.
+
+* ``relearn`` (Hu et al., 2024, "Jogging the memory of unlearned LLMs", arXiv:2406.13356; Lynch et al.,
+  2024): ``relearn_steps`` AdamW steps of answer NLL on the first ``relearn_fraction`` of the forget
+  set (:func:`dist_unlearn.engine.finetune.finetune`, seeded, so every rank computes the same
+  weights); the whole forget set is then re-measured, so recovery on the unseen part shows knowledge
+  that was hidden rather than removed.
+* ``nf4`` / ``int8`` (Zhang et al., 2024, "Catastrophic failure of LLM unlearning via quantization",
+  arXiv:2410.16454): reload the saved model with bitsandbytes 4-bit NF4 or LLM.int8() weights
+  (:func:`dist_unlearn.models.quantization.bnb_config`) and re-measure.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_unlearn.data.facts import FactsBenchmark
+from dist_unlearn.data.qa import QADataset
+from dist_unlearn.models.loading import choose_attn_implementation, load_causal_lm
+
+ATTACKS = ("relearn", "nf4", "int8")
+
+
+def relearned_model(
+    model_dir: str | Path,
+    tokenizer: Any,
+    facts: FactsBenchmark,
+    steps: int,
+    fraction: float,
+    lr: float,
+    max_length: int,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """The model of ``model_dir`` after ``steps`` fine-tuning steps on ``⌈fraction·|D_f|⌉`` forget items."""
+    from dist_unlearn.engine.finetune import finetune
+
+    forget = facts.split("forget")
+    subset = forget[: max(1, math.ceil(fraction * len(forget)))]
+    model = load_causal_lm(model_dir, torch.float32, "eager")
+    finetune(
+        model,
+        QADataset(subset, tokenizer, max_length),
+        tokenizer.pad_token_id,
+        steps,
+        len(subset),
+        lr,
+        seed=seed,
+        desc="relearn attack",
+    )
+    return model
+
+
+def quantized_model(model_dir: str | Path, quantization: str) -> torch.nn.Module:
+    """The model of ``model_dir`` loaded with bitsandbytes ``nf4`` or ``int8`` weights (inference only)."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_unlearn.models.quantization import bnb_config
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16" per matmul
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=torch.float32,
+        quantization_config=bnb_config(quantization, torch.float32),
+        attn_implementation=choose_attn_implementation("auto"),
+    ).eval()
+
+
+def attacked_model(
+    name: str, model_dir: str | Path, tokenizer: Any, facts: FactsBenchmark, cfg: Any
+) -> torch.nn.Module:
+    """The model after attack ``name`` (one of :data:`ATTACKS`) with the run config's ``eval`` settings."""
+    if name == "relearn":
+        e = cfg.eval
+        return relearned_model(
+            model_dir,
+            tokenizer,
+            facts,
+            e.relearn_steps,
+            e.relearn_fraction,
+            e.relearn_lr,
+            cfg.data.max_length,
+            cfg.train.seed,
+        )
+    if name in ("nf4", "int8"):
+        return quantized_model(model_dir, name)
+    raise ValueError(f"eval.attacks: unknown attack {name!r}; choose from {', '.join(ATTACKS)}")

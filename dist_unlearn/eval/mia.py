@@ -1,0 +1,117 @@
+"""Per-example token statistics of answers and the membership-inference scores built from them.
+
+One chunked pass over the answer tokens (:func:`dist_unlearn.models.chunked_lm.token_values`, never the
+full ``[b·T, V]`` logits) yields per token ``t`` with target ``y_t`` and next-token distribution ``p``:
+
+* ``log p(y_t)`` and the teacher-forced argmax hit;
+* ``μ_t = Σ_v p_v log p_v`` and ``σ_t = sqrt(Σ_v p_v (log p_v)² − μ_t²)`` (mean/std of the log-probs
+  under the model's own distribution), for Min-K%++.
+
+Scores per example (higher = "more likely a member"):
+
+* LOSS (Yeom et al., 2018): ``(1/|y|) Σ_t log p(y_t)``;
+* zlib (Carlini et al., 2021, arXiv:2012.07805): ``Σ_t log p(y_t) / zlib_bytes(answer text)``;
+* Min-K% (Shi et al., 2024, arXiv:2310.16789): mean of the ``⌈k·|y|⌉`` lowest ``log p(y_t)``;
+* Min-K%++ (Zhang et al., 2024, arXiv:2404.02936): the same over ``z_t = (log p(y_t) − μ_t)/σ_t``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+from dist_unlearn.data.qa import QADataset, collate_qa
+from dist_unlearn.distributed.sharded import sharded_map
+from dist_unlearn.eval.metrics import extraction_strength
+from dist_unlearn.eval.modes import eval_mode
+from dist_unlearn.models.chunked_lm import (
+    forward_hidden,
+    output_head,
+    scatter_per_sequence,
+    scored_positions,
+    token_values,
+)
+
+TOKEN_COLUMNS = ("logprob", "hit", "mu", "sigma")
+SCORE_COLUMNS = ("logprob", "num_tokens", "num_correct", "min_k", "min_k_pp", "extraction_strength")
+"""Columns of :func:`score_answers`'s rows."""
+
+
+def token_stats_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per token ``[log p(y), 1{argmax = y}, μ, σ]`` from logits ``[c, V]`` and targets ``[c]`` → ``[c, 4]``."""
+    logp = logits.float().log_softmax(-1)
+    p = logp.exp()
+    mu = (p * logp).sum(-1)
+    var = (p * logp.square()).sum(-1) - mu.square()
+    target_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    hit = (logits.argmax(-1) == target).float()
+    return torch.stack([target_logp, hit, mu, var.clamp(min=0).sqrt()], dim=-1)
+
+
+def lowest_mean(values: torch.Tensor, k: float) -> float:
+    """Mean of the ``⌈k·n⌉`` smallest of ``values`` ``[n]`` (at least one)."""
+    count = max(1, math.ceil(k * values.numel()))
+    return float(values.sort().values[:count].mean())
+
+
+@torch.no_grad()
+def answer_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stats [b, T-1, 4], mask [b, T-1])``: :data:`TOKEN_COLUMNS` at every scored answer token."""
+    mask, targets = scored_positions(batch["labels"])
+    hidden = forward_hidden(model, batch).final[:, :-1][mask]
+    per_token = token_values(token_stats_fn, output_head(model), hidden, targets)
+    return scatter_per_sequence(per_token.float(), mask), mask
+
+
+def scores_from_token_stats(stats: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
+    """Rows of :data:`SCORE_COLUMNS` ``[b, 6]`` from :func:`answer_token_stats` output."""
+    rows = []
+    es = extraction_strength(stats[..., 1].cpu().numpy(), mask.cpu().numpy())
+    for i in range(stats.shape[0]):
+        s = stats[i][mask[i]]
+        logp, hit, mu, sigma = s.unbind(-1)
+        z = (logp - mu) / sigma.clamp(min=1e-6)
+        n = int(mask[i].sum())
+        rows.append([float(logp.sum()), n, float(hit.sum()), lowest_mean(logp, k), lowest_mean(z, k), float(es[i])])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@torch.no_grad()
+def score_answers(
+    model: torch.nn.Module,
+    dataset: QADataset,
+    pad_token_id: int,
+    k: float = 0.2,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Per-example ``[N, 6]`` rows of :data:`SCORE_COLUMNS`, sharded over ranks (collective)."""
+
+    def score(indices: Sequence[int]) -> torch.Tensor:
+        batch = collate_qa([dataset[i] for i in indices], pad_token_id)
+        batch = {key: v.to(device) for key, v in batch.items()}
+        stats, mask = answer_token_stats(model, batch)
+        return scores_from_token_stats(stats, mask, k)
+
+    with eval_mode(model):
+        return sharded_map(len(dataset), batch_size, score, device=device).double()
+
+
+def zlib_bytes(text: str) -> int:
+    """Length in bytes of the zlib-compressed UTF-8 text (Carlini et al.'s zlib entropy)."""
+    return len(zlib.compress(text.encode("utf-8")))
+
+
+def mia_scores(rows: torch.Tensor, answers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The four attack scores per example (higher = member) from :func:`score_answers` rows."""
+    logprob, num_tokens = rows[:, 0], rows[:, 1].clamp(min=1)
+    zlen = torch.tensor([zlib_bytes(a) for a in answers], dtype=torch.float64)
+    return {
+        "loss": logprob / num_tokens,
+        "zlib": logprob / zlen,
+        "min_k": rows[:, 3],
+        "min_k_pp": rows[:, 4],
+    }

@@ -1,0 +1,252 @@
+"""One evaluation suite for every caller: ``dist-unlearn eval``, the end of ``dist-unlearn run`` (and its
+periodic evaluations) and ``dist-unlearn bench unlearning``.
+
+:func:`evaluate_model` scores the forget, retain and holdout splits of a QA benchmark with a model (plain
+module, PEFT model or DeepSpeed engine; collective: every rank calls it, each scores its slice):
+
+* per split: answer probability ``exp(log π(y|x)/|y|)`` (mean), exact memorisation, extraction strength,
+  truth-ratio statistic, and with generation greedy ROUGE-L recall and greedy leak rate;
+* forget split with ``sampled_generations = N``: leak rate over ``N`` sampled answers per question with
+  its Wilson 95 % upper bound, next to the greedy leak rate;
+* membership inference, forget (members) vs holdout (non-members): AUC of LOSS, zlib, Min-K%, Min-K%++;
+* model utility = harmonic mean of retain probability, retain ROUGE-L recall and retain TR statistic
+  (without generation: of probability and TR statistic, reported as ``model_utility_no_rouge``);
+* with a ``reference`` (the oracle's own :func:`evaluate_model` result): forget quality (KS p-value of
+  the forget truth ratios) and PrivLeak of each attack's AUC (headline: Min-K%++, as in MUSE).
+
+Formulas: :mod:`dist_unlearn.eval.metrics`, :mod:`dist_unlearn.eval.mia`, :mod:`dist_unlearn.eval.generation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_unlearn.data.facts import FactsBenchmark, QAItem
+from dist_unlearn.data.qa import QADataset
+from dist_unlearn.eval import metrics
+from dist_unlearn.eval.answers import score_dataset
+from dist_unlearn.eval.generation import generation_metrics
+from dist_unlearn.eval.mia import mia_scores, score_answers
+
+SPLITS = ("forget", "retain", "holdout")
+MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
+HEADLINE_MIA = "min_k_pp"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What :func:`evaluate_model` computes (the ``eval`` config section, see its field docs)."""
+
+    max_examples: int = 0
+    generate: bool = True
+    sampled_generations: int = 8
+    max_new_tokens: int = 16
+    leak_rouge: float = 1.0
+    min_k: float = 0.2
+    max_length: int = 64
+    seed: int = 0
+    batch_size: int = 32
+
+
+def settings_from_config(cfg: Any, **changes: Any) -> EvalSettings:
+    """:class:`EvalSettings` from a run config (``eval``, ``data.max_length``, ``train.seed``)."""
+    e = cfg.eval
+    settings = EvalSettings(
+        max_examples=e.max_examples,
+        generate=e.generate,
+        sampled_generations=e.sampled_generations,
+        max_new_tokens=e.max_new_tokens,
+        leak_rouge=e.leak_rouge,
+        min_k=e.min_k,
+        max_length=cfg.data.max_length,
+        seed=cfg.train.seed,
+    )
+    return dataclasses.replace(settings, **changes)
+
+
+def _perturbed_items(items: Sequence[QAItem]) -> tuple[list[QAItem], int]:
+    """Items whose answer is each perturbed answer in turn (``k`` per question, ``k`` = the smallest count)."""
+    k = min((len(item.perturbed_answers) for item in items), default=0)
+    flat = [dataclasses.replace(item, answer=p) for item in items for p in item.perturbed_answers[:k]]
+    return flat, k
+
+
+def _norm_logprob(scores: torch.Tensor) -> np.ndarray:
+    return (scores[:, 0] / scores[:, 1].clamp(min=1)).numpy().astype(np.float64)
+
+
+def truth_ratios(
+    model: torch.nn.Module, tokenizer: Any, items: Sequence[QAItem], settings: EvalSettings, device: Any
+) -> np.ndarray | None:
+    """Per-question truth ratio of ``items`` (``None`` when they carry no perturbed answers)."""
+    flat, k = _perturbed_items(items)
+    if k == 0:
+        return None
+    pad = tokenizer.pad_token_id
+    para = QADataset(items, tokenizer, settings.max_length, answer_field="paraphrased_answer")
+    para_lp = _norm_logprob(score_dataset(model, para, pad, settings.batch_size, device))
+    pert_lp = _norm_logprob(
+        score_dataset(model, QADataset(flat, tokenizer, settings.max_length), pad, settings.batch_size, device)
+    )
+    return metrics.truth_ratio(pert_lp.reshape(len(items), k), para_lp)
+
+
+def split_items(facts: FactsBenchmark, split: str, max_examples: int = 0) -> list[QAItem]:
+    """The first ``max_examples`` (0 = all) items of ``split``."""
+    items = facts.split(split)
+    return items[:max_examples] if max_examples else items
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    facts: FactsBenchmark,
+    settings: EvalSettings,
+    reference: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """The whole suite (see module docstring). Collective over the process group.
+
+    Returns a JSON-ready dict: ``splits`` (per-split numbers), ``mia_auc``, ``model_utility``,
+    optional ``forget_quality`` / ``privleak`` (with ``reference``), and ``per_example`` (forget truth
+    ratios and MIA AUCs needed when this result is itself used as a reference).
+    """
+    pad = tokenizer.pad_token_id
+    out: dict[str, Any] = {"splits": {}, "per_example": {}}
+    mia: dict[str, dict[str, torch.Tensor]] = {}
+    for split in SPLITS:
+        items = split_items(facts, split, settings.max_examples)
+        if not items:
+            continue
+        rows = score_answers(
+            model, QADataset(items, tokenizer, settings.max_length), pad, settings.min_k, settings.batch_size, device
+        )
+        num_tokens = rows[:, 1].clamp(min=1)
+        res: dict[str, Any] = {
+            "count": len(items),
+            "prob": float((rows[:, 0] / num_tokens).exp().mean()),
+            "exact_memorization": float((rows[:, 2] / num_tokens).mean()),
+            "extraction_strength": float(rows[:, 5].mean()),
+        }
+        mia[split] = mia_scores(rows, [item.answer for item in items])
+        tr = truth_ratios(model, tokenizer, items, settings, device)
+        if tr is not None:
+            res["truth_ratio"] = metrics.truth_ratio_stat(tr, forget=split == "forget")
+            if split == "forget":
+                out["per_example"]["forget_truth_ratio"] = tr.tolist()
+        if settings.generate:
+            samples = settings.sampled_generations if split == "forget" else 0
+            gen = generation_metrics(
+                model, tokenizer, items, settings.max_new_tokens, samples, settings.leak_rouge, settings.seed, device
+            )
+            res["rouge"], res["greedy_leak"] = gen["rouge"], gen["greedy_leak"]
+            if samples:
+                res["sampled_leak"] = gen["sampled_leak"]
+                res["sampled_leak_upper95"] = metrics.wilson_upper(gen["sampled_leaks"], gen["sampled_total"])
+                res["sampled_any_leak"] = gen["sampled_any_leak"]
+                res["samples_per_question"] = samples
+            out["per_example"][f"{split}_greedy_text"] = gen["greedy_text"]
+        out["splits"][split] = res
+
+    if "forget" in mia and "holdout" in mia:
+        out["mia_auc"] = {
+            name: metrics.auc(mia["forget"][name].numpy(), mia["holdout"][name].numpy()) for name in MIA_ATTACKS
+        }
+    retain = out["splits"].get("retain", {})
+    if "truth_ratio" in retain:
+        parts = [retain["prob"], retain["truth_ratio"]]
+        if "rouge" in retain:
+            out["model_utility"] = metrics.harmonic_mean([retain["prob"], retain["rouge"], retain["truth_ratio"]])
+        out["model_utility_no_rouge"] = metrics.harmonic_mean(parts)
+    if reference is not None:
+        out.update(compare_to_reference(out, reference))
+    return out
+
+
+def compare_to_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Forget quality and PrivLeak of ``result`` against the oracle's ``reference`` result."""
+    out: dict[str, Any] = {}
+    mine, theirs = result["per_example"].get("forget_truth_ratio"), reference["per_example"].get("forget_truth_ratio")
+    if mine is not None and theirs is not None:
+        out["forget_quality"] = metrics.forget_quality(np.asarray(mine), np.asarray(theirs))
+    if "mia_auc" in result and "mia_auc" in reference:
+        out["privleak"] = {
+            name: metrics.privleak(result["mia_auc"][name], reference["mia_auc"][name]) for name in MIA_ATTACKS
+        }
+    return out
+
+
+def headline(result: dict[str, Any]) -> dict[str, float | None]:
+    """The report's numbers of one result: forget quality, model utility, ROUGE, MIA AUC, PrivLeak."""
+    splits = result.get("splits", {})
+    return {
+        "forget_quality": result.get("forget_quality"),
+        "model_utility": result.get("model_utility", result.get("model_utility_no_rouge")),
+        "forget_prob": splits.get("forget", {}).get("prob"),
+        "forget_rouge": splits.get("forget", {}).get("rouge"),
+        "retain_rouge": splits.get("retain", {}).get("rouge"),
+        "mia_auc": result.get("mia_auc", {}).get(HEADLINE_MIA),
+        "privleak": result.get("privleak", {}).get(HEADLINE_MIA),
+        "sampled_leak": splits.get("forget", {}).get("sampled_leak"),
+        "greedy_leak": splits.get("forget", {}).get("greedy_leak"),
+    }
+
+
+def best_score(result: dict[str, Any], metric: str) -> float:
+    """The value (higher = better) of ``eval.best_metric`` in a result; ``-inf`` when it is missing."""
+    h = headline(result)
+    value = {
+        "forget_quality": h["forget_quality"],
+        "model_utility": h["model_utility"],
+        "privleak_abs": None if h["privleak"] is None else -abs(h["privleak"]),
+        "neg_forget_prob": None if h["forget_prob"] is None else -h["forget_prob"],
+    }[metric]
+    return float("-inf") if value is None else float(value)
+
+
+def evaluate_directory(
+    cfg: Any,
+    model_dir: str,
+    oracle_dir: str | None,
+    facts: FactsBenchmark,
+    device: torch.device | str = "cpu",
+    oracle_result: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the saved model ``model_dir`` (and the attacks of ``eval.attacks`` on it). Collective.
+
+    The oracle (when given) is evaluated without generation first and serves as the reference of
+    forget quality and PrivLeak for the model and for every attacked copy. Returns the content of
+    ``eval.json``: ``model_dir``, ``result``, ``attacks`` (name → result) and ``oracle`` (its result).
+    """
+    from dist_unlearn.eval.attacks import attacked_model
+    from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
+
+    settings = settings_from_config(cfg)
+    tokenizer = load_tokenizer(model_dir)
+    if oracle_result is None and oracle_dir is not None:
+        oracle = load_causal_lm(oracle_dir, torch.float32, "eager")
+        oracle_result = evaluate_model(
+            oracle, tokenizer, facts, dataclasses.replace(settings, generate=False), device=device
+        )
+        del oracle
+    model = load_causal_lm(model_dir, torch.float32, "eager")
+    out: dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "result": evaluate_model(model, tokenizer, facts, settings, oracle_result, device),
+        "attacks": {},
+        "oracle": oracle_result,
+    }
+    del model
+    attack_settings = dataclasses.replace(settings, sampled_generations=0)
+    for name in cfg.eval.attacks:
+        attacked = attacked_model(name, model_dir, tokenizer, facts, cfg)
+        out["attacks"][name] = evaluate_model(attacked, tokenizer, facts, attack_settings, oracle_result, device)
+        del attacked
+    return out

@@ -1,0 +1,39 @@
+"""``dist-unlearn eval`` on Ray Train workers: one ``TorchTrainer`` run whose workers each score their
+slice of every split (:func:`dist_unlearn.engine.eval_job.run_eval_job`); rank 0 writes the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dist_unlearn.config import RunConfig as DistUnlearnConfig
+from dist_unlearn.engine.eval_job import eval_job, run_eval_job
+from dist_unlearn.ray.trainer import _wants_gpu, connect
+
+
+def _eval_fn(job: dict[str, Any]) -> None:
+    run_eval_job(job)
+
+
+def run_eval_with_ray(cfg: DistUnlearnConfig, targets: dict[str, str], oracle_dir: str | None) -> None:
+    """Evaluate ``targets`` on ``ray.num_workers`` workers; results land in ``OUTPUT/<name>/eval.json``."""
+    started = connect(cfg)
+    try:
+        use_gpu = _wants_gpu(cfg)
+        TorchTrainer(
+            _eval_fn,
+            train_loop_config=eval_job(cfg, targets, oracle_dir),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.ray.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            ),
+            run_config=RunConfig(name="eval", storage_path=str(Path(cfg.output.dir).resolve() / "ray_results")),
+        ).fit()
+    finally:
+        if started:
+            ray.shutdown()

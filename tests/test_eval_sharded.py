@@ -1,0 +1,91 @@
+"""The evaluation suite sharded over 2 gloo ranks gives the numbers (and greedy texts) of one process;
+its token statistics equal a plain full-logits computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from multiproc import run_on_ranks
+
+from dist_unlearn.data import QADataset, collate_qa, generate_facts
+from dist_unlearn.eval.suite import EvalSettings, evaluate_model
+
+SETTINGS = EvalSettings(sampled_generations=2, max_new_tokens=5, max_length=48, batch_size=3)
+
+
+def _facts():
+    return generate_facts(num_people=6, questions_per_person=2, forget_fraction=0.34, holdout_fraction=0.34, seed=3)
+
+
+def _evaluate(rank: int, world: int, model_dir: str) -> dict:
+    from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(1234 + rank)  # a different global RNG per rank must not change sampled answers
+    model, tok = load_causal_lm(model_dir, attn_implementation="eager"), load_tokenizer(model_dir)
+    return evaluate_model(model, tok, _facts(), SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from dist_unlearn.models import build_embedded_model
+
+    model, tok = build_embedded_model(_facts().corpus(), vocab_size=300, hidden_size=32, num_layers=2, num_heads=2)
+    out = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _assert_same(a, b, path="result"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), f"{path}: {a} vs {b}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def test_two_ranks_equal_one_process(model_dir):
+    single = _evaluate(0, 1, model_dir)
+    ranks = run_on_ranks(_evaluate, 2, model_dir, timeout=300)
+    _assert_same(ranks[0], ranks[1])
+    _assert_same(single, ranks[0])
+    forget = single["splits"]["forget"]
+    assert set(single["mia_auc"]) == {"loss", "zlib", "min_k", "min_k_pp"}
+    assert 0 <= forget["sampled_leak"] <= forget["sampled_leak_upper95"] <= 1
+    assert len(single["per_example"]["forget_truth_ratio"]) == forget["count"]
+
+
+def test_token_statistics_equal_full_logits(model_dir):
+    from dist_unlearn.eval.mia import score_answers
+    from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(model_dir, attn_implementation="eager"), load_tokenizer(model_dir)
+    items = _facts().split("forget")
+    ds = QADataset(items, tok, 48)
+    rows = score_answers(model, ds, tok.pad_token_id, k=0.5, batch_size=2)
+    batch = collate_qa(list(ds), tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logp = logits[:, :-1].log_softmax(-1)
+    for i in range(len(ds)):
+        target = batch["labels"][i, 1:]
+        pos = target.ne(-100)
+        tok_lp = logp[i, pos].gather(-1, target[pos].unsqueeze(-1)).squeeze(-1)
+        p = logp[i, pos].exp()
+        mu = (p * logp[i, pos]).sum(-1)
+        sd = ((p * (logp[i, pos] - mu.unsqueeze(-1)) ** 2).sum(-1)).sqrt()
+        count = math.ceil(0.5 * int(pos.sum()))
+        assert float(rows[i, 0]) == pytest.approx(float(tok_lp.sum()), abs=1e-4)
+        assert float(rows[i, 1]) == int(pos.sum())
+        assert float(rows[i, 3]) == pytest.approx(float(tok_lp.sort().values[:count].mean()), abs=1e-4)
+        z = (tok_lp - mu) / sd
+        assert float(rows[i, 4]) == pytest.approx(float(z.sort().values[:count].mean()), abs=1e-3)
