@@ -75,6 +75,54 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, args.overrides)
+    from dist_unlearn.engine.eval_job import check_targets, eval_targets, run_eval_without_ray
+    from dist_unlearn.engine.prepare import resolve_model_assets
+    from dist_unlearn.eval.report import report_table
+
+    assets = resolve_model_assets(cfg)
+    targets = eval_targets(cfg, assets.target_dir, assets.oracle_dir)
+    check_targets(targets)
+    if cfg.ray.enabled and not _launched_by_torchrun():
+        from dist_unlearn.ray.evaluate import run_eval_with_ray
+
+        run_eval_with_ray(cfg, targets, assets.oracle_dir)
+    else:
+        run_eval_without_ray(cfg, targets, assets.oracle_dir)
+    if os.environ.get("RANK", "0") == "0":
+        import json
+
+        out = Path(cfg.output.dir)
+        evals = {name: json.loads((out / name / "eval.json").read_text()) for name in targets}
+        print(report_table(evals))
+        print(f"\nper model: {out.resolve()}/<name>/eval.json")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dist_unlearn.eval.report import write_report
+
+    try:
+        md, png = write_report(args.run_dirs, args.out)
+    except FileNotFoundError as exc:
+        print(f"dist-unlearn report: {exc}", file=sys.stderr)
+        return 2
+    print(md.read_text())
+    print(f"report: {md}\nplot: {png}")
+    return 0
+
+
+def cmd_bench_unlearning(args: argparse.Namespace) -> int:
+    from dist_unlearn.bench.unlearning import main_from_args
+
+    try:
+        return main_from_args(args, _load)
+    except ValueError as exc:
+        print(f"dist-unlearn bench unlearning: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-unlearn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(contrastive)
     contrastive.set_defaults(func=cmd_bench)
+    from dist_unlearn.bench.unlearning import add_arguments as add_unlearning_bench_arguments
+
+    unlearning = bench_sub.add_parser("unlearning", help="run methods on the embedded benchmark, evaluate, report")
+    add_unlearning_bench_arguments(unlearning)
+    unlearning.set_defaults(func=cmd_bench_unlearning)
+    ev = sub.add_parser("eval", help="evaluate saved models (metrics, MIA, generation, attacks) -> eval.json")
+    ev.add_argument("config")
+    ev.add_argument("overrides", nargs="*")
+    ev.set_defaults(func=cmd_eval)
+    rep = sub.add_parser("report", help="report.md + tradeoff.png from the eval.json files of run directories")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", default=None, help="where to write (default: the first run directory)")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

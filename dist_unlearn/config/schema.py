@@ -21,6 +21,8 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 REFERENCE_MODES = ("auto", "none", "adapter_disabled", "cached", "sharded", "quantized")
 USE_GPU_MODES = ("auto", "true", "false")
 ZERO_STAGES = (0, 1, 2, 3)
+EVAL_BEST_METRICS = ("forget_quality", "model_utility", "privleak_abs", "neg_forget_prob")
+EVAL_ATTACKS = ("relearn", "nf4", "int8")
 
 EMBEDDED_MODEL = "embedded"
 FICTITIOUS_SOURCE = "fictitious"
@@ -160,6 +162,25 @@ class EvalConfig:
     max_examples: int = _opt(0, ge=0)
     """0 = all examples."""
     every_steps: int = _opt(0, ge=0)
+    """Also evaluate (suite without generation under ZeRO-3) every N steps and keep the best checkpoint."""
+    best_metric: str = _opt("forget_quality", choices=EVAL_BEST_METRICS)
+    """Metric that picks the best checkpoint (higher is better; ``privleak_abs`` = -|PrivLeak|)."""
+    generate: bool = True
+    """Greedy generation (ROUGE-L, model utility) and sampled leak rates in the final evaluation."""
+    sampled_generations: int = _opt(8, ge=0)
+    """Sampled answers per forget question for the leak rate (0 = greedy only)."""
+    max_new_tokens: int = _opt(16, ge=1)
+    leak_rouge: float = _opt(1.0, gt=0.0)
+    """A generation leaks when its ROUGE-L recall of the true answer is at least this."""
+    min_k: float = _opt(0.2, gt=0.0)
+    """Fraction k of lowest-scoring tokens for Min-K% and Min-K%++."""
+    attacks: list[str] = field(default_factory=list, metadata={"example": "relearn,nf4,int8"})
+    """Robustness attacks after unlearning: ``relearn``, ``nf4``, ``int8`` (re-measured afterwards)."""
+    relearn_steps: int = _opt(5, ge=1)
+    relearn_fraction: float = _opt(0.5, gt=0.0)
+    relearn_lr: float = _opt(1e-3, gt=0.0)
+    model_dir: str = _opt("", example="runs/x/grad_diff/model")
+    """``dist-unlearn eval``: a model directory to evaluate; empty = every method's ``OUTPUT/<method>/model``."""
 
 
 @dataclass
