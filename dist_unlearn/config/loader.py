@@ -248,6 +248,10 @@ def _convert_subsection(cls: type, raw: Any, dotted: str, problems: list[str], b
     return _convert_section(cls, raw, dotted, problems, bad)
 
 
+# keys that moved to another section: old dotted key -> new dotted key
+_MOVED_KEYS = {"ray.max_failures": "failure.max_failures"}
+
+
 def _report_unknown(raw: Mapping[str, Any], cls: type, prefix: str, problems: list[str]) -> None:
     """Add one problem per key of ``raw`` that is not a field of ``cls``, with a suggestion."""
     valid = [fld.name for fld in dataclasses.fields(cls)]
@@ -256,6 +260,9 @@ def _report_unknown(raw: Mapping[str, Any], cls: type, prefix: str, problems: li
             continue
         name = str(key)
         dotted = f"{prefix}.{name}" if prefix else name
+        if dotted in _MOVED_KEYS:
+            problems.append(f"{dotted} has moved to {_MOVED_KEYS[dotted]}. Fix: write {_MOVED_KEYS[dotted]} instead")
+            continue
         close = difflib.get_close_matches(name, valid, n=1)
         hint = "."
         if close:

@@ -143,7 +143,18 @@ class RayConfig:
     num_workers: int = _opt(2, ge=1)
     use_gpu: str = _opt("auto", choices=USE_GPU_MODES)
     cpus_per_worker: int = _opt(1, ge=0)
-    max_failures: int = _opt(0, ge=-1)
+
+
+@dataclass
+class FailureConfig:
+    """Recovery from worker failures and from preemption (Slurm time limits, requeues)."""
+
+    max_failures: int = _opt(0, ge=-1, example=2)
+    """Ray worker-group restarts after a worker dies; each restart resumes from the last checkpoint
+    (-1 = no limit). Replaces ``ray.max_failures``."""
+    handle_signals: bool = True
+    """SIGUSR1 or SIGTERM to the run (driver or torchrun rank) asks for a checkpoint at the next step
+    boundary and an exit with code 75, as does creating the file ``OUTPUT_DIR/STOP``."""
 
 
 @dataclass
@@ -249,6 +260,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -37,6 +37,7 @@ _RESUMABLE_CHANGES = {
     "checkpoint": None,
     "eval": None,
     "ray": {"address", "max_failures", "enabled"},
+    "failure": None,
     "output": {"tensorboard"},
 }
 RUN_SETTINGS_FILE = "run_settings.json"

@@ -19,6 +19,7 @@ from dist_unlearn.distributed.seeding import derive_seed, seed_everything
 from dist_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
 from dist_unlearn.engine.ds_config import build_deepspeed_config
 from dist_unlearn.engine.job import Reporter
+from dist_unlearn.engine.preemption import Preempted, agree_to_stop, stop_requested
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -92,6 +93,10 @@ class Checkpointer:
 
     The last checkpoint is reported by :meth:`finish` after the final evaluation and export, so a
     launcher that restarts on failure never sees a "finished" run without its outputs.
+
+    It also honours stop requests (:mod:`dist_unlearn.engine.preemption`: a signal, or the file
+    ``OUTPUT_DIR/STOP``): when any rank has one at a step boundary, all ranks save a checkpoint,
+    report it with ``preempted: 1`` and raise :class:`~dist_unlearn.engine.preemption.Preempted`.
     """
 
     def __init__(
@@ -102,14 +107,21 @@ class Checkpointer:
         self.every, self.keep, self.total = cfg.checkpoint.every_steps, cfg.checkpoint.keep, total_steps
         self.eval_before = eval_before
         self.last: Path | None = None
+        self.output_dir, self.name = Path(cfg.output.dir), Path(run_dir).name
 
     def after_step(self, completed: int, values: dict[str, float]) -> None:
-        """Call after each optimizer step with the number of completed steps (collective when saving)."""
+        """Call after each optimizer step with the number of completed steps (collective: every rank
+        votes on stop requests; saving is collective too)."""
         is_last = completed == self.total
-        if not ((self.every and completed % self.every == 0) or is_last):
+        stop = not is_last and agree_to_stop(stop_requested(self.output_dir))
+        if not ((self.every and completed % self.every == 0) or is_last or stop):
             return
         state = {"step": completed, "eval_before": self.eval_before}
         self.last = save_checkpoint(self.engine, self.root, completed, state, keep=self.keep)
+        if stop:
+            metrics = {**values, "step": completed, "preempted": 1}
+            self.reporter.report(metrics, self.last if is_main_process() else None)
+            raise Preempted(completed, self.last, self.name)
         if not is_last:
             self.reporter.report({"step": completed, **values}, self.last if is_main_process() else None)
 

@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 from dist_unlearn.config import RunConfig as DistUnlearnConfig
 from dist_unlearn.engine.checkpoint import latest_checkpoint
 from dist_unlearn.engine.job import Job, run_job
+from dist_unlearn.engine.preemption import Preempted
 from dist_unlearn.engine.prepare import ModelAssets
 from dist_unlearn.engine.runner import plan_jobs, prepare_run_dirs, read_summaries
 
@@ -44,7 +45,10 @@ class RayReporter:
 
 
 def _train_fn(job: dict[str, Any]) -> None:
-    run_job(Job(**job), RayReporter(job["run_dir"]))
+    try:
+        run_job(Job(**job), RayReporter(job["run_dir"]))
+    except Preempted:
+        return  # checkpoint saved and reported with ``preempted: 1``; ending normally is no failure to retry
 
 
 def _wants_gpu(cfg: DistUnlearnConfig) -> bool:
@@ -79,7 +83,8 @@ def connect(cfg: DistUnlearnConfig) -> bool:
 def run_job_on_ray(cfg: DistUnlearnConfig, job: Job) -> None:
     """One ``TorchTrainer.fit`` for one job (a method, or the contrastive run).
 
-    Resumes when a run of the same name exists in storage.
+    Resumes when a run of the same name exists in storage. Raises :class:`Preempted` when the workers
+    stopped on request (their last report carries ``preempted: 1``).
     """
     use_gpu = _wants_gpu(cfg)
     trainer = TorchTrainer(
@@ -94,10 +99,14 @@ def run_job_on_ray(cfg: DistUnlearnConfig, job: Job) -> None:
             name=job.name,
             storage_path=str(Path(job.run_dir).parent / "ray_results"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
         ),
     )
-    trainer.fit()
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    if metrics.get("preempted"):
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        raise Preempted(int(metrics.get("step", 0)), checkpoint, job.name)
 
 
 def run_with_ray(cfg: DistUnlearnConfig, assets: ModelAssets, restart: bool = False) -> dict[str, dict[str, Any]]:
