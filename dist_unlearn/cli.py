@@ -64,14 +64,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dist_unlearn.bench import contrastive
+    from dist_unlearn.bench import contrastive, memory_suite
 
+    suite = memory_suite if args.suite == "memory" else contrastive
     try:
-        args = contrastive.resolve(args)
+        args = suite.resolve(args)
     except ValueError as exc:
-        print(f"dist-unlearn bench: {exc}", file=sys.stderr)
+        print(f"dist-unlearn bench {args.suite}: {exc}", file=sys.stderr)
         return 2
-    contrastive.run(args)
+    suite.run(args)
     return 0
 
 
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(contrastive)
     contrastive.set_defaults(func=cmd_bench)
+    from dist_unlearn.bench.memory_suite import add_arguments as add_memory_arguments
+
+    memory = bench_sub.add_parser("memory", help="LM loss plain vs chunked, fp32 vs nf4+LoRA step, reference models")
+    add_memory_arguments(memory)
+    memory.set_defaults(func=cmd_bench)
     from dist_unlearn.bench.unlearning import add_arguments as add_unlearning_bench_arguments
 
     unlearning = bench_sub.add_parser("unlearning", help="run methods on the embedded benchmark, evaluate, report")
