@@ -1,4 +1,4 @@
-"""``dist-unlearn`` command line: ``run``, ``prepare`` (and more as the tool grows).
+"""``dist-unlearn`` command line: ``run``, ``prepare``, ``bench``, ``submit``.
 
 Every command validates its config fully (schema, method names and parameters) before Ray or
 DeepSpeed start; a bad config prints one message naming the field and the fix and exits with 2.
@@ -29,18 +29,26 @@ def _launched_by_torchrun() -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
+    from dist_unlearn.engine.preemption import Preempted, clear_stop_request, install_signal_handlers
     from dist_unlearn.engine.prepare import resolve_model_assets
     from dist_unlearn.engine.worker import write_json_atomic
     from dist_unlearn.eval.tables import before_after_table, retrieval_table
 
-    if cfg.ray.enabled and not _launched_by_torchrun():
-        from dist_unlearn.ray.trainer import run_with_ray
+    if cfg.failure.handle_signals:  # SIGUSR1/SIGTERM: checkpoint at the next step, exit 75
+        install_signal_handlers(cfg.output.dir)
+    try:
+        if cfg.ray.enabled and not _launched_by_torchrun():
+            from dist_unlearn.ray.trainer import run_with_ray
 
-        summaries = run_with_ray(cfg, resolve_model_assets(cfg), restart=args.restart)
-    else:
-        from dist_unlearn.engine.runner import run_without_ray
+            summaries = run_with_ray(cfg, resolve_model_assets(cfg), restart=args.restart)
+        else:
+            from dist_unlearn.engine.runner import run_without_ray
 
-        summaries = run_without_ray(cfg, restart=args.restart)
+            summaries = run_without_ray(cfg, restart=args.restart)
+    except Preempted:
+        if os.environ.get("RANK", "0") == "0":
+            clear_stop_request(cfg.output.dir)  # honoured: the next run of this command starts clean
+        raise
     if os.environ.get("RANK", "0") == "0":  # the driver, or rank 0 of a torchrun launch
         out = Path(cfg.output.dir)
         write_json_atomic(out / "summary.json", summaries)
@@ -124,6 +132,23 @@ def cmd_bench_unlearning(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from dist_unlearn.launch.submit import SubmitError, describe, prepare_job, request_from_args, submit_job
+
+    request = request_from_args(args)
+    try:
+        job = prepare_job(request, _load)
+        if args.dry_run:
+            print(job.script, end="")
+            return 0
+        job_id, script_path = submit_job(job)
+    except SubmitError as exc:
+        print(f"dist-unlearn submit: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(describe(job, job_id, script_path, request.nodes, request.gpus_per_node)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-unlearn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,16 +189,33 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", default=None, help="where to write (default: the first run directory)")
     rep.set_defaults(func=cmd_report)
+    from dist_unlearn.launch.submit import add_arguments as add_submit_arguments
+
+    submit = sub.add_parser("submit", help="render an sbatch script for CONFIG (Ray cluster or torchrun) and submit it")
+    add_submit_arguments(submit)
+    submit.set_defaults(func=cmd_submit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options, e.g. `submit CONFIG --nodes 2 train.steps=10`
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from dist_unlearn.engine.preemption import REQUEUE_EXIT_CODE, Preempted
+
     try:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"dist-unlearn: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        if os.environ.get("RANK", "0") == "0":  # the driver, or rank 0 of a torchrun launch
+            print(f"\ndist-unlearn: {exc}. Run the same command again to resume.", file=sys.stderr, flush=True)
+        return REQUEUE_EXIT_CODE
 
 
 if __name__ == "__main__":

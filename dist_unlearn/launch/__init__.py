@@ -1,0 +1,2 @@
+"""Launching runs on clusters: ``dist-unlearn submit`` renders the sbatch templates of ``slurm/``
+(a Ray cluster per job, or ``srun`` + ``torchrun``) and submits them with ``sbatch``."""
