@@ -26,6 +26,8 @@ def test_contrastive_job_trains_and_improves_held_out_retrieval(tmp_path):
     assert "held-out retrieval" in result.stdout and "recall@1" in result.stdout
     summary = json.loads((tmp_path / "contrastive" / "metrics.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 64 and summary["eval_queries"] == 48
+    # every item's passage (60 people x 4) + 7 attributes of 8 look-alikes per held-out person (12)
+    assert summary["eval_passages"] == 60 * 4 + 12 * 8 * 7
     assert summary["after"]["mrr"] > summary["before"]["mrr"]
     rows = [json.loads(line) for line in (tmp_path / "contrastive" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -33,6 +33,8 @@ from dist_unlearn.models.loading import model_for_config
 
 TRAIN_SPLITS = ("retain", "forget")
 EVAL_SPLIT = "holdout"
+TRAIN_LOOKALIKES = 1
+"""Look-alike-name negatives per training example, the hardest mined (see :mod:`dist_unlearn.data.retrieval`)."""
 
 
 def build_contrastive_loss(cfg: ContrastiveConfig) -> torch.nn.Module:
@@ -61,9 +63,12 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
     model = model_for_config(job.model_dir, cfg.model, kind="encoder")
     facts = load_benchmark(cfg.data)
     examples = mine_hard_negatives(
-        [item for split in TRAIN_SPLITS for item in facts.split(split)], c.hard_negatives, seed=cfg.train.seed
+        [item for split in TRAIN_SPLITS for item in facts.split(split)],
+        c.hard_negatives,
+        seed=cfg.train.seed,
+        lookalikes=TRAIN_LOOKALIKES,
     )
-    eval_set = retrieval_eval_set(facts, EVAL_SPLIT)
+    eval_set = retrieval_eval_set(facts, EVAL_SPLIT, seed=cfg.data.seed)
     engine = initialize_engine(cfg, model, max(1, c.global_batch_size // world), c.lr)
     loss_fn = build_contrastive_loss(c)
 
@@ -115,6 +120,7 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
         "loss": c.loss,
         "train_examples": len(examples),
         "eval_queries": len(eval_set.queries),
+        "eval_passages": len(eval_set.passages),
         "before": before,
         "after": after,
     }
