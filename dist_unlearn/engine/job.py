@@ -57,6 +57,10 @@ def run_job(job: Job | dict[str, Any], reporter: Reporter | None = None) -> dict
         from dist_unlearn.engine.contrastive_loop import run_contrastive
 
         return run_contrastive(job, reporter)
+    if job.kind == "continual":
+        from dist_unlearn.engine.continual_loop import run_continual
+
+        return run_continual(job, reporter)
     from dist_unlearn.engine.unlearn_loop import run_unlearning
 
     return run_unlearning(job, reporter)

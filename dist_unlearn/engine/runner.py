@@ -28,7 +28,8 @@ def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[Job]:
     data = config_to_dict(cfg)
     if cfg.job.kind == "contrastive":
         return [Job(data, "contrastive", "contrastive", assets.target_dir, str(out / "contrastive"))]
-    return [Job(data, "unlearn", name, assets.target_dir, str(out / name)) for name in cfg.method.names]
+    kind = "continual" if cfg.job.kind == "continual" else "unlearn"  # continual: one request sequence per method
+    return [Job(data, kind, name, assets.target_dir, str(out / name)) for name in cfg.method.names]
 
 
 # settings that may change between a run and its resumption
