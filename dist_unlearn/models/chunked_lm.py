@@ -166,8 +166,10 @@ def token_values(
     if chunk_size is None:
         chunk_size = chunk_size_for(int(getattr(head, "out_features", 0) or _vocab_of(head, hidden)))
 
+    frozen_partitioned = _is_partitioned(head) and not any(p.requires_grad for p in head.parameters())
+
     def one_chunk(h: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        logits = head(h)
+        logits = _gathered_linear(head, h) if frozen_partitioned else head(h)
         return fn(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, *rest)
 
     needs_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
@@ -186,6 +188,23 @@ def token_values(
     return torch.cat(pieces, dim=0)[:n]
 
 
+def _is_partitioned(head: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in head.parameters())
+
+
+def _gathered_linear(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A frozen ZeRO-3-partitioned linear head (e.g. the base ``lm_head`` under LoRA) applied with a
+    temporarily gathered copy of its weight (collective). The module's own hooks do not re-gather a
+    frozen weight when the chunk is recomputed in the backward, so the copy is what autograd keeps."""
+    import deepspeed
+
+    params = list(head.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        weight = head.weight.detach().clone()
+        bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
+    return torch.nn.functional.linear(h.to(weight.dtype), weight, bias)
+
+
 def _chunk_bounds(rows: int, num_chunks: int) -> list[tuple[int, int]]:
     """``num_chunks`` contiguous, non-empty (when ``rows ≥ num_chunks``), near-equal row ranges."""
     if num_chunks == 0:
@@ -198,7 +217,7 @@ def _agreed_chunk_count(n: int, chunk_size: int, head: torch.nn.Module, device: 
     """Chunks to use: ``ceil(n / chunk_size)``, raised to the largest over ranks when the head's weight is
     ZeRO-3 partitioned (each head call gathers it collectively, so all ranks must call it equally often)."""
     count = -(-n // chunk_size)
-    partitioned = any(hasattr(p, "ds_id") for p in head.parameters())
+    partitioned = _is_partitioned(head)
     dist = torch.distributed
     if partitioned and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         agreed = torch.tensor([count], device=device)
