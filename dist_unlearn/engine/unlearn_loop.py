@@ -6,6 +6,10 @@ Per step ``s`` each rank draws its slice of the global forget batch and of the g
 (:class:`~dist_unlearn.data.sampling.StepSampler`), computes the objective, and calls
 ``engine.backward`` / ``engine.step``; DeepSpeed averages gradients over ranks, so the update equals
 the one of a single process on the whole global batch.
+
+The objective declares what it reads (:class:`~dist_unlearn.unlearning.batch.DataNeeds`): only those
+streams are sampled (retain and holdout with their own per-rank seeds; refusal / target answers paired
+with the forget rows) and only the reference it needs is built (``none`` for reference-free methods).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from dist_unlearn.config import RunConfig, config_from_dict
 from dist_unlearn.data.qa import QADataset, collate_qa
+from dist_unlearn.data.refusals import idk_items, target_items
 from dist_unlearn.data.sampling import StepSampler
 from dist_unlearn.engine.ds_config import torch_dtype
 from dist_unlearn.engine.export import export_hf_model
@@ -24,10 +29,13 @@ from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
 from dist_unlearn.engine.prepare import load_benchmark
 from dist_unlearn.engine.validate import resolve_reference_mode
 from dist_unlearn.engine.worker import Checkpointer, initialize_engine, progress_bar, resume, start_worker
-from dist_unlearn.eval.answers import evaluate_splits, score_dataset
+from dist_unlearn.eval.answers import evaluate_splits
+from dist_unlearn.eval.periodic import RunEvaluator
+from dist_unlearn.eval.suite import headline
 from dist_unlearn.models.loading import load_tokenizer, model_for_config
-from dist_unlearn.unlearning import objective_from_config
+from dist_unlearn.unlearning import UnlearnBatch, build_reference, objective_from_config
 from dist_unlearn.unlearning.saliency import saliency_mask_for_run
+from dist_unlearn.unlearning.uld import write_uld_artifact
 
 
 def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
@@ -35,6 +43,22 @@ def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
     return {
         split: QADataset(facts.split(split)[:limit], tokenizer, cfg.data.max_length) for split in ("forget", "retain")
     }
+
+
+def _streams(facts, tokenizer, cfg: RunConfig, needs) -> dict[str, QADataset]:
+    """The datasets the objective reads: forget always; retain, holdout, idk, target when needed."""
+    forget_items = facts.split("forget")
+    length = cfg.data.max_length
+    out = {"forget": QADataset(forget_items, tokenizer, length)}
+    if needs.retain:
+        out["retain"] = QADataset(facts.split("retain"), tokenizer, length)
+    if needs.holdout:
+        out["holdout"] = QADataset(facts.split("holdout"), tokenizer, length)
+    if needs.idk:
+        out["idk"] = QADataset(idk_items(forget_items), tokenizer, length)
+    if needs.target:
+        out["target"] = QADataset(target_items(forget_items), tokenizer, length)
+    return out
 
 
 def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -53,46 +77,65 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     tokenizer = load_tokenizer(job.model_dir)
     model = model_for_config(job.model_dir, cfg.model, kind="causal_lm")
     facts = load_benchmark(cfg.data)
-    forget_set = QADataset(facts.split("forget"), tokenizer, cfg.data.max_length)
-    retain_set = QADataset(facts.split("retain"), tokenizer, cfg.data.max_length)
     objective = objective_from_config(cfg, job.name)
-    reference_mode = resolve_reference_mode(cfg, job.name, objective.needs_reference)
+    needs = objective.needs
+    reference_mode = resolve_reference_mode(cfg, job.name, objective)
+    streams = _streams(facts, tokenizer, cfg, needs)
+    objective.prepare_model(model)  # e.g. RMU: only the chosen layers train
     engine = initialize_engine(cfg, model, cfg.train.forget_batch_size // world, cfg.train.lr)
     pad_id = tokenizer.pad_token_id
     eval_sets = _eval_datasets(facts, tokenizer, cfg)
 
-    # π_ref log-probs of every forget answer, from the starting weights, before any checkpoint is loaded
-    reference_logprob = None
-    if reference_mode == "cached":
-        reference_logprob = score_dataset(engine, forget_set, pad_id, device=device)[:, 0]
+    # π_ref from the starting weights, built before any checkpoint is loaded (cached: scored now)
+    reference = build_reference(
+        reference_mode,
+        engine,
+        model_path=job.model_dir,
+        pad_token_id=pad_id,
+        seq_datasets={name: streams[name] for name in needs.seq_streams},
+        hidden_datasets={name: streams[name] for name in needs.hidden_streams},
+        layer_names=objective.layer_names(engine),
+        micro_batch_size=cfg.train.forget_batch_size // world,
+        dtype=cfg.model.dtype,
+        device=device,
+    )
 
     # SalUn mask from the starting weights (None unless method.saliency < 1)
-    saliency = saliency_mask_for_run(engine, forget_set, pad_id, cfg.method.saliency, device)
+    saliency = saliency_mask_for_run(engine, streams["forget"], pad_id, cfg.method.saliency, device)
     start_step, before = resume(engine, reporter, job.name)
     if before is None:
         before = evaluate_splits(engine, eval_sets, pad_id, device=device)
 
-    forget_sampler = StepSampler(len(forget_set), cfg.train.forget_batch_size, rank, world, cfg.train.seed, "forget")
-    retain_sampler = None
-    if objective.uses_retain and cfg.train.retain_batch_size > 0:
-        retain_sampler = StepSampler(
-            len(retain_set), cfg.train.retain_batch_size, rank, world, cfg.train.seed, "retain"
+    samplers = {
+        "forget": StepSampler(
+            len(streams["forget"]), cfg.train.forget_batch_size, rank, world, cfg.train.seed, "forget"
         )
+    }
+    if needs.retain and cfg.train.retain_batch_size > 0:
+        samplers["retain"] = StepSampler(
+            len(streams["retain"]), cfg.train.retain_batch_size, rank, world, cfg.train.seed, "retain"
+        )
+    if needs.holdout:
+        samplers["holdout"] = StepSampler(
+            len(streams["holdout"]), cfg.train.forget_batch_size, rank, world, cfg.train.seed, "holdout"
+        )
+    paired = [name for name in ("idk", "target") if name in streams]  # rows follow the forget rows
+
+    def sub_batch(name: str, indices: list[int]) -> dict[str, Any]:
+        return {k: v.to(device) for k, v in collate_qa([streams[name][i] for i in indices], pad_id).items()}
 
     log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard, resume_from_step=start_step)
     checkpointer = Checkpointer(engine, reporter, run_dir, cfg, cfg.train.steps, before)
+    evaluator = RunEvaluator(cfg, tokenizer, facts, run_dir, job.model_dir, device)  # eval suite
+    save_dtype = torch_dtype(cfg.output.save_dtype)
     progress = progress_bar(cfg.train.steps, start_step, f"unlearn {job.name}")
     engine.train()
     for step in range(start_step, cfg.train.steps):
         started = time.perf_counter()
-        forget_idx = forget_sampler.indices(step)
-        forget_batch = {k: v.to(device) for k, v in collate_qa([forget_set[i] for i in forget_idx], pad_id).items()}
-        retain_batch = None
-        if retain_sampler is not None:
-            retain_idx = retain_sampler.indices(step)
-            retain_batch = {k: v.to(device) for k, v in collate_qa([retain_set[i] for i in retain_idx], pad_id).items()}
-        ref = reference_logprob[forget_idx].to(device) if reference_logprob is not None else None
-        out = objective(engine, forget_batch, retain_batch, ref)
+        indices = {name: sampler.indices(step) for name, sampler in samplers.items()}
+        parts = {name: sub_batch(name, idx) for name, idx in indices.items()}
+        parts.update({name: sub_batch(name, indices["forget"]) for name in paired})
+        out = objective(engine, UnlearnBatch(**parts), reference=reference)
         engine.backward(out.loss)
         if saliency is not None:
             saliency.apply(engine)
@@ -105,11 +148,14 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         progress.update(1)
         progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
         checkpointer.after_step(step + 1, values)
+        evaluator.after_step(engine, step + 1, lambda e, d: export_hf_model(e, tokenizer, d, save_dtype))
     progress.close()
     log.close()
 
     after = evaluate_splits(engine, eval_sets, pad_id, device=device)
     export_hf_model(engine, tokenizer, run_dir / "model", torch_dtype(cfg.output.save_dtype))
+    if job.name == "uld" and rank == 0:  # the trained model is ULD's assistant; inference needs both
+        write_uld_artifact(run_dir, job.model_dir, run_dir / "model", float(objective.params.get("alpha", 0.5)))
     summary = {
         "method": job.name,
         "steps": cfg.train.steps,
@@ -119,5 +165,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         "before": before,
         "after": after,
     }
+    if job.name != "uld":  # ULD's exported model is its assistant, not an unlearned model
+        summary["eval"] = headline(evaluator.finish(run_dir / "model"))
     checkpointer.finish(run_dir, summary)
     return summary

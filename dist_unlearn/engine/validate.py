@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from dist_unlearn.config import ConfigError, RunConfig
-from dist_unlearn.unlearning import objective_from_config
+from dist_unlearn.unlearning import UnlearningObjective, objective_from_config
+from dist_unlearn.unlearning.reference import SERVES
 
 
-def resolve_reference_mode(cfg: RunConfig, name: str, needs_reference: bool) -> str:
-    """The reference strategy for method ``name``: ``auto`` -> ``cached`` when it needs π_ref, else ``none``.
+def resolve_reference_mode(cfg: RunConfig, name: str, objective: UnlearningObjective) -> str:
+    """The reference strategy of method ``name`` in this run.
+
+    A reference-free objective always gets ``none`` (nothing is loaded, whatever ``method.reference``
+    says). Otherwise ``auto`` picks ``adapter_disabled`` with LoRA (no second copy), ``sharded`` when
+    π_ref token logits are needed (KL, UNDIAL), else ``cached``.
 
     Raises:
-        ValueError: ``method.reference=none`` for a method that needs a reference model.
+        ValueError: the mode cannot serve what the objective needs, or cannot run with this model;
+            the message names ``method.reference`` and the fix.
     """
+    kinds = objective.needs.reference
+    if not kinds:
+        return "none"
     mode = cfg.method.reference
+    lora = cfg.model.lora.r > 0
     if mode == "auto":
-        return "cached" if needs_reference else "none"
-    if mode == "none" and needs_reference:
+        return "adapter_disabled" if lora else ("sharded" if "logits" in kinds else "cached")
+    if mode == "none":
         raise ValueError(
             f"method.reference: '{name}' needs a reference model but method.reference=none. "
-            "Fix: method.reference=cached (or auto)"
+            "Fix: method.reference=auto (or cached/sharded/adapter_disabled/quantized)"
+        )
+    missing = sorted(kinds - SERVES[mode])
+    if missing:
+        raise ValueError(
+            f"method.reference: '{name}' needs π_ref {', '.join(missing)} which method.reference={mode} cannot "
+            "provide (cached holds sequence log-probs and small activations, not token logits). "
+            "Fix: method.reference=sharded (or quantized, or adapter_disabled with model.lora.r>0)"
+        )
+    if mode == "adapter_disabled" and not lora:
+        raise ValueError(
+            f"method.reference: '{name}' with method.reference=adapter_disabled needs LoRA adapters. "
+            "Fix: set model.lora.r (e.g. model.lora.r=8), or method.reference=cached|sharded"
+        )
+    if mode == "quantized" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            "method.reference=quantized needs bitsandbytes. Fix: pip install bitsandbytes, or method.reference=sharded"
         )
     return mode
 
@@ -37,13 +65,24 @@ def validate_run(cfg: RunConfig) -> None:
             problems.append(f"method.params.{name}: {exc}")
             continue
         try:
-            resolve_reference_mode(cfg, name, objective.needs_reference)
+            resolve_reference_mode(cfg, name, objective)
         except ValueError as exc:
             problems.append(str(exc))
-        if objective.uses_retain and cfg.train.retain_batch_size == 0 and cfg.method.retain_weight > 0:
+        needs = objective.needs
+        if needs.retain and cfg.train.retain_batch_size == 0:
             problems.append(
                 f"train.retain_batch_size: '{name}' has a retain term but train.retain_batch_size=0. "
                 "Fix: set train.retain_batch_size to a multiple of ray.num_workers, or method.retain_weight=0"
+            )
+        if needs.holdout and cfg.data.holdout_fraction == 0 and cfg.data.source == "fictitious":
+            problems.append(
+                f"data.holdout_fraction: '{name}' uses held-out examples but data.holdout_fraction=0. "
+                "Fix: data.holdout_fraction=0.1"
+            )
+        if name == "contrastive" and cfg.train.retain_batch_size < cfg.train.forget_batch_size:
+            problems.append(
+                "train.retain_batch_size: 'contrastive' needs at least one retain negative per forget example. "
+                f"Fix: train.retain_batch_size>={cfg.train.forget_batch_size}"
             )
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems), problems)
