@@ -59,7 +59,7 @@ def _run(tmp_path: Path, target: str, weight: float) -> list[dict]:
         job={"kind": "continual"},
         model={"path": target, "lora": {"r": 4, "alpha": 8}},
         method={"names": ["npo_gd"]},
-        train={"steps": 8, "forget_batch_size": 4, "retain_batch_size": 4, "lr": 1.0e-2},
+        train={"steps": 8, "forget_batch_size": 4, "retain_batch_size": 4, "lr": 6.0e-3},
         deepspeed={"zero_stage": 2},
         ray={"enabled": False, "num_workers": 1},
         continual={"num_requests": 2, "orthogonal_weight": weight},

@@ -174,7 +174,17 @@ def run_continual(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
             tokenizer.save_pretrained(out)
 
         _save_atomic(run_dir / "model", write_merged)
-    summary = {"method": job.name, "kind": "continual", "world_size": world, "requests": history}
+    first, last = history[0]["eval"], history[-1]["eval"]
+    summary = {
+        "method": job.name,
+        "kind": "continual",
+        "world_size": world,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        # every forget person: before any request, and with all adapters applied
+        "before": {"forget": first["forget_to_come"], "retain": first["retain"]},
+        "after": {"forget": last["forget_so_far"], "retain": last["retain"]},
+        "requests": history,
+    }
     if is_main_process():
         write_json_atomic(run_dir / "metrics.json", summary)
     reporter.report({"done": 1, "requests": len(groups)}, None)
