@@ -4,8 +4,9 @@ every result with the suite (plus the starting model and the oracle), and write 
 Methods: ``--methods a,b`` or ``--methods all`` (every name in the ``OBJECTIVES`` registry, so new
 objectives appear without changes here); default: ``method.names`` of the config. Each method runs as
 its own ``dist-unlearn run`` process, so a method that fails (e.g. needs data the benchmark lacks) is
-recorded in ``bench_unlearning.json`` with its error and the others go on. The evaluation is one
-``dist-unlearn eval`` process over all models (the oracle is scored once).
+recorded in ``bench_unlearning.json`` with its error and the others go on. Each run evaluates its model
+at the end (``RUN/eval.json``, with ``eval.attacks``); the starting model and the oracle are evaluated
+here with the same suite.
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dist_unlearn.cli", *args], capture_output=True, text=True)
 
 
-def run(config: str, overrides: list[str], methods: list[str], out_dir: Path, use_ray: bool = False) -> dict[str, Any]:
-    """Run each method, evaluate all models, write ``report.md``/``tradeoff.png``; returns the bench record."""
+def run(
+    config: str, overrides: list[str], methods: list[str], out_dir: Path, load, use_ray: bool = False
+) -> dict[str, Any]:
+    """Run each method, evaluate the baselines, write ``report.md``/``tradeoff.png``; returns the bench record.
+
+    ``load(config, overrides)`` is the CLI's validating config loader."""
+    from dist_unlearn.engine.eval_job import run_eval_without_ray
+    from dist_unlearn.engine.prepare import resolve_model_assets
     from dist_unlearn.engine.worker import write_json_atomic
     from dist_unlearn.eval.report import write_report
 
@@ -55,18 +62,20 @@ def run(config: str, overrides: list[str], methods: list[str], out_dir: Path, us
     record: dict[str, Any] = {"config": config, "overrides": base, "methods": {}}
     for name in methods:
         started = time.perf_counter()
-        result = _cli(["run", config, *base, f"method.names={name}"])
+        result = _cli(["run", config, *base, f"method.names={name}", "--restart"])
         status = "ok" if result.returncode == 0 else "failed"
         record["methods"][name] = {"status": status, "seconds": round(time.perf_counter() - started, 1)}
         if status == "failed":
             record["methods"][name]["error"] = (result.stderr.strip().splitlines() or ["?"])[-1][:300]
         print(f"bench unlearning: {name}: {status} ({record['methods'][name]['seconds']} s)", flush=True)
-    done = [n for n, r in record["methods"].items() if r["status"] == "ok"]
+    # each finished run wrote its own eval.json (the suite runs at the end of `dist-unlearn run`);
+    # the starting model and the oracle are evaluated here, in this process
     started = time.perf_counter()
-    result = _cli(["eval", config, *base, f"method.names={','.join(done)}" if done else "method.names=ga"])
-    record["eval_seconds"] = round(time.perf_counter() - started, 1)
-    if result.returncode != 0:
-        raise RuntimeError(f"dist-unlearn eval failed:\n{result.stderr[-3000:]}")
+    cfg = load(config, overrides)
+    assets = resolve_model_assets(cfg)
+    baselines = {"original": assets.target_dir, **({"oracle": assets.oracle_dir} if assets.oracle_dir else {})}
+    run_eval_without_ray(cfg, baselines, assets.oracle_dir)
+    record["baseline_eval_seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(out_dir / "bench_unlearning.json", record)
     failed = {n: r["error"] for n, r in record["methods"].items() if r["status"] != "ok"}
     notes = "".join(f"\n- `{n}` did not run: {err}" for n, err in failed.items())
@@ -80,5 +89,5 @@ def main_from_args(args: argparse.Namespace, load) -> int:
     """Entry point of the CLI (``load`` validates the config like every other command)."""
     cfg = load(args.config, args.overrides)
     methods = resolve_methods(args.methods, cfg.method.names)
-    run(args.config, args.overrides, methods, Path(cfg.output.dir), use_ray=args.ray)
+    run(args.config, args.overrides, methods, Path(cfg.output.dir), load, use_ray=args.ray)
     return 0

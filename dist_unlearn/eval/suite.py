@@ -52,6 +52,8 @@ class EvalSettings:
     max_length: int = 64
     seed: int = 0
     batch_size: int = 32
+    splits: tuple[str, ...] = SPLITS
+    """Splits to score (attacked models: forget and holdout only)."""
 
 
 def settings_from_config(cfg: Any, **changes: Any) -> EvalSettings:
@@ -121,7 +123,7 @@ def evaluate_model(
     pad = tokenizer.pad_token_id
     out: dict[str, Any] = {"splits": {}, "per_example": {}}
     mia: dict[str, dict[str, torch.Tensor]] = {}
-    for split in SPLITS:
+    for split in settings.splits:
         items = split_items(facts, split, settings.max_examples)
         if not items:
             continue
@@ -244,7 +246,7 @@ def evaluate_directory(
         "oracle": oracle_result,
     }
     del model
-    attack_settings = dataclasses.replace(settings, sampled_generations=0)
+    attack_settings = dataclasses.replace(settings, sampled_generations=0, splits=("forget", "holdout"))
     for name in cfg.eval.attacks:
         attacked = attacked_model(name, model_dir, tokenizer, facts, cfg)
         out["attacks"][name] = evaluate_model(attacked, tokenizer, facts, attack_settings, oracle_result, device)

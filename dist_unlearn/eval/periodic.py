@@ -1,0 +1,97 @@
+"""The suite inside ``dist-unlearn run``: every ``eval.every_steps`` steps and at the end.
+
+* Periodic (``eval.every_steps > 0``): :func:`~dist_unlearn.eval.suite.evaluate_model` on the live engine
+  (scores sharded over the ranks; greedy generation only when the engine is not ZeRO-3, since
+  ``generate`` needs whole weights on each rank; no sampled generations), appended to
+  ``RUN/eval_steps.jsonl``. When ``eval.best_metric`` improves, the weights are exported to
+  ``RUN/best_model`` (HF format, written to a temporary directory and renamed by the exporter) and
+  ``RUN/best.json`` records the step and value.
+* Final: the exported ``RUN/model`` is evaluated with the full suite and the ``eval.attacks``
+  (:func:`~dist_unlearn.eval.suite.evaluate_directory`), written to ``RUN/eval.json``.
+
+The oracle (for forget quality and PrivLeak) is the embedded benchmark's ``oracle`` next to the target
+model directory, when it exists; it is scored once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_unlearn.data.facts import FactsBenchmark
+from dist_unlearn.distributed.env import barrier, is_main_process
+from dist_unlearn.eval.suite import best_score, evaluate_directory, evaluate_model, settings_from_config
+
+
+def oracle_dir_for(model_dir: str | Path) -> str | None:
+    """``<dir>/../oracle`` when ``model_dir`` is the embedded benchmark's target, else ``None``."""
+    path = Path(model_dir)
+    oracle = path.parent / "oracle"
+    return str(oracle) if path.name == "target" and (oracle / "config.json").is_file() else None
+
+
+class RunEvaluator:
+    """Periodic and final evaluation of one unlearning run (all methods are collective)."""
+
+    def __init__(self, cfg: Any, tokenizer: Any, facts: FactsBenchmark, run_dir: Path, model_dir: str, device: Any):
+        self.cfg, self.tokenizer, self.facts, self.run_dir, self.device = cfg, tokenizer, facts, Path(run_dir), device
+        self.oracle_dir = oracle_dir_for(model_dir)
+        self.oracle_result: dict[str, Any] | None = None
+        self.best = float("-inf")
+        best_file = self.run_dir / "best.json"
+        if best_file.is_file():  # resumed run: keep the best so far
+            self.best = float(json.loads(best_file.read_text())["value"])
+
+    def _reference(self) -> dict[str, Any] | None:
+        if self.oracle_result is None and self.oracle_dir is not None:
+            from dist_unlearn.models.loading import load_causal_lm
+
+            oracle = load_causal_lm(self.oracle_dir, torch.float32, "eager")
+            settings = settings_from_config(self.cfg, generate=False)
+            self.oracle_result = evaluate_model(oracle, self.tokenizer, self.facts, settings, device=self.device)
+        return self.oracle_result
+
+    def after_step(self, engine: Any, step: int, export) -> None:
+        """Evaluate at multiples of ``eval.every_steps``; ``export(engine, out_dir)`` saves a best model."""
+        every = self.cfg.eval.every_steps
+        if not every or step % every:
+            return
+        settings = settings_from_config(
+            self.cfg, generate=self.cfg.eval.generate and self.cfg.deepspeed.zero_stage < 3, sampled_generations=0
+        )
+        result = evaluate_model(engine, self.tokenizer, self.facts, settings, self._reference(), self.device)
+        engine.train()
+        score = best_score(result, self.cfg.eval.best_metric)
+        if is_main_process():
+            with open(self.run_dir / "eval_steps.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": step, "result": _lean(result)}) + "\n")
+        if score > self.best:
+            self.best = score
+            export(engine, self.run_dir / "best_model")
+            if is_main_process():
+                from dist_unlearn.engine.worker import write_json_atomic
+
+                write_json_atomic(
+                    self.run_dir / "best.json", {"step": step, "metric": self.cfg.eval.best_metric, "value": score}
+                )
+
+    def finish(self, model_dir: Path) -> dict[str, Any]:
+        """Full suite (and attacks) on the exported model; rank 0 writes ``eval.json``. Returns the result."""
+        barrier()  # the exported model is complete on disk before any rank loads it
+        evaluation = evaluate_directory(
+            self.cfg, str(model_dir), self.oracle_dir, self.facts, self.device, self._reference()
+        )
+        if is_main_process():
+            from dist_unlearn.engine.worker import write_json_atomic
+
+            evaluation["name"] = self.run_dir.name
+            write_json_atomic(self.run_dir / "eval.json", evaluation)
+        return evaluation
+
+
+def _lean(result: dict[str, Any]) -> dict[str, Any]:
+    """A result without its per-example lists (periodic records stay small)."""
+    return {**result, "per_example": {}}
