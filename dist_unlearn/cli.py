@@ -20,6 +20,9 @@ def _load(path: str, overrides: list[str]) -> RunConfig:
 
     cfg = load_config(path, overrides, known_methods=OBJECTIVES)
     validate_run(cfg)
+    from dist_unlearn.eval.suite import check_eval_config
+
+    check_eval_config(cfg)
     return cfg
 
 
