@@ -98,3 +98,17 @@ def test_two_requests_orthogonal_adapters_and_metrics(tmp_path, small_target) ->
     recomputed = sum(float((v @ by_module[k.split(".lora_A")[0]].T).pow(2).sum()) for k, v in a2.items())
     assert recomputed == pytest.approx(history[2]["orthogonality"], rel=1e-4)
     assert history[2]["orthogonality"] < 0.5 * free[2]["orthogonality"]
+
+
+def test_config_refuses_continual_without_lora_or_under_zero3_and_saliency_with_decay() -> None:
+    from dist_unlearn.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"job": {"kind": "continual"}, "deepspeed": {"zero_stage": 3}})
+    assert "Fix: e.g. model.lora.r=8" in str(err.value) and "Fix: deepspeed.zero_stage=2" in str(err.value)
+    with pytest.raises(
+        ConfigError, match=r"method.saliency=0.5 with train.weight_decay=0.1.*Fix: set train.weight_decay=0"
+    ):
+        config_from_dict({"method": {"saliency": 0.5}, "train": {"weight_decay": 0.1}})
+    with pytest.raises(ConfigError, match=r"method.saliency: must be > 0.0 and <= 1.0, got 1.5"):
+        config_from_dict({"method": {"saliency": 1.5}})
