@@ -56,3 +56,15 @@ def test_bad_files_name_the_problem(tmp_path):
         load_formatted(f"tofu:{tmp_path}")
     with pytest.raises(ValueError, match="lacks forget_qa or retain_qa"):
         load_formatted(f"muse:{tmp_path}")
+
+
+def test_config_source_reaches_the_loader(tmp_path):
+    from dist_unlearn.config import load_config
+    from dist_unlearn.engine.prepare import load_benchmark
+
+    (tmp_path / "forget10.json").write_text(json.dumps(_tofu_rows("f", 2)))
+    (tmp_path / "retain90.json").write_text(json.dumps(_tofu_rows("r", 3)))
+    (tmp_path / "run.yaml").write_text("model: {path: embedded}\n")
+    cfg = load_config(tmp_path / "run.yaml", [f"data.source=tofu:{tmp_path}"])
+    facts = load_benchmark(cfg.data)
+    assert [len(facts.split(s)) for s in ("forget", "retain")] == [2, 3]

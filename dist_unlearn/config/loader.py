@@ -589,7 +589,8 @@ def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[s
     """
     if not bad & {"output", "output.dir"}:
         cfg.output.dir = str(Path(cfg.output.dir).expanduser().resolve())
-    if not bad & {"data", "data.source"} and cfg.data.source != FICTITIOUS_SOURCE:
+    formatted = cfg.data.source.split(":", 1)[0] in ("tofu", "muse")  # dist_unlearn.data.formats
+    if not bad & {"data", "data.source"} and cfg.data.source != FICTITIOUS_SOURCE and not formatted:
         path = _resolve(cfg.data.source, base_dir)
         fix = f"Fix: give a path to a local .json/.jsonl file, or use data.source={FICTITIOUS_SOURCE}"
         if not path.exists():

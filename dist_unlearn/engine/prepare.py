@@ -24,6 +24,7 @@ import torch
 
 from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, DataConfig, RunConfig
 from dist_unlearn.data.facts import FactsBenchmark, generate_facts, load_qa_file
+from dist_unlearn.data.formats import is_formatted_source, load_formatted
 from dist_unlearn.data.qa import QADataset
 from dist_unlearn.engine.finetune import finetune
 from dist_unlearn.eval.answers import evaluate_splits
@@ -49,6 +50,8 @@ def load_benchmark(data: DataConfig) -> FactsBenchmark:
             holdout_fraction=data.holdout_fraction,
             seed=data.seed,
         )
+    if is_formatted_source(data.source):  # tofu:DIR[@forgetNN] / muse:DIR (or hub names)
+        return load_formatted(data.source)
     return load_qa_file(data.source)
 
 
