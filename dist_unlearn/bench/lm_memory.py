@@ -14,7 +14,9 @@ targets ``y`` ``[n]``; the loss is the mean token negative log-likelihood
   uses: ``c`` rows of logits at a time, recomputed in the backward (peak ≈ a few ``[c, V]`` blocks).
 
 A warm-up on 2 rows first creates the parameter gradient buffers (a training loop keeps them between
-steps), so the measured increase is what the loss itself adds.
+steps), so the measured increase is what the loss itself adds. ``head``: ``trainable`` (the gradient of
+``W`` too: the backward of every chunk makes a ``[V, H]`` weight-gradient block before adding it to
+``W.grad``) or ``frozen`` (gradient for ``h`` only, as with LoRA or a frozen output layer).
 
 ``train_step``: a causal LM loaded by :func:`dist_unlearn.models.loading.model_for_config` (the loading
 path of every run) as ``fp32`` (all weights train) or ``nf4-lora`` (bitsandbytes NF4 base, frozen, LoRA
@@ -66,7 +68,7 @@ def measure_lm_loss(spec: dict[str, Any]) -> dict[str, Any]:
     n, hidden_size, vocab = spec["tokens"], spec["hidden"], spec["vocab"]
     torch.manual_seed(0)  # the head's initialisation
     generator = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(hidden_size, vocab).to(device)
+    head = torch.nn.Linear(hidden_size, vocab).to(device).requires_grad_(spec.get("head", "trainable") == "trainable")
     hidden = (torch.randn(n, hidden_size, generator=generator) / hidden_size**0.5).to(device).requires_grad_(True)
     targets = torch.randint(vocab, (n,), generator=generator).to(device)
     lm_loss(spec["method"], head, hidden[:2], targets[:2]).backward()  # gradient buffers exist before the baseline
@@ -131,6 +133,9 @@ def measure_train_step(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         model_cfg = ModelConfig(path=spec["model_dir"], quantization="nf4", lora=LoraSettings(r=spec["lora_r"]))
     model = model_for_config(spec["model_dir"], model_cfg).to(device).train()
+    with torch.no_grad():  # weights loaded from a memory-mapped file become resident only when read
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.float().sum() if tensor.is_floating_point() else tensor.sum()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     probe = PeakProbe("cuda" if device.startswith("cuda") else "cpu")

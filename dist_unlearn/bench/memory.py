@@ -102,13 +102,14 @@ class PeakProbe:
         }
 
 
-def run_worker(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Measure one configuration in a fresh interpreter (``python -m dist_unlearn.bench.worker SPEC``).
+def run_worker(spec: dict[str, Any], timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Measure one configuration in a fresh interpreter (``python -m dist_unlearn.bench.worker SPEC``),
+    with ``env`` added to its environment (e.g. ``MALLOC_MMAP_THRESHOLD_``, see :func:`malloc_env`).
 
     Returns the worker's JSON result, or ``{"error": ...}`` when it fails, runs out of memory or time.
     """
     cmd = [sys.executable, "-m", "dist_unlearn.bench.worker", json.dumps(spec)]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {}))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     except subprocess.TimeoutExpired:
@@ -118,3 +119,15 @@ def run_worker(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
     return json.loads(lines[-1])
+
+
+def malloc_env(mmap_threshold: int) -> dict[str, str]:
+    """Environment fixing glibc's mmap threshold at ``mmap_threshold`` bytes (0: leave glibc's default).
+
+    By default glibc raises the threshold dynamically (up to 32 MiB) after large blocks are freed, so
+    later blocks of a few MiB come from the heap and freed ones often stay resident: the RSS then
+    counts memory that the process freed long ago (seen for the chunked LM loss, whose chunks are
+    allocated and freed many times). A fixed threshold returns every large block to the OS on free,
+    so the RSS peak follows the memory actually live, as ``torch.cuda.max_memory_allocated`` does on GPU.
+    """
+    return {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold > 0 else {}

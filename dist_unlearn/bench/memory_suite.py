@@ -19,7 +19,10 @@ reference
     what each ``method.reference`` strategy adds on top of the training model, per rank, on the same
     models (:func:`dist_unlearn.bench.reference_memory.measure_reference`).
 
-The JSON is rewritten (temp file, then rename) after every part.
+On the CPU the measuring processes run with glibc's mmap threshold fixed (``--malloc-mmap-threshold``,
+default 64 KiB; see :func:`~dist_unlearn.bench.memory.malloc_env`) so that freed blocks leave the RSS;
+``--malloc-mmap-threshold 0`` measures with glibc's default instead. The JSON is rewritten (temp file,
+then rename) after every part.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dist_unlearn.bench.contrastive import machine_info, write_json
 
 PARTS = ("loss", "step", "reference")
 MODELS = ("quickstart", "llama-1024x8", "tiny")
+HEADS = ("trainable", "frozen")
 BIG_LLAMA = {"hidden_size": 1024, "num_layers": 8, "num_heads": 16, "vocab_size": 32000}
 TINY_LLAMA = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 0}
 """``tiny``: a smoke-test model (seconds per point); vocabulary 0 = the quickstart tokenizer's."""
@@ -47,12 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="loss part: scored tokens n")
     parser.add_argument("--hidden", type=int, default=1024, help="loss part: hidden size H")
     parser.add_argument("--vocabs", default="32000,128256", help="loss part: vocabulary sizes")
+    parser.add_argument("--heads", default="trainable,frozen", help="loss part: output head trainable and/or frozen")
     parser.add_argument("--models", default="quickstart,llama-1024x8", help=f"step/reference parts: of {MODELS}")
     parser.add_argument("--config", default=QUICKSTART_CONFIG, help="run config giving the data and model shape")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the nf4 runs")
     parser.add_argument("--modes", default="none,cached,adapter_disabled,sharded,quantized", help="reference part")
     parser.add_argument("--work-dir", default=None, help="where bench models are saved (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per measuring subprocess")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=65536,
+        help="glibc MALLOC_MMAP_THRESHOLD_ for the measuring processes (0 = glibc's dynamic default)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
@@ -71,6 +82,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.parts = _names(args.parts, PARTS, "--parts")
     args.models = _names(args.models, MODELS, "--models")
     args.modes = _names(args.modes, REFERENCE_MODES, "--modes")
+    args.heads = _names(args.heads, HEADS, "--heads")
     try:
         args.vocabs = args.vocabs if isinstance(args.vocabs, list) else [int(v) for v in args.vocabs.split(",")]
     except ValueError as exc:
@@ -90,9 +102,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _measure(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from dist_unlearn.bench.memory import run_worker
+    from dist_unlearn.bench.memory import malloc_env, run_worker
 
-    return run_worker({**spec, "device": args.device}, args.timeout)
+    return run_worker({**spec, "device": args.device}, args.timeout, malloc_env(args.malloc_mmap_threshold))
 
 
 def _ratio(top: dict[str, Any], bottom: dict[str, Any]) -> float | None:
@@ -105,13 +117,14 @@ def _ratio(top: dict[str, Any], bottom: dict[str, Any]) -> float | None:
 def part_loss(args: argparse.Namespace, _models: dict[str, Any]) -> list[dict[str, Any]]:
     """Plain vs chunked LM loss peak for each vocabulary."""
     rows = []
-    for vocab in args.vocabs:
-        row: dict[str, Any] = {"tokens": args.tokens, "hidden": args.hidden, "vocab": vocab}
-        for method in ("plain", "chunked"):
-            spec = {"kind": "lm_loss", "method": method, "tokens": args.tokens, "hidden": args.hidden, "vocab": vocab}
-            row[method] = _measure(spec, args)
-        row["chunked_over_plain"] = _ratio(row["chunked"], row["plain"])
-        rows.append(row)
+    for head in args.heads:
+        for vocab in args.vocabs:
+            row: dict[str, Any] = {"tokens": args.tokens, "hidden": args.hidden, "vocab": vocab, "head": head}
+            for method in ("plain", "chunked"):
+                spec = {"kind": "lm_loss", "method": method, "tokens": args.tokens, "hidden": args.hidden}
+                row[method] = _measure({**spec, "vocab": vocab, "head": head}, args)
+            row["chunked_over_plain"] = _ratio(row["chunked"], row["plain"])
+            rows.append(row)
     return rows
 
 
@@ -216,7 +229,8 @@ def table(results: dict[str, Any]) -> str:
     lines = []
     for row in results.get("lm_loss_memory", []):
         lines.append(
-            f"LM loss n={row['tokens']} H={row['hidden']} V={row['vocab']}: plain {_mib(row['plain'])}  "
+            f"LM loss n={row['tokens']} H={row['hidden']} V={row['vocab']} head {row['head']}: "
+            f"plain {_mib(row['plain'])}  "
             f"chunked {_mib(row['chunked'])}  chunked/plain {row['chunked_over_plain']}"
         )
     for row in results.get("train_step_memory", []):
@@ -238,6 +252,7 @@ PART_MODES = ("none", "cached", "adapter_disabled", "sharded", "quantized")
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the selected parts (``args`` from :func:`resolve`), rewriting ``args.out`` after each."""
     results: dict[str, Any] = {"machine": machine_info(args.device)}
+    results["malloc_mmap_threshold"] = args.malloc_mmap_threshold or "glibc default (dynamic)"
     own_dir = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="bench-memory-")) if own_dir else Path(args.work_dir)
     try:
