@@ -76,3 +76,44 @@ def test_peak_probe_sees_an_allocation():
     out = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT], capture_output=True, text=True, timeout=120, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["peak_increase_mib"] > 32
+
+
+def test_bench_memory_writes_loss_and_step_json(tmp_path, capsys):
+    """``bench memory`` at smoke-test sizes: every point measured (fresh processes), the keys exist, and the
+    plain and chunked losses agree with each other and with ``ln V`` (near-zero logits: softmax ≈ uniform)."""
+    import math
+
+    out = tmp_path / "memory.json"
+    argv = ["bench", "memory", "--parts", "loss,step", "--tokens", "256", "--hidden", "64", "--vocabs", "4096"]
+    argv += ["--heads", "frozen", "--models", "tiny", "--lora-r", "4", "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert not (tmp_path / "memory.json.tmp").exists()
+    assert data["machine"]["cpu_count"] > 0
+
+    (row,) = data["lm_loss_memory"]
+    assert (row["tokens"], row["hidden"], row["vocab"], row["head"]) == (256, 64, 4096, "frozen")
+    for method in ("plain", "chunked"):
+        assert "error" not in row[method], row[method]
+        assert row[method]["peak_increase_mib"] >= 0 and row[method]["seconds"] > 0
+        assert abs(row[method]["loss"] - math.log(4096)) < 0.05
+    assert abs(row["plain"]["loss"] - row["chunked"]["loss"]) < 1e-4
+    assert row["chunked_over_plain"] is not None
+
+    (step,) = data["train_step_memory"]
+    fp32, nf4 = step["fp32"], step["nf4-lora"]
+    assert "error" not in fp32 and "error" not in nf4, (fp32, nf4)
+    assert fp32["trainable_parameters"] == fp32["parameters"] == data["models"]["tiny"]["shape"]["parameters"]
+    assert 0 < nf4["trainable_parameters"] < fp32["trainable_parameters"]
+    for entry in (fp32, nf4):
+        assert entry["total_mib"] == pytest.approx(entry["model_mib"] + entry["peak_increase_mib"], abs=0.2)
+    assert "step tiny" in capsys.readouterr().out
+
+
+def test_bench_memory_rejects_bad_lists(capsys):
+    assert main(["bench", "memory", "--parts", "loss,bogus"]) == 2
+    assert "--parts" in capsys.readouterr().err
+    assert main(["bench", "memory", "--vocabs", "32k"]) == 2
+    assert "--vocabs" in capsys.readouterr().err
+    assert main(["bench", "memory", "--heads", "thawed"]) == 2
+    assert "--heads" in capsys.readouterr().err
