@@ -81,16 +81,15 @@ class _Slot:
 
     def set(self, value: torch.Tensor) -> None:
         """Write ``value`` (``[valid]``) back as this rank's gradient of the parameter."""
-        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
+        from deepspeed.utils import safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
 
         if self.partitioned:
             local = safe_get_local_grad(self.param)
             full = local.reshape(-1).clone()
             full[: self.valid] = value.to(full.dtype)
             safe_set_local_grad(self.param, full.view_as(local))
-        else:
-            grad = safe_get_full_grad(self.param)
-            safe_set_full_grad(self.param, value.to(grad.dtype).view_as(grad))
+        else:  # ZeRO 1/2 keep fp32 gradient fragments; a plain .grad is cast by copy_
+            safe_set_full_grad(self.param, value.view(self.param.shape))
 
 
 def _slots(model: Any) -> tuple[list[_Slot], bool]:
