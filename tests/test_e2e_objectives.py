@@ -1,10 +1,16 @@
-"""Every objective through ``dist-unlearn run`` on the embedded default: 2 Ray workers, DeepSpeed ZeRO-3,
-a couple of steps each, all methods in ONE run (one Ray cluster, one TorchTrainer per method)."""
+"""Every objective through ``dist-unlearn run`` on the embedded default: 2 workers, DeepSpeed ZeRO-3, two
+steps each, all methods in ONE run.
+
+In CI the workers are ``torchrun`` ranks (one process group runs every method in turn: one start-up).
+Under Ray each method gets its own TorchTrainer, whose start-up (worker group, imports, DeepSpeed) costs
+far more than the two steps, so the all-methods Ray run is opt-in (``DIST_UNLEARN_E2E_RAY_ALL=1``);
+``tests/test_e2e_unlearn.py`` covers Ray with grad_diff and npo."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import pytest
@@ -26,27 +32,39 @@ EXPECTED_REFERENCE = {name: "none" for name in OBJECTIVES} | {
 }
 
 
-@pytest.fixture(scope="module")
-def all_methods_run(tmp_path_factory, small_target):
-    out = tmp_path_factory.mktemp("all_methods")
+def _run_all(out, small_target, ray: bool):
     cfg = small_run_config(
         out,
         small_target,
         method={"names": list(OBJECTIVES)},
         train={"steps": 2, "forget_batch_size": 4, "retain_batch_size": 4, "lr": 1.0e-3},
+        ray={"enabled": ray, "num_workers": 2},
         checkpoint={"every_steps": 0},
         eval={"max_examples": 4},
         output={"dir": str(out), "save_dtype": "fp32", "tensorboard": False},
     )
     started = time.perf_counter()
-    result = run_cli(["run", str(write_config(out / "run.yaml", cfg))], timeout=1500)
-    return out, result, time.perf_counter() - started
+    run_cli(["run", str(write_config(out / "run.yaml", cfg))], nproc=None if ray else 2, timeout=1500)
+    return out, time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def all_methods_run(tmp_path_factory, small_target):
+    return _run_all(tmp_path_factory.mktemp("all_methods"), small_target, ray=False)
 
 
 def test_every_objective_runs_on_two_workers_zero3(all_methods_run):
-    out, _result, seconds = all_methods_run
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == set(OBJECTIVES)
+    _check_all(*all_methods_run)
+
+
+@pytest.mark.skipif(not os.environ.get("DIST_UNLEARN_E2E_RAY_ALL"), reason="one TorchTrainer start per method")
+def test_every_objective_runs_on_two_ray_workers_zero3(tmp_path, small_target):
+    out, seconds = _run_all(tmp_path, small_target, ray=True)
+    _check_all(out, seconds)
+    assert set(json.loads((out / "summary.json").read_text())) == set(OBJECTIVES)
+
+
+def _check_all(out, seconds):
     for name in OBJECTIVES:
         s = json.loads((out / name / "metrics.json").read_text())
         assert s["world_size"] == 2 and s["zero_stage"] == 3, name
