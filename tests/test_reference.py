@@ -6,6 +6,7 @@ config checks that refuse impossible reference choices before any work."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_world_size_invariance_npo_and_rmu_one_vs_two_ranks(tmp_path, tiny_dir):
         cfg = small_run_config(
             out,
             tiny_dir,
-            method={"names": ["npo", "rmu"], "params": {"rmu": {"steering": 20.0}}},
+            method={"names": ["npo", "rmu", "dpo"], "params": {"rmu": {"steering": 20.0}}},
             train={"steps": 3, "forget_batch_size": 4, "retain_batch_size": 4, "lr": 1e-3},
             ray={"enabled": False, "num_workers": world},
             checkpoint={"every_steps": 0},
@@ -126,14 +127,15 @@ def test_world_size_invariance_npo_and_rmu_one_vs_two_ranks(tmp_path, tiny_dir):
             output={"dir": str(out), "save_dtype": "fp32", "tensorboard": False},
         )
         cfg = config_to_dict(config_from_dict(cfg))
-        run_on_ranks(_loop, world, cfg, tiny_dir, ["npo", "rmu"], timeout=600)
-        curves[world] = {name: _losses(out / name) for name in ("npo", "rmu")}
+        run_on_ranks(_loop, world, cfg, tiny_dir, ["npo", "rmu", "dpo"], timeout=600)
+        curves[world] = {name: _losses(out / name) for name in ("npo", "rmu", "dpo")}
         summary = json.loads((out / "rmu" / "metrics.json").read_text())
         assert summary["reference"] == "cached" and summary["world_size"] == world
-    for name in ("npo", "rmu"):
+    for name in ("npo", "rmu", "dpo"):  # dpo: two cached streams, scored in the same order on every rank
         assert len(curves[1][name]) == 3
         assert curves[1][name] == pytest.approx(curves[2][name], rel=1e-4, abs=1e-6), name
     assert curves[1]["rmu"][-1] < curves[1]["rmu"][0]  # RMU's loss falls
+    assert curves[2]["dpo"][0] == pytest.approx(20 * math.log(2), rel=1e-5)  # π_θ = π_ref at step 1
 
 
 @pytest.mark.parametrize(

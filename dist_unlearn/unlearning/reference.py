@@ -200,10 +200,14 @@ def cached_reference(
     Raises:
         ValueError: the activations would exceed ``max_elements`` values (message names the fix).
     """
-    logprobs = {name: score_dataset(model, ds, pad_token_id, device=device)[:, 0] for name, ds in seq_datasets.items()}
+    # sorted: every rank must score the datasets in the same order (collectives; set order varies per process)
+    logprobs = {
+        name: score_dataset(model, seq_datasets[name], pad_token_id, device=device)[:, 0]
+        for name in sorted(seq_datasets)
+    }
     activations: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     hidden_size = int(getattr(unwrap_model(model).config, "hidden_size", 0))
-    for name, ds in (hidden_datasets or {}).items():
+    for name, ds in sorted((hidden_datasets or {}).items()):
         size = len(ds) * ds.max_length * hidden_size * max(1, len(layer_names))
         if size > max_elements:
             raise ValueError(
