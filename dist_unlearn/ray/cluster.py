@@ -34,7 +34,15 @@ def wait_for_nodes(address: str, nodes: int, timeout: float) -> dict[str, float]
         if time.monotonic() > deadline:
             raise TimeoutError(f"no Ray head answers at {address} after {timeout:.0f} s")
         time.sleep(1)
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    while True:  # the port opens before the GCS answers; on a busy node connecting can take a while
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+            break
+        except (ConnectionError, RuntimeError) as exc:
+            ray.shutdown()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not connect to the Ray head at {address}: {exc}") from exc
+            time.sleep(2)
     try:
         alive = 0
         while time.monotonic() <= deadline:

@@ -1,0 +1,222 @@
+"""``dist-unlearn submit`` on a real one-node Slurm cluster (Debian's slurm-wlm and munge, started by
+:mod:`slurm_cluster` in a temporary directory), running the small embedded unlearning job through
+both sbatch templates:
+
+- ``torchrun``: runs to completion; its weights are the reference of this module;
+- ``torchrun`` and ``ray``: USR1 to the batch shell mid-run (what ``--signal=B:USR1@120`` delivers
+  before the time limit) -> checkpoint at the next step -> ``scontrol requeue`` -> the requeued job
+  resumes from that checkpoint and finishes with the reference's weights.
+
+Requeued jobs are held by Slurm for about two minutes (``BeginTime``); the tests release them with
+``scontrol update JobId=N StartTime=now`` so the suite does not sleep. The rendering and error
+tests at the top need no Slurm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import BIN, small_run_config, write_config
+from safetensors.torch import load_file
+from slurm_cluster import SlurmCluster, missing_binaries
+
+from dist_unlearn.cli import main
+
+STEPS, EVERY = 16, 4
+
+
+def _config(out: Path, target: str | None = None) -> Path:
+    cfg = small_run_config(out, target, train={"steps": STEPS}, checkpoint={"every_steps": EVERY})
+    return write_config(out / "run.yaml", cfg)
+
+
+# --- rendering and errors (no Slurm needed) ---------------------------------------------------
+
+
+def test_dry_run_renders_a_ray_cluster_for_gpu_nodes(tmp_path, capsys):
+    config = _config(tmp_path / "out")
+    argv = ["submit", str(config), "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu"]
+    argv += ["--time", "04:00:00", "--sbatch-arg=--mem=64G", "--dry-run", "train.forget_batch_size=8"]
+    assert main([*argv, "train.retain_batch_size=16"]) == 0
+    script = capsys.readouterr().out
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --mem=64G",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        f"#SBATCH --output={tmp_path / 'out' / 'slurm-%j.log'}",
+        "BASE=$(( 40000 + (SLURM_JOB_ID % 200) * 100 ))",
+    ):
+        assert line in script.splitlines(), line
+    assert '"$BIN/ray" start --head' in script and '"$BIN/ray" start --address="$ADDRESS"' in script
+    assert '--temp-dir="$RAY_TMP"' in script and "RAY_TMP=/tmp/ray-$SLURM_JOB_ID" in script
+    assert '--num-gpus="$GPUS"' in script and "GPUS=${SLURM_GPUS_ON_NODE:-0}" in script
+    run = next(line for line in script.splitlines() if 'dist-unlearn" run' in line)
+    assert run.endswith(
+        "train.forget_batch_size=8 train.retain_batch_size=16 ray.num_workers=8 ray.use_gpu=true "
+        'ray.address="$ADDRESS" &'
+    )
+    assert "{{" not in script and "ray stop" not in script.replace("never `ray stop`", "")
+
+
+def test_dry_run_renders_torchrun_with_rendezvous_on_the_first_node(tmp_path, capsys):
+    config = _config(tmp_path / "out")
+    argv = ["submit", str(config), "--launcher", "torchrun", "--nodes", "2", "--dry-run", "ray.num_workers=4"]
+    assert main(argv) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in script.splitlines() and "#SBATCH --cpus-per-task=2" in script.splitlines()
+    assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert "--nnodes=2 --nproc-per-node=2" in script
+    assert '--rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$PORT" --rdzv-id="$SLURM_JOB_ID"' in script
+    assert "run " + str(config) + " ray.num_workers=4 ray.enabled=false" in script
+    assert "#SBATCH --gpus-per-node" not in script
+
+
+def test_submit_refuses_bad_input_before_anything_is_submitted(tmp_path, capsys, monkeypatch):
+    config = _config(tmp_path / "out")
+    assert main(["submit", str(config), "train.stpes=3", "--dry-run"]) == 2
+    assert "unknown key 'train.stpes'; did you mean 'train.steps'?" in capsys.readouterr().err
+    assert main(["submit", str(config), "--launcher", "torchrun", "--nodes", "2", "ray.num_workers=1"]) == 2
+    err = capsys.readouterr().err
+    assert "ray.num_workers (1) must be a multiple of --nodes (2)" in err and "Fix: set ray.num_workers=2" in err
+    assert main(["submit", str(config), "--nodes", "2", "--gpus-per-node", "3"]) == 2
+    assert "(--nodes 2 --gpus-per-node 3 runs one worker per GPU: ray.num_workers=6)" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(BIN))  # this environment has no sbatch
+    assert main(["submit", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "sbatch not found on PATH" in err and "--dry-run" in err
+    assert not (tmp_path / "out" / "slurm").exists()
+
+
+# --- real Slurm ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("slurmd must run as root to start jobs; run the Slurm tests as root (CI does)")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def _submit(slurm: SlurmCluster, config: Path, *args: str) -> tuple[str, Path]:
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = slurm.run([str(BIN / "dist-unlearn"), "submit", str(config), *args], env=env, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    job = re.search(r"^submitted batch job (\d+) ", result.stdout, re.M)
+    log = re.search(r"^log: (\S+)$", result.stdout, re.M)
+    assert job and log, result.stdout
+    return job.group(1), Path(log.group(1))
+
+
+def _log(path: Path) -> str:
+    return path.read_text().replace("\r", "\n") if path.exists() else ""
+
+
+def _finish(slurm: SlurmCluster, job: str, log: Path, timeout: float = 600) -> dict[str, str]:
+    try:
+        info = slurm.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout)
+    except TimeoutError:
+        slurm.run(["scancel", job], check=False)
+        raise
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, _log(log)[-6000:])
+    return info
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted((run_dir / "model").glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    assert out, f"no exported model in {run_dir}"
+    return out
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, small_target, tmp_path_factory) -> Path:
+    """The torchrun template, uninterrupted: 2 ranks, ZeRO-3, to completion."""
+    out = tmp_path_factory.mktemp("torchrun_ref")
+    job, log = _submit(slurm, _config(out, small_target), "--launcher", "torchrun")
+    info = _finish(slurm, job, log)
+    assert info["Restarts"] == "0"
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_template_runs_the_unlearning_job_to_completion(reference):
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["grad_diff"]["world_size"] == 2
+    assert summary["grad_diff"]["after"]["forget"]["prob"] < summary["grad_diff"]["before"]["forget"]["prob"]
+    assert _steps(reference / "grad_diff") == list(range(1, STEPS + 1))
+    text = _log(next(reference.glob("slurm-*.log")))
+    assert "dist-unlearn: run exited with 0" in text and "requeueing" not in text
+
+
+def _interrupt_and_resume(slurm: SlurmCluster, config: Path, launcher: str) -> tuple[str, str, int, int]:
+    """Submit, send USR1 to the batch shell once the first checkpoint exists, release the requeued
+    job, wait for it; returns (job id, log text, step of the stop, step resumed from)."""
+    out = config.parent
+    job, log = _submit(slurm, config, "--launcher", launcher)
+    first = out / "grad_diff" / "checkpoints" / f"step_{EVERY:06d}"
+    deadline = time.monotonic() + 600
+    while not first.is_dir():
+        info = slurm.job(job)
+        assert info["JobState"] in ("RUNNING", "PENDING"), (info, _log(log)[-4000:])
+        assert time.monotonic() < deadline, _log(log)[-4000:]
+        time.sleep(0.1)
+    slurm.run(["scancel", "--batch", "--signal=USR1", job])
+    info = slurm.wait_for(job, {"PENDING", "COMPLETED", "FAILED"}, 300)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, _log(log)[-4000:])
+    slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # skip Slurm's 2-minute requeue hold
+    info = _finish(slurm, job, log)
+    assert info["Restarts"] == "1"
+    text = _log(log)
+    stopped = re.findall(r"stopped on request after step (\d+) of grad_diff", text)
+    resumed = set(re.findall(r"\[grad_diff\] resumed from \S+ at step (\d+)", text))  # Ray may echo it twice
+    assert len(stopped) == 1 and len(resumed) == 1, text[-6000:]
+    return job, text, int(stopped[0]), int(resumed.pop())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "ray"])
+def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(
+    slurm, small_target, reference, tmp_path, launcher
+):
+    config = _config(tmp_path / "out", small_target)
+    job, text, stopped, resumed = _interrupt_and_resume(slurm, config, launcher)
+    assert EVERY <= stopped < STEPS and resumed == stopped, (stopped, resumed)
+    assert "dist-unlearn: USR1 at" in text and f"dist-unlearn: requeueing job {job}" in text
+    assert "(restart 1)" in text and "dist-unlearn: run exited with 0" in text
+    run_dir = tmp_path / "out" / "grad_diff"
+    assert (run_dir / "checkpoints" / f"step_{STEPS:06d}").is_dir()
+    assert _steps(run_dir) == list(range(1, STEPS + 1))
+    assert not (tmp_path / "out" / "STOP").exists()
+    a, b = _weights(run_dir), _weights(reference / "grad_diff")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"{launcher}: job {job} stopped after step {stopped}, resumed at step {resumed}, max |dw| = {diff:.3g}")
+    assert diff < 1e-6
+    if launcher == "ray":  # the job's own Ray processes and temp dir are gone
+        assert "dist-unlearn: ray cluster stopped" in text
+        assert not Path(f"/tmp/ray-{job}").exists()
+        tag = f"/tmp/ray-{job}/"
+        leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if tag in " ".join(p.info["cmdline"] or [])]
+        assert not leftovers, leftovers
