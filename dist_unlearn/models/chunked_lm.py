@@ -196,10 +196,15 @@ def _gathered_linear(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     """A frozen ZeRO-3-partitioned linear head (e.g. the base ``lm_head`` under LoRA) applied with a
     temporarily gathered copy of its weight (collective). The module's own hooks do not re-gather a
     frozen weight when the chunk is recomputed in the backward, so the copy is what autograd keeps."""
-    import deepspeed
+    import contextlib
 
-    params = list(head.parameters())
-    with deepspeed.zero.GatheredParameters(params):
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # only gather what is partitioned now: a tied weight still in use by the embedding is already whole,
+    # and re-partitioning it on exit would fail ("still active in submodules")
+    missing = [p for p in head.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+    with deepspeed.zero.GatheredParameters(missing) if missing else contextlib.nullcontext():
         weight = head.weight.detach().clone()
         bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
     return torch.nn.functional.linear(h.to(weight.dtype), weight, bias)
