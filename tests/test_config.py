@@ -366,3 +366,10 @@ def test_relative_output_dir_becomes_absolute_against_the_working_directory(tmp_
         write_yaml(tmp_path / "sub", {"output": {"dir": "runs/x"}}) if (tmp_path / "sub").mkdir() is None else None
     )
     assert cfg.output.dir == str(tmp_path / "runs" / "x")
+
+
+def test_params_for_other_methods_survive_a_worker_reload(tmp_path: Path) -> None:
+    """Workers rebuild the validated config without the registry: params of unrun methods must not fail."""
+    data = {"method": {"names": ["npo"], "params": {"simnpo": {"beta": 0.1}}}}
+    cfg = load_config(write_yaml(tmp_path, data), known_methods=KNOWN)
+    assert config_from_dict(config_to_dict(cfg)).method.params == {"simnpo": {"beta": 0.1}}

@@ -565,8 +565,8 @@ def _check_methods(cfg: RunConfig, known_methods: Collection[str] | None, proble
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "."
             problems.append(f"method.names: unknown method '{name}'{hint} Known methods: {', '.join(known)}")
-    if "method.params" in bad:
-        return
+    if "method.params" in bad or known is None:
+        return  # without the registry (e.g. a worker re-reading a validated config) the names cannot be judged
     # parameters for a known method that is not run are kept (a config may carry settings for several
     # methods and the command line pick some); a name that is no method at all is a typo
     for name in method.params:
