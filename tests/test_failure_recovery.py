@@ -3,8 +3,7 @@ by the kernel in the middle of writing a checkpoint.
 
 - Ray: ``failure.max_failures=1``; once the first checkpoint exists the test SIGKILLs one Ray Train
   worker process. Ray restarts the worker group, which resumes from the last reported checkpoint;
-  the final weights equal those of an uninterrupted run (a ``torchrun`` run of the same config:
-  the launchers give identical weights, see test_e2e_unlearn.py).
+  the final weights equal those of the uninterrupted :mod:`reference_run`.
 - Checkpoint write: ``RLIMIT_FSIZE`` makes the kernel kill the writer (``SIGXFSZ``) half-way through
   the second checkpoint; the first stays complete and loads into a fresh engine with the same
   weights, and the next save replaces the half-written ``.tmp`` directory.
@@ -24,27 +23,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import BIN, REPO, run_cli, small_run_config, write_config
-from safetensors.torch import load_file
+from conftest import BIN, REPO, write_config
+from reference_run import EVERY, STEPS, logged_steps, max_diff, recovery_config, reference_run, weights
 
-STEPS, EVERY = 30, 5
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted((run_dir / "model").glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    assert out, f"no exported model in {run_dir}"
-    return out
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def _steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+__all__ = ["reference_run"]  # a fixture
 
 
 def _ray_workers(root_pid: int) -> list[psutil.Process]:
@@ -70,14 +52,8 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log:
 
 
 @pytest.mark.slow
-def test_killed_ray_worker_is_restarted_and_the_run_matches_an_uninterrupted_one(tmp_path, small_target):
-    cfg = small_run_config(
-        tmp_path / "killed",
-        small_target,
-        train={"steps": STEPS},
-        checkpoint={"every_steps": EVERY},
-        failure={"max_failures": 1},
-    )
+def test_killed_ray_worker_is_restarted_and_the_run_matches_an_uninterrupted_one(tmp_path, small_target, reference_run):
+    cfg = recovery_config(tmp_path / "killed", small_target, failure={"max_failures": 1})
     config = write_config(tmp_path / "killed" / "run.yaml", cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     log = tmp_path / "killed.log"
@@ -98,7 +74,7 @@ def test_killed_ray_worker_is_restarted_and_the_run_matches_an_uninterrupted_one
         assert len(workers) == 2, workers
         victim = workers[-1]
         victim.send_signal(signal.SIGKILL)
-        killed_at = _steps(run_dir)[-1]
+        killed_at = logged_steps(run_dir)[-1]
         proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
@@ -110,12 +86,8 @@ def test_killed_ray_worker_is_restarted_and_the_run_matches_an_uninterrupted_one
     assert EVERY <= killed_at < STEPS, f"the kill came at step {killed_at}, not mid-run"
     resumed = sorted({int(m) for m in re.findall(r"\[grad_diff\] resumed from \S+ at step (\d+)", output)})
     assert len(resumed) == 1 and EVERY <= resumed[0] <= killed_at, (resumed, killed_at, output[-4000:])
-    assert _steps(run_dir) == list(range(1, STEPS + 1))
-
-    # the same config, uninterrupted, under torchrun
-    ref = small_run_config(tmp_path / "ref", small_target, train={"steps": STEPS}, checkpoint={"every_steps": EVERY})
-    run_cli(["run", str(write_config(tmp_path / "ref" / "run.yaml", ref)), "ray.enabled=false"], nproc=2)
-    diff = _max_diff(_weights(run_dir), _weights(tmp_path / "ref" / "grad_diff"))
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    diff = max_diff(weights(run_dir), weights(reference_run / "grad_diff"))
     print(f"killed worker pid {victim.pid} at step {killed_at}, resumed at step {resumed[0]}, max |dw| = {diff:.3g}")
     assert diff < 1e-6
 

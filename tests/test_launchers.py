@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 
 import pytest
-from conftest import BIN, REPO, small_run_config, write_config
+from conftest import REPO, write_config
+from reference_run import STEPS, logged_steps, reference_run
+
+__all__ = ["reference_run"]  # a fixture
 
 
 def _module(name: str):
@@ -49,12 +50,8 @@ def test_ray_job_submit_needs_a_shared_absolute_output_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_entry_runs_two_ranks(tmp_path, small_target):
-    cfg = small_run_config(tmp_path, small_target, train={"steps": 2}, checkpoint={"every_steps": 0})
-    config = write_config(tmp_path / "run.yaml", cfg)
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "launchers/torchrun_entry.py", str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["grad_diff"]["world_size"] == 2 and summary["grad_diff"]["steps"] == 2
+def test_torchrun_entry_runs_two_ranks(reference_run):
+    """The shared reference run is ``torchrun --nproc_per_node=2 launchers/torchrun_entry.py CONFIG``."""
+    summary = json.loads((reference_run / "summary.json").read_text())["grad_diff"]
+    assert summary["world_size"] == 2 and summary["steps"] == STEPS
+    assert logged_steps(reference_run / "grad_diff") == list(range(1, STEPS + 1))

@@ -1,11 +1,9 @@
 """``dist-unlearn submit`` on a real one-node Slurm cluster (Debian's slurm-wlm and munge, started by
 :mod:`slurm_cluster` in a temporary directory), running the small embedded unlearning job through
-both sbatch templates:
-
-- ``torchrun``: runs to completion; its weights are the reference of this module;
-- ``torchrun`` and ``ray``: USR1 to the batch shell mid-run (what ``--signal=B:USR1@120`` delivers
-  before the time limit) -> checkpoint at the next step -> ``scontrol requeue`` -> the requeued job
-  resumes from that checkpoint and finishes with the reference's weights.
+both sbatch templates (``torchrun`` and ``ray``) to completion, each interrupted on the way: USR1 to
+the batch shell mid-run (what ``--signal=B:USR1@120`` delivers before the time limit) -> checkpoint
+at the next step -> ``scontrol requeue`` -> the requeued job resumes from that checkpoint and
+finishes with the weights of the uninterrupted :mod:`reference_run`.
 
 Requeued jobs are held by Slurm for about two minutes (``BeginTime``); the tests release them with
 ``scontrol update JobId=N StartTime=now`` so the suite does not sleep. The rendering and error
@@ -22,19 +20,17 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from conftest import BIN, small_run_config, write_config
-from safetensors.torch import load_file
+from conftest import BIN, write_config
+from reference_run import EVERY, STEPS, logged_steps, max_diff, recovery_config, reference_run, weights
 from slurm_cluster import SlurmCluster, missing_binaries
 
 from dist_unlearn.cli import main
 
-STEPS, EVERY = 16, 4
+__all__ = ["reference_run"]  # a fixture
 
 
 def _config(out: Path, target: str | None = None) -> Path:
-    cfg = small_run_config(out, target, train={"steps": STEPS}, checkpoint={"every_steps": EVERY})
-    return write_config(out / "run.yaml", cfg)
+    return write_config(out / "run.yaml", recovery_config(out, target))
 
 
 # --- rendering and errors (no Slurm needed) ---------------------------------------------------
@@ -115,13 +111,16 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def _submit(slurm: SlurmCluster, config: Path, *args: str) -> tuple[str, Path]:
-    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = slurm.run([str(BIN / "dist-unlearn"), "submit", str(config), *args], env=env, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    job = re.search(r"^submitted batch job (\d+) ", result.stdout, re.M)
-    log = re.search(r"^log: (\S+)$", result.stdout, re.M)
-    assert job and log, result.stdout
+def _submit(slurm: SlurmCluster, config: Path, launcher: str, monkeypatch, capsys) -> tuple[str, Path]:
+    """``dist-unlearn submit`` (in this process; sbatch passes this environment on to the job)."""
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    assert main(["submit", str(config), "--launcher", launcher]) == 0, capsys.readouterr().err[-4000:]
+    out = capsys.readouterr().out
+    job = re.search(r"^submitted batch job (\d+) ", out, re.M)
+    log = re.search(r"^log: (\S+)$", out, re.M)
+    assert job and log, out
     return job.group(1), Path(log.group(1))
 
 
@@ -139,43 +138,11 @@ def _finish(slurm: SlurmCluster, job: str, log: Path, timeout: float = 600) -> d
     return info
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted((run_dir / "model").glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    assert out, f"no exported model in {run_dir}"
-    return out
-
-
-def _steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def reference(slurm, small_target, tmp_path_factory) -> Path:
-    """The torchrun template, uninterrupted: 2 ranks, ZeRO-3, to completion."""
-    out = tmp_path_factory.mktemp("torchrun_ref")
-    job, log = _submit(slurm, _config(out, small_target), "--launcher", "torchrun")
-    info = _finish(slurm, job, log)
-    assert info["Restarts"] == "0"
-    return out
-
-
-@pytest.mark.slow
-def test_torchrun_template_runs_the_unlearning_job_to_completion(reference):
-    summary = json.loads((reference / "summary.json").read_text())
-    assert summary["grad_diff"]["world_size"] == 2
-    assert summary["grad_diff"]["after"]["forget"]["prob"] < summary["grad_diff"]["before"]["forget"]["prob"]
-    assert _steps(reference / "grad_diff") == list(range(1, STEPS + 1))
-    text = _log(next(reference.glob("slurm-*.log")))
-    assert "dist-unlearn: run exited with 0" in text and "requeueing" not in text
-
-
-def _interrupt_and_resume(slurm: SlurmCluster, config: Path, launcher: str) -> tuple[str, str, int, int]:
+def _interrupt_and_resume(slurm: SlurmCluster, config: Path, launcher: str, *fixtures) -> tuple[str, str, int, int]:
     """Submit, send USR1 to the batch shell once the first checkpoint exists, release the requeued
     job, wait for it; returns (job id, log text, step of the stop, step resumed from)."""
     out = config.parent
-    job, log = _submit(slurm, config, "--launcher", launcher)
+    job, log = _submit(slurm, config, launcher, *fixtures)
     first = out / "grad_diff" / "checkpoints" / f"step_{EVERY:06d}"
     deadline = time.monotonic() + 600
     while not first.is_dir():
@@ -199,19 +166,20 @@ def _interrupt_and_resume(slurm: SlurmCluster, config: Path, launcher: str) -> t
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "ray"])
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(
-    slurm, small_target, reference, tmp_path, launcher
+    slurm, small_target, reference_run, tmp_path, launcher, monkeypatch, capsys
 ):
     config = _config(tmp_path / "out", small_target)
-    job, text, stopped, resumed = _interrupt_and_resume(slurm, config, launcher)
+    job, text, stopped, resumed = _interrupt_and_resume(slurm, config, launcher, monkeypatch, capsys)
     assert EVERY <= stopped < STEPS and resumed == stopped, (stopped, resumed)
     assert "dist-unlearn: USR1 at" in text and f"dist-unlearn: requeueing job {job}" in text
     assert "(restart 1)" in text and "dist-unlearn: run exited with 0" in text
     run_dir = tmp_path / "out" / "grad_diff"
     assert (run_dir / "checkpoints" / f"step_{STEPS:06d}").is_dir()
-    assert _steps(run_dir) == list(range(1, STEPS + 1))
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     assert not (tmp_path / "out" / "STOP").exists()
-    a, b = _weights(run_dir), _weights(reference / "grad_diff")
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["grad_diff"]
+    assert summary["world_size"] == 2 and summary["after"]["forget"]["prob"] < summary["before"]["forget"]["prob"]
+    diff = max_diff(weights(run_dir), weights(reference_run / "grad_diff"))
     print(f"{launcher}: job {job} stopped after step {stopped}, resumed at step {resumed}, max |dw| = {diff:.3g}")
     assert diff < 1e-6
     if launcher == "ray":  # the job's own Ray processes and temp dir are gone
