@@ -1,16 +1,11 @@
-"""Every objective through ``dist-unlearn run`` on the embedded default: 2 workers, DeepSpeed ZeRO-3, two
-steps each, all methods in ONE run.
-
-In CI the workers are ``torchrun`` ranks (one process group runs every method in turn: one start-up).
-Under Ray each method gets its own TorchTrainer, whose start-up (worker group, imports, DeepSpeed) costs
-far more than the two steps, so the all-methods Ray run is opt-in (``DIST_UNLEARN_E2E_RAY_ALL=1``);
-``tests/test_e2e_unlearn.py`` covers Ray with grad_diff and npo."""
+"""Every objective through ``dist-unlearn run`` on the embedded default: 2 Ray workers, DeepSpeed ZeRO-3,
+two steps each, all methods in ONE run (one Ray cluster, one TorchTrainer worker group running every
+method in turn, so the start-up is paid once)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import pytest
@@ -48,16 +43,6 @@ def _run_all(out, small_target, ray: bool):
     return out, time.perf_counter() - started
 
 
-@pytest.fixture(scope="module")
-def all_methods_run(tmp_path_factory, small_target):
-    return _run_all(tmp_path_factory.mktemp("all_methods"), small_target, ray=False)
-
-
-def test_every_objective_runs_on_two_workers_zero3(all_methods_run):
-    _check_all(*all_methods_run)
-
-
-@pytest.mark.skipif(not os.environ.get("DIST_UNLEARN_E2E_RAY_ALL"), reason="one TorchTrainer start per method")
 def test_every_objective_runs_on_two_ray_workers_zero3(tmp_path, small_target):
     out, seconds = _run_all(tmp_path, small_target, ray=True)
     _check_all(out, seconds)

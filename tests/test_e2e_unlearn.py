@@ -71,8 +71,9 @@ def test_ray_two_workers_zero3_unlearns_and_exports(ray_run):
         run_dir = out / method
         assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
         assert (run_dir / "checkpoints" / "step_000006").is_dir()
-        assert list((out / "ray_results" / method).glob("checkpoint_*")), "no checkpoint reported to Ray"
+        assert (run_dir / "checkpoints" / "step_000006" / "dist_unlearn_job").read_text() == method
         assert list((run_dir / "tensorboard").glob("events.*"))
+    assert list((out / "ray_results").glob("methods-*/checkpoint_*")), "no checkpoint reported to Ray"
     assert summary["npo"]["reference"] == "cached" and summary["grad_diff"]["reference"] == "none"
     assert "forget prob" in result.stdout and "grad_diff" in result.stdout
     # the export is a normal Hugging Face model directory

@@ -1,4 +1,5 @@
-"""Launch the unlearning train function on Ray Train workers (one ``TorchTrainer`` run per method).
+"""Launch the train function on Ray Train workers: one ``TorchTrainer`` (one worker group) runs every
+method of a config in turn, so the start-up (worker processes, imports, process group) is paid once.
 
 Ray creates the process group (gloo on CPU, NCCL on GPU) and sets ``RANK``/``WORLD_SIZE``; the worker
 function is :func:`dist_unlearn.engine.job.run_job`, the same one ``torchrun`` uses.
@@ -9,7 +10,10 @@ Ray's latest checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +30,46 @@ from dist_unlearn.engine.preemption import Preempted
 from dist_unlearn.engine.prepare import ModelAssets
 from dist_unlearn.engine.runner import plan_jobs, prepare_run_dirs, read_summaries
 
+JOB_MARKER = "dist_unlearn_job"
+"""File in each reported checkpoint naming the job (method) it belongs to: one Ray run holds every
+method's checkpoints, so a restarted worker group must only resume from its own method's."""
+
 
 class RayReporter:
-    """Resume from Ray's latest checkpoint (else the run directory's); report checkpoints to Ray."""
+    """Resume from Ray's latest checkpoint when it is this job's (else the run directory's newest);
+    report checkpoints to Ray, marked with the job name."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, job_name: str) -> None:
         self.local_root = Path(run_dir) / "checkpoints"
+        self.job_name = job_name
 
     def latest_checkpoint(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            return Path(checkpoint.path)
+            marker = Path(checkpoint.path) / JOB_MARKER
+            if marker.is_file() and marker.read_text() == self.job_name:
+                return Path(checkpoint.path)
         return latest_checkpoint(self.local_root)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        checkpoint = None
+        if checkpoint_dir is not None:
+            (Path(checkpoint_dir) / JOB_MARKER).write_text(self.job_name)
+            checkpoint = Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report({**metrics, "job": self.job_name}, checkpoint=checkpoint)
 
 
-def _train_fn(job: dict[str, Any]) -> None:
-    try:
-        run_job(Job(**job), RayReporter(job["run_dir"]))
-    except Preempted:
-        return  # checkpoint saved and reported with ``preempted: 1``; ending normally is no failure to retry
+def _train_fn(config: dict[str, Any]) -> None:
+    """Run the jobs in order on this worker group. After a worker failure Ray calls it again: jobs that
+    finished during this fit (``metrics.json`` newer than its start) are skipped, the interrupted one resumes."""
+    for job in config["jobs"]:
+        summary = Path(job["run_dir"]) / "metrics.json"
+        if summary.is_file() and summary.stat().st_mtime >= config["started_at"]:
+            continue
+        try:
+            run_job(Job(**job), RayReporter(job["run_dir"], job["name"]))
+        except Preempted:
+            return  # checkpoint saved and reported with ``preempted: 1``; ending normally is no failure to retry
 
 
 def _wants_gpu(cfg: DistUnlearnConfig) -> bool:
@@ -80,24 +101,33 @@ def connect(cfg: DistUnlearnConfig) -> bool:
     return True
 
 
-def run_job_on_ray(cfg: DistUnlearnConfig, job: Job) -> None:
-    """One ``TorchTrainer.fit`` for one job (a method, or the contrastive run).
+def ray_run_name(jobs: list[Job]) -> str:
+    """Name of the Ray run (its folder under ``OUTPUT/ray_results``) for these jobs: the job name for one
+    job, else ``methods-`` and a short hash of the names (the same methods resume the same Ray run)."""
+    if len(jobs) == 1:
+        return jobs[0].name
+    digest = hashlib.sha256(",".join(job.name for job in jobs).encode()).hexdigest()[:10]
+    return f"methods-{digest}"
 
-    Resumes when a run of the same name exists in storage. Raises :class:`Preempted` when the workers
+
+def run_jobs_on_ray(cfg: DistUnlearnConfig, jobs: list[Job]) -> None:
+    """One ``TorchTrainer.fit`` running ``jobs`` in turn on one worker group.
+
+    Resumes when a Ray run of the same name exists in storage. Raises :class:`Preempted` when the workers
     stopped on request (their last report carries ``preempted: 1``).
     """
     use_gpu = _wants_gpu(cfg)
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config=job.to_dict(),
+        train_loop_config={"jobs": [job.to_dict() for job in jobs], "started_at": time.time()},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=job.name,
-            storage_path=str(Path(job.run_dir).parent / "ray_results"),
+            name=ray_run_name(jobs),
+            storage_path=str(Path(jobs[0].run_dir).parent / "ray_results"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
         ),
@@ -106,17 +136,18 @@ def run_job_on_ray(cfg: DistUnlearnConfig, job: Job) -> None:
     metrics = result.metrics or {}
     if metrics.get("preempted"):
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-        raise Preempted(int(metrics.get("step", 0)), checkpoint, job.name)
+        raise Preempted(int(metrics.get("step", 0)), checkpoint, str(metrics.get("job", jobs[-1].name)))
 
 
 def run_with_ray(cfg: DistUnlearnConfig, assets: ModelAssets, restart: bool = False) -> dict[str, dict[str, Any]]:
     """Run every method of ``cfg`` on Ray workers; returns the summaries by method."""
     jobs = plan_jobs(cfg, assets)
     prepare_run_dirs(jobs, cfg.ray.num_workers, restart)
+    if restart:
+        shutil.rmtree(Path(jobs[0].run_dir).parent / "ray_results" / ray_run_name(jobs), ignore_errors=True)
     started = connect(cfg)
     try:
-        for job in jobs:
-            run_job_on_ray(cfg, job)
+        run_jobs_on_ray(cfg, jobs)
         return read_summaries(jobs)
     finally:
         if started:
