@@ -1,0 +1,61 @@
+"""`dist-unlearn eval` on 2 Ray workers equals the one-process evaluation; `run` with
+`eval.every_steps` evaluates during training and keeps the best checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, small_run_config, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def _eval(tmp: Path, small_target: str, ray: bool) -> dict:
+    shutil.copytree(Path(small_target).parents[1] / "embedded", tmp / "embedded")  # reuse the prepared models
+    cfg = small_run_config(
+        tmp, ray={"enabled": ray, "num_workers": 2}, eval={"sampled_generations": 2, "max_new_tokens": 8}
+    )
+    cfg["model"] = {"path": "embedded"}
+    run_cli(["eval", str(write_config(tmp / "eval.yaml", cfg))], timeout=900)
+    return json.loads((tmp / "original" / "eval.json").read_text())["result"]
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, float]:
+    if isinstance(tree, dict):
+        out: dict[str, float] = {}
+        for key, value in tree.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: float(tree)} if isinstance(tree, int | float) else {}
+
+
+def test_eval_on_two_ray_workers_equals_one_process(tmp_path, small_target):
+    sharded = _flatten(_eval(tmp_path / "ray", small_target, ray=True))
+    single = _flatten(_eval(tmp_path / "one", small_target, ray=False))
+    assert sharded.keys() == single.keys() and len(single) > 20
+    for key, value in single.items():
+        assert sharded[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_periodic_eval_keeps_the_best_checkpoint(tmp_path, small_target):
+    cfg = small_run_config(
+        tmp_path,
+        small_target,
+        method={"names": ["grad_diff"]},
+        train={"steps": 4, "lr": 3.0e-3},
+        ray={"enabled": False},
+        eval={"every_steps": 2, "best_metric": "forget_quality", "sampled_generations": 0},
+        deepspeed={"zero_stage": 2},
+    )
+    run_cli(["run", str(write_config(tmp_path / "run.yaml", cfg))], timeout=900)
+    run = tmp_path / "grad_diff"
+    rows = [json.loads(line) for line in (run / "eval_steps.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+    best = json.loads((run / "best.json").read_text())
+    values = {row["step"]: row["result"]["forget_quality"] for row in rows}
+    assert best["metric"] == "forget_quality" and best["value"] == pytest.approx(max(values.values()))
+    assert values[best["step"]] == pytest.approx(best["value"])
+    assert (run / "best_model" / "config.json").is_file() and (run / "eval.json").is_file()
