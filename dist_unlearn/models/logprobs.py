@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dist_unlearn.models.chunked_lm import (
     forward_hidden,
@@ -97,12 +96,3 @@ def sequence_stats_from_hidden(
     )
     per_seq = scatter_per_sequence(per_token, mask).sum(1)  # [b, 2]
     return SequenceStats(per_seq[:, 0], mask.sum(-1).to(per_seq.dtype), per_seq[:, 1].detach())
-
-
-def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross entropy over scored tokens (plain fine-tuning loss), shape ``[]``."""
-    return F.cross_entropy(
-        _at_least_fp32(logits[:, :-1].reshape(-1, logits.size(-1))),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )

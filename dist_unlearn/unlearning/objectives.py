@@ -52,12 +52,13 @@ targeted    NLL(target) − λ·NLL(y_f) (TRU-style), ga_weight                 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from dist_unlearn.models.chunked_lm import HiddenStates
 from dist_unlearn.unlearning import terms
 from dist_unlearn.unlearning.batch import Batch, DataNeeds, UnlearnBatch, needs
 from dist_unlearn.unlearning.context import StepContext
@@ -98,6 +99,12 @@ class _GivenForgetLogprobs(Reference):
         if name != "forget":
             raise ValueError(f"a reference_logprob tensor only covers the forget batch, not '{name}'")
         return self.logprob.to(batch["input_ids"].device)
+
+    def hidden(self, name: str, batch: Batch, layer_names: Sequence[str] = ()) -> HiddenStates:
+        raise ValueError("a reference_logprob tensor holds no hidden states: pass a Reference (build_reference)")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise ValueError("a reference_logprob tensor holds no logits: pass a Reference (build_reference)")
 
 
 @dataclass

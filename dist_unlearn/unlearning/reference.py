@@ -28,6 +28,7 @@ chunk of scored positions at a time (see :func:`dist_unlearn.models.chunked_lm.t
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,23 +57,24 @@ MAX_CACHED_ELEMENTS = 1 << 25
 """Largest activation cache (values, fp32: 128 MiB per rank) the ``cached`` mode accepts."""
 
 
-class Reference:
-    """Base class; see the module docstring. ``mode`` names the strategy."""
+class Reference(ABC):
+    """Interface of every reference strategy; see the module docstring. ``mode`` names the strategy
+    (``none`` builds no reference at all: :func:`build_reference` returns None)."""
 
     mode: str = "none"
 
+    @abstractmethod
     def sequence_logprob(self, name: str, batch: Batch) -> torch.Tensor:
         """``log π_ref(y_i|x_i)`` summed over answer tokens, ``[b]``, no gradient. ``name`` is the
         sub-batch (``forget``, ``idk``, ...); cached references look rows up by ``batch["index"]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def hidden(self, name: str, batch: Batch, layer_names: Sequence[str] = ()) -> HiddenStates:
         """π_ref's final hidden states ``[b, T, H]`` and the outputs of ``layer_names``, no gradient."""
-        raise NotImplementedError
 
+    @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """π_ref's output head on π_ref hidden states ``[c, H] -> [c, V]`` (fp32 at least), no gradient."""
-        raise NotImplementedError
 
 
 class ModelReference(Reference):
