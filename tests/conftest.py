@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Every process of the suite runs as on a CPU with AVX512-BF16, where bitsandbytes takes a different
+# 4-bit path (tests/force_bnb_cpu_fastpath/sitecustomize.py): the suite then fails on any machine when
+# the project is wrong on such CPUs. This process imports the hook now; the processes it starts find it
+# on PYTHONPATH.
+_FASTPATH = str(Path(__file__).resolve().parent / "force_bnb_cpu_fastpath")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_FASTPATH, os.environ.get("PYTHONPATH", "")) if p)
+_spec = importlib.util.spec_from_file_location("force_bnb_cpu_fastpath", Path(_FASTPATH) / "sitecustomize.py")
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
 @pytest.fixture
@@ -30,8 +42,6 @@ def tiny_lm():
 
 # --- end-to-end helpers ------------------------------------------------------------------------
 import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
 

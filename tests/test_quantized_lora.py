@@ -46,6 +46,46 @@ def test_quantization_needs_lora_and_nested_keys_are_checked() -> None:
     assert cfg.model.lora == LoraSettings(r=8, targets=["q_proj", "v_proj"])
 
 
+# --- bitsandbytes' processor-dependent CPU path ---------------------------------------------------
+
+
+def test_suite_runs_as_on_a_cpu_with_avx512_bf16() -> None:
+    """The suite forces bitsandbytes' AVX512-BF16 decision on (tests/force_bnb_cpu_fastpath)."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float32, quant_storage=torch.float32)
+    assert layer.support_avx512bf16_for_cpu is True
+
+
+@pytest.mark.parametrize("storage_dtype", [torch.float32, torch.bfloat16])
+def test_nf4_model_keeps_its_weight_layout_in_no_grad_forwards_and_saves(storage_dtype) -> None:
+    """An inference-style forward (eval mode, no grad) of a model loaded by the project computes the
+    same as a training-mode forward, leaves the 4-bit storage untouched and the state dict savable."""
+    from dist_unlearn.models.encoders import encoder_path
+    from dist_unlearn.models.loading import load_model_for_training
+
+    model = load_model_for_training(encoder_path("embedded"), "encoder", storage_dtype, "eager", "nf4", LORA)
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    before = {id(m): m.weight.data.view(torch.uint8).clone() for m in layers}  # packed bytes (may hold NaN bits)
+    queries, _ = _batches()
+    model.eval()
+    for m in layers:  # training mode for the 4-bit layers only (dropout stays off)
+        m.train()
+    with torch.no_grad():
+        trained_mode = _encode(model, queries)
+    model.eval()
+    with torch.no_grad():
+        inference_mode = _encode(model, queries)
+    assert torch.equal(trained_mode, inference_mode)
+    for m in layers:
+        assert m.weight.data.dtype == storage_dtype and torch.equal(m.weight.data.view(torch.uint8), before[id(m)])
+    state = model.state_dict()
+    assert any(k.endswith("weight.quant_state.bitsandbytes__nf4") for k in state)
+
+
 # --- GradCache on an nf4 encoder with LoRA: 2 ZeRO-2 ranks == one process ----------------------------
 
 

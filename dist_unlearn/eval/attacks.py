@@ -59,14 +59,11 @@ def quantized_model(model_dir: str | Path, quantization: str) -> torch.nn.Module
     """The model of ``model_dir`` loaded with bitsandbytes ``nf4`` or ``int8`` weights (inference only)."""
     from transformers import AutoModelForCausalLM
 
-    from dist_unlearn.models.quantization import bnb_config
+    from dist_unlearn.models.quantization import load_quantized
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16" per matmul
-    return AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        dtype=torch.float32,
-        quantization_config=bnb_config(quantization, torch.float32),
-        attn_implementation=choose_attn_implementation("auto"),
+    return load_quantized(
+        AutoModelForCausalLM, model_dir, quantization, torch.float32, choose_attn_implementation("auto")
     ).eval()
 
 

@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from dist_unlearn.config.schema import LoraSettings, ModelConfig
 from dist_unlearn.models.lora import KINDS, add_lora
-from dist_unlearn.models.quantization import bnb_config, prepare_quantized
+from dist_unlearn.models.quantization import load_quantized, prepare_quantized
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,13 +71,11 @@ def load_model_for_training(
     if quantization != "none" and not use_lora:
         raise ValueError("quantized base weights are frozen: set model.lora.r, e.g. model.lora.r=8")
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": choose_attn_implementation(attn_implementation)}
-    quant = bnb_config(quantization, dtype)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    model = auto.from_pretrained(str(path), **kwargs)
-    if quant is not None:
-        model = prepare_quantized(model)
+    attn = choose_attn_implementation(attn_implementation)
+    if quantization == "none":
+        model = auto.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
+    else:
+        model = prepare_quantized(load_quantized(auto, path, quantization, dtype, attn))
     if use_lora:
         model = add_lora(model, kind, lora.r, lora.alpha, lora.dropout, lora.targets)
     return model

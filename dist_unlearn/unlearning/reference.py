@@ -287,16 +287,11 @@ def quantized_reference(
     from transformers import AutoModelForCausalLM
 
     from dist_unlearn.models.loading import choose_attn_implementation
-    from dist_unlearn.models.quantization import bnb_config
+    from dist_unlearn.models.quantization import load_quantized
 
     if quantization not in ("nf4", "fp4"):
         raise ValueError(f"quantized reference: quantization must be nf4 or fp4, got {quantization!r}")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_path),
-        dtype=dtype,
-        quantization_config=bnb_config(quantization, dtype),
-        attn_implementation=choose_attn_implementation("auto"),
-    )
+    model = load_quantized(AutoModelForCausalLM, model_path, quantization, dtype, choose_attn_implementation("auto"))
     model.requires_grad_(False)
     model.eval()
     if torch.device(device).type == "cuda":
