@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -96,12 +97,18 @@ def test_token_stats_min_k_pp_against_direct_formula():
 
 
 def test_mia_scores_loss_and_zlib():
+    # zlib (Carlini et al., 2021): mean token NLL (log-perplexity) / zlib byte length, negated so that
+    # higher = member. Row 0: 2 tokens, summed log-prob -4 -> mean -2; row 1: 3 tokens, -9 -> mean -3.
     rows = torch.tensor([[-4.0, 2, 0, -3, -1, 0], [-9.0, 3, 0, -4, -2, 0]], dtype=torch.float64)
-    scores = mia_scores(rows, ["aaaa", "a different answer"])
+    texts = ["aaaa", "a different answer"]
+    scores = mia_scores(rows, texts)
     assert scores["loss"].tolist() == [-2.0, -3.0]
-    assert scores["zlib"].tolist() == pytest.approx(
-        [-4.0 / zlib_bytes("aaaa"), -9.0 / zlib_bytes("a different answer")]
-    )
+    zlen = [len(zlib.compress(t.encode("utf-8"))) for t in texts]
+    assert [zlib_bytes(t) for t in texts] == zlen
+    assert scores["zlib"].tolist() == pytest.approx([-2.0 / zlen[0], -3.0 / zlen[1]])
+    if zlen == [12, 26]:  # CPython's bundled zlib at the default level: the ranking flips vs the old score
+        assert scores["zlib"].tolist() == pytest.approx([-1 / 6, -3 / 26])
+        assert scores["zlib"][1] > scores["zlib"][0] and -9.0 / 26 < -4.0 / 12  # summed log-prob ranks the other way
 
 
 def test_rouge_l_recall_values():

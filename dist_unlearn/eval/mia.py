@@ -10,7 +10,10 @@ full ``[b·T, V]`` logits) yields per token ``t`` with target ``y_t`` and next-t
 Scores per example (higher = "more likely a member"):
 
 * LOSS (Yeom et al., 2018): ``(1/|y|) Σ_t log p(y_t)``;
-* zlib (Carlini et al., 2021, arXiv:2012.07805): ``Σ_t log p(y_t) / zlib_bytes(answer text)``;
+* zlib (Carlini et al., 2021, "Extracting Training Data from Large Language Models", arXiv:2012.07805,
+  Sec. 5.1; the same score in MUSE and open-unlearning): the text's log-perplexity, i.e. its *mean*
+  token NLL ``−(1/|y|) Σ_t log p(y_t)``, divided by the length in bytes of the zlib-compressed UTF-8
+  text; negated here so that higher = member: ``(1/|y|) Σ_t log p(y_t) / zlib_bytes(answer text)``;
 * Min-K% (Shi et al., 2024, arXiv:2310.16789): mean of the ``⌈k·|y|⌉`` lowest ``log p(y_t)``;
 * Min-K%++ (Zhang et al., 2024, arXiv:2404.02936): the same over ``z_t = (log p(y_t) − μ_t)/σ_t``.
 """
@@ -106,12 +109,17 @@ def zlib_bytes(text: str) -> int:
 
 
 def mia_scores(rows: torch.Tensor, answers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The four attack scores per example (higher = member) from :func:`score_answers` rows."""
+    """The attack scores per example (higher = member) from :func:`score_answers` rows.
+
+    ``zlib`` is the mean token log-prob (minus the log-perplexity) over the zlib byte length of the
+    answer text (Carlini et al., 2021), not the summed log-prob.
+    """
     logprob, num_tokens = rows[:, 0], rows[:, 1].clamp(min=1)
     zlen = torch.tensor([zlib_bytes(a) for a in answers], dtype=torch.float64)
+    mean_logprob = logprob / num_tokens
     return {
-        "loss": logprob / num_tokens,
-        "zlib": logprob / zlen,
+        "loss": mean_logprob,
+        "zlib": mean_logprob / zlen,
         "min_k": rows[:, 3],
         "min_k_pp": rows[:, 4],
     }
