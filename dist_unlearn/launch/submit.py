@@ -1,6 +1,6 @@
 """``dist-unlearn submit CONFIG --nodes N --gpus-per-node G``: render an sbatch script and submit it.
 
-Two templates live in the repository's ``slurm/`` directory:
+Two templates ship with the package in ``dist_unlearn/launch/slurm/`` (``slurm/`` of a checkout links there):
 
 - ``ray_cluster.sbatch`` (``--launcher ray``): a Ray cluster per job (head on the first node, workers
   on the others, job-specific ports, a short temp dir), then ``dist-unlearn run ... ray.address=...``;
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from dist_unlearn.config import ConfigError, RunConfig
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "slurm"  # package data: present in a wheel install too
 TEMPLATES = {"ray": "ray_cluster.sbatch", "torchrun": "torchrun.sbatch"}
 # job-specific ports: BASE + (SLURM_JOB_ID % SLOTS) [* 100 for Ray, which needs a block of ports]
 PORTS = {"ray": (40000, 200), "torchrun": (20000, 20000)}
@@ -147,8 +147,8 @@ def prepare_job(req: SubmitRequest, load: Callable[[str, list[str]], RunConfig])
     template_path = Path(req.template) if req.template else TEMPLATE_DIR / TEMPLATES[req.launcher]
     if not template_path.is_file():
         raise SubmitError(
-            f"sbatch template not found: {template_path}. Fix: pass --template PATH (the templates are in "
-            f"the slurm/ directory of the dist-unlearn repository)"
+            f"sbatch template not found: {template_path}. Fix: pass --template PATH (the shipped templates "
+            f"are in {TEMPLATE_DIR})"
         )
     output_dir = Path(cfg.output.dir)
     log = str(output_dir / "slurm-%j.log")
