@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="render an sbatch script for CONFIG (Ray cluster or torchrun) and submit it")
     add_submit_arguments(submit)
     submit.set_defaults(func=cmd_submit)
+    from dist_unlearn.launch.init import add_arguments as add_init_arguments
+    from dist_unlearn.launch.init import run_init
+
+    init = sub.add_parser("init", help="write the example configs (quickstart, bench) into DIR (default: configs)")
+    add_init_arguments(init)
+    init.set_defaults(func=run_init)
     return parser
 
 
