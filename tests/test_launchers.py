@@ -55,3 +55,51 @@ def test_torchrun_entry_runs_two_ranks(reference_run):
     summary = json.loads((reference_run / "summary.json").read_text())["grad_diff"]
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
     assert logged_steps(reference_run / "grad_diff") == list(range(1, STEPS + 1))
+
+
+# --- every script `dist-unlearn submit` renders is valid bash ----------------------------------
+
+SUBMIT_LAYOUTS = {
+    "ray-cpu": ["--launcher", "ray"],
+    "ray-gpu": [
+        "--launcher",
+        "ray",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu",
+        "--sbatch-arg=--mem=64G",
+    ],
+    "torchrun-cpu": ["--launcher", "torchrun", "--nodes", "2"],
+    "torchrun-gpu": ["--launcher", "torchrun", "--nodes", "2", "--gpus-per-node", "4", "--time", "04:00:00"],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SUBMIT_LAYOUTS))
+def test_every_rendered_sbatch_script_passes_bash_n(layout, tmp_path, capsys):
+    """Both templates, CPU and GPU layouts, paths and overrides that need quoting: ``bash -n`` accepts them."""
+    import shutil
+    import subprocess
+
+    from dist_unlearn.cli import main
+
+    config = tmp_path / "my exp" / "run's.yaml"  # a space and a quote in the config path
+    config.parent.mkdir()
+    shutil.copy(REPO / "configs" / "quickstart" / "unlearn.yaml", config)
+    out_dir = tmp_path / "out dir"
+    argv = ["submit", str(config), *SUBMIT_LAYOUTS[layout], "--dry-run", f"output.dir={out_dir}"]
+    assert main([*argv, "method.names=[grad_diff, npo_gd]"]) == 0, capsys.readouterr().err
+    script = capsys.readouterr().out
+    assert script.startswith("#!/bin/bash\n") and "{{" not in script
+    assert f"STOP_FILE='{out_dir}/STOP'" in script.splitlines()
+    assert "'method.names=[grad_diff, npo_gd]'" in script
+    path = tmp_path / f"{layout}.sbatch"
+    path.write_text(script)
+    check = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    # the check is live: the same script without its last `fi` is refused
+    broken = tmp_path / "broken.sbatch"
+    broken.write_text(script[: script.rindex("\nfi\n")] + script[script.rindex("\nfi\n") + 3 :])
+    assert subprocess.run(["bash", "-n", str(broken)], capture_output=True).returncode != 0
