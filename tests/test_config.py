@@ -373,3 +373,37 @@ def test_params_for_other_methods_survive_a_worker_reload(tmp_path: Path) -> Non
     data = {"method": {"names": ["npo"], "params": {"simnpo": {"beta": 0.1}}}}
     cfg = load_config(write_yaml(tmp_path, data), known_methods=KNOWN)
     assert config_from_dict(config_to_dict(cfg)).method.params == {"simnpo": {"beta": 0.1}}
+
+
+# --- the shipped example configs ---------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_checkout_configs_are_the_packaged_ones() -> None:
+    """``configs/`` of a checkout is the package data that ``dist-unlearn init`` writes (one copy)."""
+    from dist_unlearn.launch.init import CONFIG_DIR, shipped_configs
+
+    assert (REPO / "configs").resolve() == CONFIG_DIR
+    names = [str(path.relative_to(REPO / "configs")) for path in SHIPPED]
+    assert names == [str(rel) for rel in shipped_configs()]
+    assert {"quickstart/unlearn.yaml", "quickstart/contrastive.yaml", "bench/unlearning.yaml"} <= set(names)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: str(path.relative_to(REPO / "configs")))
+def test_shipped_config_loads_and_validates(path: Path, tmp_path: Path, monkeypatch) -> None:
+    """What ``dist-unlearn run`` checks before any work (schema, methods, job checks, eval), from another cwd."""
+    from dist_unlearn.cli import _load
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg = _load(str(path), [])
+    assert cfg.job.kind == raw.get("job", {}).get("kind", "unlearn")
+    assert cfg.model.path == raw["model"]["path"]
+    assert cfg.output.dir == str(tmp_path / raw["output"]["dir"])
+    if cfg.job.kind == "unlearn":
+        assert cfg.method.names == raw["method"]["names"]
+        assert cfg.train.steps == raw["train"]["steps"]
+    else:
+        assert cfg.contrastive.steps == raw["contrastive"]["steps"]
