@@ -99,7 +99,7 @@ def test_token_stats_min_k_pp_against_direct_formula():
 def test_mia_scores_loss_and_zlib():
     # zlib (Carlini et al., 2021): mean token NLL (log-perplexity) / zlib byte length, negated so that
     # higher = member. Row 0: 2 tokens, summed log-prob -4 -> mean -2; row 1: 3 tokens, -9 -> mean -3.
-    rows = torch.tensor([[-4.0, 2, 0, -3, -1, 0], [-9.0, 3, 0, -4, -2, 0]], dtype=torch.float64)
+    rows = torch.tensor([[-4.0, 2, 0, -3, -1, 0, -3], [-9.0, 3, 0, -4, -2, 0, -4]], dtype=torch.float64)
     texts = ["aaaa", "a different answer"]
     scores = mia_scores(rows, texts)
     assert scores["loss"].tolist() == [-2.0, -3.0]

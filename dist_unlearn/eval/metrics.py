@@ -13,8 +13,17 @@ Definitions (TOFU: Maini et al., 2024, arXiv:2401.06121; MUSE: Shi et al., 2024,
   statistic); 0 when any of them is 0.
 * **AUC** of a membership-inference score (higher = "member"): ``P(s_member > s_nonmember) +
   ½ P(tie)`` (Mann–Whitney U / (n_m·n_n)).
-* **PrivLeak** (MUSE): ``(AUC_unlearned − AUC_oracle) / AUC_oracle · 100``; 0 = indistinguishable from
-  the oracle, > 0 under-unlearned, < 0 over-unlearned.
+* **PrivLeak** (MUSE, Shi et al., 2024, criterion C3 "no privacy leakage"; reference code
+  ``muse_bench``): ``(AUC_unlearned − AUC_retrained) / AUC_retrained · 100`` where each AUC is MUSE's
+  ``forget_holdout_Min-40%``: the Min-K% attack with ``k = 0.4`` separating forget from holdout, with
+  the *holdout* set as the positive side (:func:`muse_auc`). A model that saw the forget set gives its
+  forget texts higher likelihood, so its AUC is near 0 and its PrivLeak near −100; the retrained
+  model (never saw the forget set) is 0 by construction. Negative = under-unlearned (forget set still
+  looks like training data), positive = over-unlearned.
+* **MIA AUC gap** (ours, not MUSE's): ``(AUC − AUC_oracle) / AUC_oracle · 100`` of any attack's AUC
+  with the forget set as members (:func:`auc`), e.g. Min-K%++ at ``eval.min_k``; positive =
+  under-unlearned. Same form as PrivLeak but another attack and the opposite orientation, so the
+  numbers are not comparable with MUSE's.
 * **Exact memorisation** (Tirumala et al., 2022, arXiv:2205.10770): fraction of answer tokens the
   argmax prediction gets right under teacher forcing.
 * **Extraction strength** (Carlini et al., 2021, arXiv:2012.07805, as used by open-unlearning):
@@ -86,11 +95,38 @@ def auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
     return float(u / (m.size * n.size))
 
 
-def privleak(auc_unlearned: float, auc_oracle: float) -> float:
-    """MUSE PrivLeak in percent: ``(AUC_unlearned − AUC_oracle) / AUC_oracle · 100``."""
+def muse_auc(forget_scores: np.ndarray, holdout_scores: np.ndarray) -> float:
+    """AUC in MUSE's orientation: the holdout set is the positive side.
+
+    MUSE scores each text by ``−mean(lowest 40 % token log-probs)`` and computes
+    ``roc_curve(labels, −score)`` with forget labelled 0 and holdout 1 (Shi et al., 2024, reference
+    code ``muse_bench``). With scores where higher = "member" (our :mod:`~dist_unlearn.eval.mia`
+    convention) this is ``P(s_holdout > s_forget) + ½ P(tie)`` = ``1 − auc(forget, holdout)``: near 0
+    for a model trained on the forget set, near 0.5 for one that never saw it.
+    """
+    return auc(holdout_scores, forget_scores)
+
+
+def privleak(auc_unlearned: float, auc_retrained: float) -> float:
+    """MUSE PrivLeak in percent: ``(AUC_unlearned − AUC_retrained) / AUC_retrained · 100``.
+
+    Both AUCs must be :func:`muse_auc` of MUSE's Min-40% attack on forget vs holdout (Shi et al.,
+    2024); then the target model scores near −100 and the retrained model 0.
+    """
+    if auc_retrained <= 0:
+        raise ValueError(f"privleak needs a positive retrained-model AUC, got {auc_retrained}")
+    return float((auc_unlearned - auc_retrained) / auc_retrained * 100.0)
+
+
+def auc_gap(auc_model: float, auc_oracle: float) -> float:
+    """Our relative MIA AUC gap in percent, ``(AUC − AUC_oracle) / AUC_oracle · 100``.
+
+    The AUCs are :func:`auc` with the forget set as members (any attack). Not MUSE's PrivLeak (other
+    orientation, other attack): a model that saw the forget set scores > 0, the oracle 0.
+    """
     if auc_oracle <= 0:
-        raise ValueError(f"privleak needs a positive oracle AUC, got {auc_oracle}")
-    return float((auc_unlearned - auc_oracle) / auc_oracle * 100.0)
+        raise ValueError(f"auc_gap needs a positive oracle AUC, got {auc_oracle}")
+    return float((auc_model - auc_oracle) / auc_oracle * 100.0)
 
 
 def exact_memorization(hits: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -15,7 +15,13 @@ Scores per example (higher = "more likely a member"):
   token NLL ``−(1/|y|) Σ_t log p(y_t)``, divided by the length in bytes of the zlib-compressed UTF-8
   text; negated here so that higher = member: ``(1/|y|) Σ_t log p(y_t) / zlib_bytes(answer text)``;
 * Min-K% (Shi et al., 2024, arXiv:2310.16789): mean of the ``⌈k·|y|⌉`` lowest ``log p(y_t)``;
-* Min-K%++ (Zhang et al., 2024, arXiv:2404.02936): the same over ``z_t = (log p(y_t) − μ_t)/σ_t``.
+* Min-K%++ (Zhang et al., 2024, arXiv:2404.02936): the same over ``z_t = (log p(y_t) − μ_t)/σ_t``;
+* MUSE's Min-40% (Shi et al., 2024, "MUSE: Machine Unlearning Six-Way Evaluation", arXiv:2407.06460,
+  the attack of its PrivLeak): Min-K% with ``k = 0.4`` over ``int(0.4·|y|)`` tokens (rounded down, as
+  the Min-K% and MUSE reference code do; at least one token), column ``min_k_40``.
+
+The Min-K% / Min-K%++ columns use ``eval.min_k`` (the project's default 0.2) and ``⌈k·|y|⌉`` tokens;
+only ``min_k_40`` is MUSE's attack.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from dist_unlearn.models.chunked_lm import (
 )
 
 TOKEN_COLUMNS = ("logprob", "hit", "mu", "sigma")
-SCORE_COLUMNS = ("logprob", "num_tokens", "num_correct", "min_k", "min_k_pp", "extraction_strength")
+MUSE_MIN_K = 0.4
+"""MUSE's Min-K% fraction for PrivLeak (its ``forget_holdout_Min-40%`` AUC)."""
+SCORE_COLUMNS = ("logprob", "num_tokens", "num_correct", "min_k", "min_k_pp", "extraction_strength", "min_k_40")
 """Columns of :func:`score_answers`'s rows."""
 
 
@@ -54,9 +62,10 @@ def token_stats_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.stack([target_logp, hit, mu, var.clamp(min=0).sqrt()], dim=-1)
 
 
-def lowest_mean(values: torch.Tensor, k: float) -> float:
-    """Mean of the ``⌈k·n⌉`` smallest of ``values`` ``[n]`` (at least one)."""
-    count = max(1, math.ceil(k * values.numel()))
+def lowest_mean(values: torch.Tensor, k: float, round_down: bool = False) -> float:
+    """Mean of the ``⌈k·n⌉`` (``round_down``: ``int(k·n)``) smallest of ``values`` ``[n]`` (at least one)."""
+    n = values.numel()
+    count = max(1, int(k * n) if round_down else math.ceil(k * n))
     return float(values.sort().values[:count].mean())
 
 
@@ -70,7 +79,7 @@ def answer_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
 
 
 def scores_from_token_stats(stats: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
-    """Rows of :data:`SCORE_COLUMNS` ``[b, 6]`` from :func:`answer_token_stats` output."""
+    """Rows of :data:`SCORE_COLUMNS` ``[b, 7]`` from :func:`answer_token_stats` output."""
     rows = []
     es = extraction_strength(stats[..., 1].cpu().numpy(), mask.cpu().numpy())
     for i in range(stats.shape[0]):
@@ -78,7 +87,9 @@ def scores_from_token_stats(stats: torch.Tensor, mask: torch.Tensor, k: float) -
         logp, hit, mu, sigma = s.unbind(-1)
         z = (logp - mu) / sigma.clamp(min=1e-6)
         n = int(mask[i].sum())
-        rows.append([float(logp.sum()), n, float(hit.sum()), lowest_mean(logp, k), lowest_mean(z, k), float(es[i])])
+        min_k, min_k_pp = lowest_mean(logp, k), lowest_mean(z, k)
+        muse = lowest_mean(logp, MUSE_MIN_K, round_down=True)
+        rows.append([float(logp.sum()), n, float(hit.sum()), min_k, min_k_pp, float(es[i]), muse])
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -91,7 +102,7 @@ def score_answers(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Per-example ``[N, 6]`` rows of :data:`SCORE_COLUMNS`, sharded over ranks (collective)."""
+    """Per-example ``[N, 7]`` rows of :data:`SCORE_COLUMNS`, sharded over ranks (collective)."""
 
     def score(indices: Sequence[int]) -> torch.Tensor:
         batch = collate_qa([dataset[i] for i in indices], pad_token_id)
@@ -122,4 +133,5 @@ def mia_scores(rows: torch.Tensor, answers: Sequence[str]) -> dict[str, torch.Te
         "zlib": mean_logprob / zlen,
         "min_k": rows[:, 3],
         "min_k_pp": rows[:, 4],
+        "min_k_40": rows[:, 6],
     }

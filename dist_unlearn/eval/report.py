@@ -24,7 +24,8 @@ COLUMNS = (
     ("retain_rouge", "retain ROUGE-L ↑"),
     ("forget_prob", "forget prob ↓"),
     ("mia_auc", "MIA AUC (Min-K%++)"),
-    ("privleak", "PrivLeak % (→0)"),
+    ("privleak", "PrivLeak % (MUSE, →0)"),
+    ("mia_auc_gap", "MIA AUC gap % (Min-K%++, →0)"),
     ("sampled_leak", "sampled leak ↓"),
 )
 ATTACK_COLUMNS = ("relearn", "nf4", "int8")
@@ -149,7 +150,10 @@ def write_report(
         "# Unlearning report\n\n"
         f"Models: {', '.join(evals)}. Forget quality: KS p-value of forget-set truth ratios vs the oracle; "
         "model utility: harmonic mean of retain probability, ROUGE-L recall and truth-ratio statistic; "
-        "MIA AUC: Min-K%++, forget vs holdout; PrivLeak: relative to the oracle's AUC; sampled leak: "
+        "MIA AUC: Min-K%++ (k = eval.min_k), forget (members) vs holdout; PrivLeak: MUSE's (Shi et al., "
+        "2024): relative change of the Min-40% AUC (holdout as the positive side) vs the oracle's, "
+        "−100 = as leaky as a model trained on the forget set, 0 = like the oracle; MIA AUC gap: ours, "
+        "relative change of the Min-K%++ AUC vs the oracle's (positive = under-unlearned); sampled leak: "
         "fraction of sampled answers containing the whole true answer. Attack columns: forget ROUGE-L "
         "before → after the attack.\n\n" + report_table(evals) + "\n" + notes + "\n![tradeoff](tradeoff.png)\n"
     )

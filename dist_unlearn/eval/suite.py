@@ -8,11 +8,15 @@ module, PEFT model or DeepSpeed engine; collective: every rank calls it, each sc
   truth-ratio statistic, and with generation greedy ROUGE-L recall and greedy leak rate;
 * forget split with ``sampled_generations = N``: leak rate over ``N`` sampled answers per question with
   its Wilson 95 % upper bound, next to the greedy leak rate;
-* membership inference, forget (members) vs holdout (non-members): AUC of LOSS, zlib, Min-K%, Min-K%++;
+* membership inference, forget (members) vs holdout (non-members): AUC of LOSS, zlib, Min-K%, Min-K%++
+  (``mia_auc``), and MUSE's Min-40% AUC in MUSE's orientation (``privleak_auc``, holdout positive);
 * model utility = harmonic mean of retain probability, retain ROUGE-L recall and retain TR statistic
   (without generation: of probability and TR statistic, reported as ``model_utility_no_rouge``);
-* with a ``reference`` (the oracle's own :func:`evaluate_model` result): forget quality (KS p-value of
-  the forget truth ratios) and PrivLeak of each attack's AUC (headline: Min-K%++, as in MUSE).
+* with a ``reference`` (the oracle's / retrained model's own :func:`evaluate_model` result): forget
+  quality (KS p-value of the forget truth ratios), ``privleak`` = MUSE's PrivLeak (Shi et al., 2024:
+  relative change of the Min-40% ``privleak_auc``; target ≈ −100, retrained model 0), and
+  ``mia_auc_gap`` = our relative gap of each attack's ``mia_auc`` (headline: Min-K%++ at
+  ``eval.min_k``; positive = under-unlearned), which is not MUSE's PrivLeak.
 
 Formulas: :mod:`dist_unlearn.eval.metrics`, :mod:`dist_unlearn.eval.mia`, :mod:`dist_unlearn.eval.generation`.
 """
@@ -37,6 +41,9 @@ from dist_unlearn.eval.mia import mia_scores, score_answers
 SPLITS = ("forget", "retain", "holdout")
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 HEADLINE_MIA = "min_k_pp"
+"""Attack of the headline ``mia_auc`` / ``mia_auc_gap`` (ours). MUSE's PrivLeak always uses Min-40%."""
+PRIVLEAK_ATTACK = "min_k_40"
+"""MUSE's PrivLeak attack: Min-K% with k = 0.4 (:data:`dist_unlearn.eval.mia.MUSE_MIN_K`)."""
 
 
 @dataclass(frozen=True)
@@ -116,8 +123,9 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """The whole suite (see module docstring). Collective over the process group.
 
-    Returns a JSON-ready dict: ``splits`` (per-split numbers), ``mia_auc``, ``model_utility``,
-    optional ``forget_quality`` / ``privleak`` (with ``reference``), and ``per_example`` (forget truth
+    Returns a JSON-ready dict: ``splits`` (per-split numbers), ``mia_auc``, ``privleak_auc``,
+    ``model_utility``, optional ``forget_quality`` / ``privleak`` / ``mia_auc_gap`` (with
+    ``reference``), and ``per_example`` (forget truth
     ratios and MIA AUCs needed when this result is itself used as a reference).
     """
     pad = tokenizer.pad_token_id
@@ -158,9 +166,7 @@ def evaluate_model(
         out["splits"][split] = res
 
     if "forget" in mia and "holdout" in mia:
-        out["mia_auc"] = {
-            name: metrics.auc(mia["forget"][name].numpy(), mia["holdout"][name].numpy()) for name in MIA_ATTACKS
-        }
+        out.update(membership_aucs(mia["forget"], mia["holdout"]))
     retain = out["splits"].get("retain", {})
     if "truth_ratio" in retain:
         parts = [retain["prob"], retain["truth_ratio"]]
@@ -172,21 +178,43 @@ def evaluate_model(
     return out
 
 
+def membership_aucs(forget: dict[str, torch.Tensor], holdout: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``mia_auc`` (each attack of :data:`MIA_ATTACKS`, forget = members) and ``privleak_auc`` (MUSE's
+    Min-40% AUC with holdout as the positive side) from :func:`~dist_unlearn.eval.mia.mia_scores` of the
+    forget and holdout splits."""
+    return {
+        "mia_auc": {name: metrics.auc(forget[name].numpy(), holdout[name].numpy()) for name in MIA_ATTACKS},
+        "privleak_auc": metrics.muse_auc(forget[PRIVLEAK_ATTACK].numpy(), holdout[PRIVLEAK_ATTACK].numpy()),
+    }
+
+
 def compare_to_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """Forget quality and PrivLeak of ``result`` against the oracle's ``reference`` result."""
+    """Forget quality, MUSE PrivLeak and our MIA AUC gaps of ``result`` against the oracle's ``reference``.
+
+    A reference AUC of 0 leaves the corresponding number out (the relative change is undefined).
+    """
     out: dict[str, Any] = {}
     mine, theirs = result["per_example"].get("forget_truth_ratio"), reference["per_example"].get("forget_truth_ratio")
     if mine is not None and theirs is not None:
         out["forget_quality"] = metrics.forget_quality(np.asarray(mine), np.asarray(theirs))
+    if "privleak_auc" in result and reference.get("privleak_auc", 0) > 0:
+        out["privleak"] = metrics.privleak(result["privleak_auc"], reference["privleak_auc"])
     if "mia_auc" in result and "mia_auc" in reference:
-        out["privleak"] = {
-            name: metrics.privleak(result["mia_auc"][name], reference["mia_auc"][name]) for name in MIA_ATTACKS
+        out["mia_auc_gap"] = {
+            name: metrics.auc_gap(result["mia_auc"][name], reference["mia_auc"][name])
+            for name in MIA_ATTACKS
+            if reference["mia_auc"][name] > 0
         }
     return out
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def headline(result: dict[str, Any]) -> dict[str, float | None]:
-    """The report's numbers of one result: forget quality, model utility, ROUGE, MIA AUC, PrivLeak."""
+    """The report's numbers of one result: forget quality, model utility, ROUGE, MIA AUC, PrivLeak (MUSE's)
+    and our Min-K%++ AUC gap."""
     splits = result.get("splits", {})
     return {
         "forget_quality": result.get("forget_quality"),
@@ -195,7 +223,8 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
         "forget_rouge": splits.get("forget", {}).get("rouge"),
         "retain_rouge": splits.get("retain", {}).get("rouge"),
         "mia_auc": result.get("mia_auc", {}).get(HEADLINE_MIA),
-        "privleak": result.get("privleak", {}).get(HEADLINE_MIA),
+        "privleak": _number(result.get("privleak")),  # eval.json files before MUSE's PrivLeak held a dict
+        "mia_auc_gap": result.get("mia_auc_gap", {}).get(HEADLINE_MIA),
         "sampled_leak": splits.get("forget", {}).get("sampled_leak"),
         "greedy_leak": splits.get("forget", {}).get("greedy_leak"),
     }
