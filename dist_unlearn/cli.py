@@ -93,15 +93,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dist_unlearn.engine.prepare import resolve_model_assets
     from dist_unlearn.eval.report import report_table
 
-    assets = resolve_model_assets(cfg)
-    targets = eval_targets(cfg, assets.target_dir, assets.oracle_dir)
-    check_targets(targets)
     if cfg.ray.enabled and not _launched_by_torchrun():
         from dist_unlearn.ray.evaluate import run_eval_with_ray
 
+        assets = resolve_model_assets(cfg)
+        targets = eval_targets(cfg, assets.target_dir, assets.oracle_dir)
+        check_targets(targets)
         run_eval_with_ray(cfg, targets, assets.oracle_dir)
-    else:
-        run_eval_without_ray(cfg, targets, assets.oracle_dir)
+    else:  # one process, or every torchrun rank: the embedded models are prepared inside the group
+        targets = run_eval_without_ray(cfg)
     if os.environ.get("RANK", "0") == "0":
         import json
 

@@ -54,7 +54,6 @@ def run(
 
     ``load(config, overrides)`` is the CLI's validating config loader."""
     from dist_unlearn.engine.eval_job import run_eval_without_ray
-    from dist_unlearn.engine.prepare import resolve_model_assets
     from dist_unlearn.engine.worker import write_json_atomic
     from dist_unlearn.eval.report import write_report
 
@@ -71,10 +70,7 @@ def run(
     # each finished run wrote its own eval.json (the suite runs at the end of `dist-unlearn run`);
     # the starting model and the oracle are evaluated here, in this process
     started = time.perf_counter()
-    cfg = load(config, overrides)
-    assets = resolve_model_assets(cfg)
-    baselines = {"original": assets.target_dir, **({"oracle": assets.oracle_dir} if assets.oracle_dir else {})}
-    run_eval_without_ray(cfg, baselines, assets.oracle_dir)
+    run_eval_without_ray(load(config, overrides), only=("original", "oracle"))
     record["baseline_eval_seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(out_dir / "bench_unlearning.json", record)
     failed = {n: r["error"] for n, r in record["methods"].items() if r["status"] != "ok"}

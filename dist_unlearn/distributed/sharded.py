@@ -21,6 +21,7 @@ def sharded_map(
     batch_size: int,
     score_batch: Callable[[Sequence[int]], torch.Tensor],
     device: torch.device | str = "cpu",
+    collective: bool = True,
 ) -> torch.Tensor:
     """Apply ``score_batch`` to this rank's share of ``range(num_examples)`` and all-gather.
 
@@ -29,10 +30,12 @@ def sharded_map(
         batch_size: examples per call on each rank.
         score_batch: maps a list of ``k`` dataset indices to a float tensor ``[k, m]`` (no grad).
         device: where the collective runs (``cuda`` with NCCL, ``cpu`` with gloo).
+        collective: ``False`` scores everything in this process, even inside a process group (work
+            that one rank does alone while the others wait, e.g. preparing the embedded models).
     Returns:
         ``[N, m]`` float tensor on CPU, row ``i`` the score of example ``i``.
     """
-    rank, world = get_rank(), get_world_size()
+    rank, world = (get_rank(), get_world_size()) if collective else (0, 1)
     mine = list(range(rank, num_examples, world))
     per_rank = -(-num_examples // world)  # ceil
     num_batches = -(-per_rank // batch_size) if per_rank else 0

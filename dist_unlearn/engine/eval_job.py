@@ -74,12 +74,20 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def run_eval_without_ray(cfg: RunConfig, targets: dict[str, str], oracle_dir: str | None) -> dict[str, Any]:
-    """:func:`run_eval_job` in this process or on each ``torchrun`` rank."""
+def run_eval_without_ray(cfg: RunConfig, only: tuple[str, ...] | None = None) -> dict[str, str]:
+    """:func:`run_eval_job` in this process or on each ``torchrun`` rank: rank 0 prepares the embedded
+    models if needed (the others wait), then every rank evaluates its share of the targets of
+    :func:`eval_targets` (those named in ``only``, when given). Returns the targets evaluated."""
     from dist_unlearn.distributed.env import destroy_process_group, init_distributed
+    from dist_unlearn.engine.runner import prepared_assets
 
     init_distributed()
     try:
-        return run_eval_job(eval_job(cfg, targets, oracle_dir))
+        assets = prepared_assets(cfg)
+        targets = eval_targets(cfg, assets.target_dir, assets.oracle_dir)
+        targets = {name: path for name, path in targets.items() if only is None or name in only}
+        check_targets(targets)
+        run_eval_job(eval_job(cfg, targets, assets.oracle_dir))
+        return targets
     finally:
         destroy_process_group()

@@ -6,8 +6,10 @@ tiny Llamas built from the same random initialisation:
   metrics compare against it).
 
 Holdout facts are seen by neither, so they serve as non-members for membership-inference attacks
-(TOFU's setup). Everything is cached under ``OUTPUT/embedded/`` keyed by a fingerprint of the data and
-prepare settings, and written atomically (``.tmp`` then rename).
+(TOFU's setup). Everything is cached under ``OUTPUT/embedded/`` keyed by a fingerprint of everything
+the preparation reads (data and prepare settings, the seed), and written atomically (``.tmp`` then
+rename). Preparation is single-process work: under a launched process group one rank does it alone
+(:func:`dist_unlearn.engine.runner.prepared_assets`), so it runs no collective.
 """
 
 from __future__ import annotations
@@ -55,8 +57,13 @@ def load_benchmark(data: DataConfig) -> FactsBenchmark:
     return load_qa_file(data.source)
 
 
+def _prepare_inputs(cfg: RunConfig) -> dict[str, object]:
+    """Every setting :func:`prepare_embedded` reads: its cache is valid exactly while these are equal."""
+    return {"data": asdict(cfg.data), "prepare": asdict(cfg.prepare), "seed": cfg.train.seed}
+
+
 def _fingerprint(cfg: RunConfig) -> str:
-    payload = json.dumps({"data": asdict(cfg.data), "prepare": asdict(cfg.prepare)}, sort_keys=True)
+    payload = json.dumps(_prepare_inputs(cfg), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -82,7 +89,7 @@ def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAss
     facts.to_jsonl(staging / "facts.jsonl")
     summary: dict[str, object] = {
         "fingerprint": fingerprint,
-        "config": {"data": asdict(cfg.data), "prepare": asdict(p)},
+        "config": _prepare_inputs(cfg),
     }
     for name, splits in (("target", ("forget", "retain")), ("oracle", ("retain",))):
         model, tokenizer = build_embedded_model(
@@ -110,6 +117,7 @@ def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAss
             model,
             {s: QADataset(facts.split(s), tokenizer, cfg.data.max_length) for s in ("forget", "retain", "holdout")},
             tokenizer.pad_token_id,
+            collective=False,
         )
         summary[name] = {"final_loss": losses[-1], "eval": evals}
         log(f"prepare: {name} answer probability " + ", ".join(f"{s}={v['prob']:.3f}" for s, v in evals.items()))

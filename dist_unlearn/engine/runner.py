@@ -106,14 +106,24 @@ def read_summaries(jobs: list[Job]) -> dict[str, dict[str, Any]]:
     return {job.name: json.loads((Path(job.run_dir) / "metrics.json").read_text()) for job in jobs}
 
 
+def prepared_assets(cfg: RunConfig) -> ModelAssets:
+    """:func:`resolve_model_assets` inside a process group: rank 0 prepares the embedded models (if
+    needed) while the other ranks wait; then every rank reads the finished cache. Collective."""
+    if is_main_process():
+        assets = resolve_model_assets(cfg)
+    barrier()
+    return assets if is_main_process() else resolve_model_assets(cfg, log=lambda *_: None)
+
+
 def run_without_ray(cfg: RunConfig, restart: bool = False) -> dict[str, dict[str, Any]]:
     """Prepare on rank 0 (others wait), then unlearn each method on all ranks; returns the summaries."""
     init_distributed()
     try:
+        assets = prepared_assets(cfg)
         if is_main_process():
-            prepare_run_dirs(plan_jobs(cfg, resolve_model_assets(cfg)), get_world_size(), restart)
+            prepare_run_dirs(plan_jobs(cfg, assets), get_world_size(), restart)
         barrier()
-        jobs = plan_jobs(cfg, resolve_model_assets(cfg))
+        jobs = plan_jobs(cfg, assets)
         for job in jobs:
             run_job(job)
         barrier()

@@ -27,10 +27,12 @@ def score_dataset(
     pad_token_id: int,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
+    collective: bool = True,
 ) -> torch.Tensor:
     """Per-example ``[N, 3]`` tensor of (summed answer log-prob, answer tokens, greedy hits).
 
-    Collective when a process group with several ranks exists: every rank must call it.
+    Collective when a process group with several ranks exists: every rank must call it (unless
+    ``collective=False``: then this process scores every example on its own).
     """
 
     def score(indices: Sequence[int]) -> torch.Tensor:
@@ -40,7 +42,7 @@ def score_dataset(
         return torch.stack([stats.logprob, stats.num_tokens, stats.num_correct], dim=1)
 
     with eval_mode(model):
-        return sharded_map(len(dataset), batch_size, score, device=device)
+        return sharded_map(len(dataset), batch_size, score, device=device, collective=collective)
 
 
 def summarize_scores(scores: torch.Tensor) -> dict[str, float]:
@@ -61,9 +63,10 @@ def evaluate_splits(
     pad_token_id: int,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
+    collective: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """:func:`summarize_scores` for each named dataset (collective)."""
+    """:func:`summarize_scores` for each named dataset (collective unless ``collective=False``)."""
     return {
-        name: summarize_scores(score_dataset(model, ds, pad_token_id, batch_size, device))
+        name: summarize_scores(score_dataset(model, ds, pad_token_id, batch_size, device, collective))
         for name, ds in datasets.items()
     }

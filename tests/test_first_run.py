@@ -1,0 +1,67 @@
+"""First runs as a user starts them: an empty output directory, the embedded models not prepared, and
+none of the test suite's environment settings (``TOKENIZERS_PARALLELISM``, ``HF_HUB_OFFLINE``).
+
+Under ``torchrun`` rank 0 prepares the embedded target and oracle alone while the other ranks wait;
+before that was so, rank 0's preparation ran a collective that the waiting rank never joined and the
+run hung for ever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import BIN, REPO, small_run_config, write_config
+
+pytestmark = pytest.mark.slow
+
+TEST_ONLY_ENV = ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "PYTHONWARNINGS")
+
+
+def _user_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in TEST_ONLY_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dist_unlearn.cli", *args]
+    result = subprocess.run(cmd, cwd=REPO, env=_user_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}\n{result.stderr[-5000:]}"
+    return result
+
+
+def test_torchrun_run_then_eval_on_an_empty_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "fresh"
+    cfg = small_run_config(
+        out,
+        None,
+        prepare={"steps": 20},  # the flow is under test here, not how well the models learn
+        ray={"enabled": False},
+        train={"steps": 2},
+        checkpoint={"every_steps": 0},
+    )
+    config = write_config(tmp_path / "run.yaml", cfg)
+    assert not out.exists()
+
+    run = _torchrun(["run", str(config)])
+    prepared = json.loads((out / "embedded" / "prepare.json").read_text())
+    assert set(prepared) >= {"target", "oracle", "fingerprint"}
+    assert not (out / "embedded.tmp").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["grad_diff"]["steps"] == 2
+    assert "grad_diff" in run.stdout
+
+    # eval from a second fresh directory: its ranks must not race to prepare the same models
+    out2 = tmp_path / "fresh_eval"
+    config2 = write_config(tmp_path / "eval.yaml", {**cfg, "output": {**cfg["output"], "dir": str(out2)}})
+    evaluated = _torchrun(["eval", str(config2)])
+    for name in ("original", "oracle"):
+        result = json.loads((out2 / name / "eval.json").read_text())
+        assert result["name"] == name
+    assert "original" in evaluated.stdout and "oracle" in evaluated.stdout
+    # the same seed and settings give the same prepared models in both directories
+    assert json.loads((out2 / "embedded" / "prepare.json").read_text())["fingerprint"] == prepared["fingerprint"]
