@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,16 @@ def test_init_writes_the_shipped_configs_and_never_overwrites(tmp_path, capsys, 
     assert (tmp_path / "elsewhere" / "examples" / "bench" / "unlearning.yaml").is_file()
 
 
+def _build_options() -> list[str]:
+    """Offline, with this environment's setuptools, when it is new enough for pyproject.toml (>= 77);
+    otherwise an isolated build, which fetches setuptools from the package index."""
+    try:
+        major = int(version("setuptools").split(".")[0])
+    except PackageNotFoundError:
+        major = 0
+    return ["--no-build-isolation", "--no-index"] if major >= 77 else []
+
+
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -67,9 +78,7 @@ def test_wheel_install_ships_templates_and_configs_and_runs_init_and_submit(tmp_
     shutil.copytree(REPO / "dist_unlearn", src / "dist_unlearn", ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
-    built = _run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", "wheels", str(src)], tmp_path, env
-    )
+    built = _run([*pip, "wheel", "--no-deps", *_build_options(), "-w", "wheels", str(src)], tmp_path, env)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (wheel,) = (tmp_path / "wheels").glob("dist_unlearn-*.whl")
     with zipfile.ZipFile(wheel) as archive:
