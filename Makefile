@@ -6,17 +6,24 @@ PYTHON ?= python3
 # CPU-only machine; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# tested versions of every other dependency (see the file's header)
+CONSTRAINTS ?= .ci/constraints.txt
 
-.PHONY: setup quickstart test lint clean
+.PHONY: setup quickstart test lint clean constraints
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
+
+# rewrite the constraints from what the venv holds now (after a deliberate upgrade that passed make test)
+constraints: setup
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | grep -v -iE '^(torch|pip|setuptools|wheel)[=-]'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 quickstart: setup
 	$(BIN)/dist-unlearn run configs/quickstart/unlearn.yaml
