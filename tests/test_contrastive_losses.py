@@ -375,3 +375,64 @@ def test_bf16_inputs_reduce_in_float32():
         assert loss.dtype == torch.float32 and loss_fn.last_global_loss.dtype == torch.float32
         assert loss.item() == pytest.approx(loss_fn.last_global_loss.item(), rel=1e-6)
         assert loss.item() == pytest.approx(ref, abs=0.01)  # bf16 scores carry ~2^-8 relative error
+
+
+# --- clamping after the step, fixed temperatures as given (issue 16) ---------------------------------------------
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["infonce", "tiled"])
+def test_temperature_at_the_bound_still_gets_its_gradient(tiled):
+    """The clamp is not in forward: at log(1/tau) = log(max) the gradient is the true one, not 0 (CLIP clamps
+    the parameter after the optimizer step: clamp_parameters_)."""
+    q, docs = _random_inputs()
+    cls = TiledInfoNCELoss if tiled else InfoNCELoss
+    loss_fn = cls(temperature=0.001, learnable_temperature=True, max_inverse_temperature=100.0).double()
+    assert loss_fn.log_inverse_temperature.item() == pytest.approx(math.log(100.0))  # starts at the bound
+    loss_fn(q, docs).backward()
+    p = {"log_inverse_temperature": loss_fn.log_inverse_temperature.detach().clone().requires_grad_()}
+    ref_infonce(q.detach(), docs.detach(), p).backward()
+    got = loss_fn.log_inverse_temperature.grad.item()
+    assert got != 0.0
+    assert got == pytest.approx(p["log_inverse_temperature"].grad.item(), rel=1e-10)
+    # A step past the bound is clamped back by clamp_parameters_ (in place: the same Parameter object).
+    param = loss_fn.log_inverse_temperature
+    with torch.no_grad():
+        param.add_(0.5)
+    assert loss_fn.inverse_temperature().item() == pytest.approx(100.0 * math.exp(0.5))  # forward: unclamped
+    assert loss_fn.clamp_parameters_() is loss_fn
+    assert loss_fn.log_inverse_temperature is param and param.item() == pytest.approx(math.log(100.0))
+    with torch.no_grad():
+        param.fill_(math.log(20.0))
+    loss_fn.clamp_parameters_()
+    assert param.item() == pytest.approx(math.log(20.0))  # inside the bound: untouched
+
+
+def test_clamp_parameters_on_every_loss():
+    """Every loss has clamp_parameters_ (a training loop calls it after each step); Matryoshka clamps its base."""
+    base = InfoNCELoss(0.05, learnable_temperature=True, max_inverse_temperature=30.0)
+    with torch.no_grad():
+        base.log_inverse_temperature.fill_(5.0)
+    MatryoshkaLoss(base, dims=(4, 8)).clamp_parameters_()
+    assert base.log_inverse_temperature.item() == pytest.approx(math.log(30.0))
+    siglip = SigmoidLoss(init_scale=1000.0, init_bias=-50.0)
+    siglip.clamp_parameters_()  # SigLIP's scale and bias are not clamped
+    assert siglip.log_scale.item() == pytest.approx(math.log(1000.0)) and siglip.bias.item() == -50.0
+    for loss_fn in (InfoNCELoss(0.05), DecoupledContrastiveLoss(), DebiasedContrastiveLoss(), AUCLoss()):
+        assert loss_fn.clamp_parameters_() is loss_fn
+
+
+def test_fixed_temperature_is_used_as_given():
+    """A fixed tau below 1 / max_inverse_temperature is no longer raised silently; invalid ones are refused."""
+    q, docs = _random_inputs()
+    qn, dn = F.normalize(q, dim=-1), F.normalize(docs.reshape(-1, 8), dim=-1)
+    for tau in (0.001, 0.005, 0.05):
+        loss = InfoNCELoss(temperature=tau)(q, docs)
+        logits = qn @ dn.T / tau
+        expected = F.cross_entropy(logits, torch.arange(5) * 3)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+        assert InfoNCELoss(temperature=tau).inverse_temperature().item() == pytest.approx(1.0 / tau, rel=1e-12)
+    for bad in (0.0, -0.05, math.nan, math.inf):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            InfoNCELoss(temperature=bad)
+    with pytest.raises(ValueError, match="max_inverse_temperature must be > 0"):
+        InfoNCELoss(max_inverse_temperature=0.0)

@@ -19,14 +19,22 @@ Gradient convention (``reduction="global_mean"``, the default)
     sum over ranks of the parameter gradients is ``W * dL/dtheta``, and the **average** that DDP and
     DeepSpeed apply gives exactly ``dL/dtheta``, also with unequal per-rank batches. The same holds for a
     learnable temperature, scale or bias: its per-rank gradient is ``d loss_r / d tau`` and the rank average
-    is ``dL/dtau`` -- provided it is averaged like any other parameter (keep the loss module inside the
-    DDP/DeepSpeed model, or all-reduce-average its gradient yourself). A framework that *sums* gradients
-    over ranks needs a division by ``W``. The returned value is therefore ``W``-scaled and differs per rank;
+    is ``dL/dtau`` -- provided it is averaged like any other parameter. **Convention: the gradient of a
+    loss parameter is the global-batch gradient, like the model's.** :class:`~dist_unlearn.contrastive.GradCache`
+    does the averaging (all-reduce over the data-parallel group, divided by ``W``), so after its ``step``
+    ``tau.grad`` is ``dL/dtau`` on every rank; without GradCache, all-reduce-average it yourself after
+    ``backward`` (DDP/DeepSpeed never see the loss module). A framework that *sums* gradients over ranks
+    needs a division by ``W``. The returned value is therefore ``W``-scaled and differs per rank;
     ``self.last_global_loss`` holds the detached true ``L`` (identical on all ranks) for logging.
     ``reduction="local_mean"`` returns ``(1 / b) sum_{i on rank r} l_i`` instead (the rank average equals
     ``L`` only for equal local batch sizes).
 
 Inputs are L2-normalised here when ``normalize=True`` (default), so scores are cosine similarities.
+
+Clamping (CLIP, Radford et al. 2021): a learnable ``log(1/tau)`` is bounded by ``log(max_inverse_temperature)``
+*after* each optimizer step, by :meth:`CrossRankLoss.clamp_parameters_` (a no-op for losses without such a
+bound), never inside ``forward``: a clamp in the forward would make the gradient exactly 0 at the bound, so the
+temperature could not move back. Call it right after ``optimizer.step()`` / ``engine.step()``.
 """
 
 from __future__ import annotations
@@ -123,6 +131,15 @@ class CrossRankLoss(nn.Module):
         self.group = group
         self.last_global_loss: Tensor | None = None
 
+    @torch.no_grad()
+    def clamp_parameters_(self) -> CrossRankLoss:
+        """Project the loss's own parameters back into their allowed range, in place; returns ``self``.
+
+        Call after every optimizer step (see the module docstring). No-op here; temperature losses clamp
+        ``log(1/tau)`` at ``log(max_inverse_temperature)``.
+        """
+        return self
+
     def _prep(self, x: Tensor) -> Tensor:
         return F.normalize(x, dim=-1) if self.normalize else x
 
@@ -161,33 +178,50 @@ class CrossRankLoss(nn.Module):
 class _TemperatureLoss(CrossRankLoss):
     """Adds a temperature ``tau``: learnable as ``log(1 / tau)`` (an ``nn.Parameter``) or a fixed Python float.
 
-    ``1 / tau`` is clamped at ``max_inverse_temperature``. A fixed temperature is kept as a float so that it is
-    exact in every dtype (a float32 buffer would round ``1/tau``).
+    A fixed temperature is used exactly as given (any finite ``tau > 0``; ``max_inverse_temperature`` does not
+    apply to it) and kept as a float so that it is exact in every dtype (a float32 buffer would round
+    ``1/tau``). A learnable one starts at ``log(min(1/tau, max_inverse_temperature))`` and is kept at or below
+    ``log(max_inverse_temperature)`` by :meth:`clamp_parameters_` after each optimizer step (CLIP's clamp of
+    ``logit_scale``); ``forward`` uses it unclamped, so its gradient is the true one also at the bound.
     """
 
     def __init__(
         self, temperature: float, learnable_temperature: bool, max_inverse_temperature: float, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (math.isfinite(float(temperature)) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if not max_inverse_temperature > 0:
+            raise ValueError(f"max_inverse_temperature must be > 0 (or math.inf), got {max_inverse_temperature!r}")
         self.temperature = float(temperature)
         self.max_inverse_temperature = float(max_inverse_temperature)
         self.log_inverse_temperature: nn.Parameter | None = None
         if learnable_temperature:
-            self.log_inverse_temperature = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+            start = min(1.0 / self.temperature, self.max_inverse_temperature)
+            self.log_inverse_temperature = nn.Parameter(torch.tensor(math.log(start)))
+
+    @torch.no_grad()
+    def clamp_parameters_(self) -> _TemperatureLoss:
+        """Clamp a learnable ``log(1/tau)`` at ``log(max_inverse_temperature)`` in place (CLIP: after each step).
+
+        Call after ``optimizer.step()`` / ``engine.step()``; a no-op for a fixed temperature. Returns ``self``.
+        """
+        if self.log_inverse_temperature is not None:
+            self.log_inverse_temperature.clamp_(max=math.log(self.max_inverse_temperature))
+        return self
 
     def inverse_temperature(self, like: Tensor | None = None) -> Tensor:
-        """``1 / tau = exp(min(log_inverse_temperature, log(max_inverse_temperature)))``, 0-dim.
+        """``1 / tau``, 0-dim: ``exp(log_inverse_temperature)`` (learnable) or ``1 / temperature`` (fixed).
 
-        Returned in the dtype and on the device of ``like`` when given.
+        Not clamped here (see :meth:`clamp_parameters_`). Returned in the dtype and on the device of ``like``
+        when given.
         """
         if self.log_inverse_temperature is None:
-            value = min(1.0 / self.temperature, self.max_inverse_temperature)
+            value = 1.0 / self.temperature
             if like is None:
                 return torch.tensor(value)
             return torch.tensor(value, dtype=like.dtype, device=like.device)
-        t = self.log_inverse_temperature.clamp(max=math.log(self.max_inverse_temperature)).exp()
+        t = self.log_inverse_temperature.exp()
         return t if like is None else t.to(like.dtype)
 
 
@@ -205,10 +239,12 @@ class InfoNCELoss(_TemperatureLoss):
     positive whose similarity exceeds the positive's minus ``m`` (in both directions when symmetric).
 
     Args:
-        temperature: initial ``tau``.
+        temperature: ``tau`` (fixed: used as given, any finite value > 0), or the initial ``tau`` when learnable.
         learnable_temperature: learn ``log(1/tau)`` (an ``nn.Parameter``); its gradient follows the global-mean
-            convention: the rank average equals the single-process gradient.
-        max_inverse_temperature: clamp of ``1/tau`` (CLIP uses 100).
+            convention: the rank average equals the single-process gradient, and through
+            :class:`~dist_unlearn.contrastive.GradCache` it is that global-batch gradient on every rank.
+        max_inverse_temperature: upper bound of a learnable ``1/tau`` (CLIP uses 100), applied by
+            :meth:`clamp_parameters_` after each optimizer step, not in ``forward``.
         symmetric: add the doc -> query direction.
         cross_rank: use the docs (and, when symmetric, queries) of all ranks as candidates.
         false_negative_margin: ``None`` (off) or the margin ``m``.
@@ -273,7 +309,9 @@ class SigmoidLoss(CrossRankLoss):
     Args:
         init_scale: initial ``t`` (stored as ``t' = log t``; SigLIP: 10).
         init_bias: initial ``b`` (SigLIP: -10).
-        learnable: learn ``t'`` and ``b`` (their gradients follow the global-mean convention).
+        learnable: learn ``t'`` and ``b`` (their gradients follow the global-mean convention: the rank average
+            is the single-process gradient, and through :class:`~dist_unlearn.contrastive.GradCache` it is that
+            global-batch gradient on every rank). Neither is clamped (as in SigLIP).
         cross_rank, normalize, reduction, group: see :class:`CrossRankLoss`.
 
     Shapes: ``forward(queries [b, d], docs [b, 1+h, d] | [b*(1+h), d]) -> 0-dim``.
@@ -488,3 +526,11 @@ class MatryoshkaLoss(nn.Module):
             logged = logged + weight * last if last is not None else logged
         self.last_global_loss = logged if isinstance(logged, Tensor) else None
         return total  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def clamp_parameters_(self) -> MatryoshkaLoss:
+        """The base loss's :meth:`CrossRankLoss.clamp_parameters_` (call after each optimizer step)."""
+        clamp = getattr(self.base_loss, "clamp_parameters_", None)
+        if clamp is not None:
+            clamp()
+        return self

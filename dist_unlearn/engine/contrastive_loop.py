@@ -98,6 +98,7 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
         else:
             engine.backward(loss_fn(encode(engine, queries), encode(engine, docs)))
         engine.step()
+        loss_fn.clamp_parameters_()  # a learnable temperature is bounded after the step (CLIP), never in forward
         values = mean_over_ranks({"loss": float(loss_fn.last_global_loss)}, device)
         values["step_seconds"] = time.perf_counter() - started
         values["examples_per_second"] = c.global_batch_size / values["step_seconds"]
