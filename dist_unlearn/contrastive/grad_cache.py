@@ -27,7 +27,9 @@ Accumulation across chunks is exact for each kind of model:
 - ``DistributedDataParallel``: every chunk but the last runs (forward and backward) inside
   ``model.no_sync()``; the last backward all-reduces the accumulated gradients once.
 - ``deepspeed.DeepSpeedEngine``: gradients always go through ``engine.backward`` (never around it, so
-  ZeRO's hooks, partitioning and fp16 loss scaling apply). ZeRO-1/2/3: all chunk backwards run inside
+  ZeRO's hooks, partitioning and fp16 loss scaling apply). ZeRO-3: one plain ``engine.backward`` per
+  chunk; each reduce-scatters into this rank's gradient partition and the partitions add up exactly
+  (tested), so no whole gradient is ever held. ZeRO-1/2: all chunk backwards run inside
   ``engine.coalesce_grad_reduction()``, one reduction at the end. (Without it or boundaries, several
   ``engine.backward`` calls in one ZeRO-1/2 step give silently wrong gradients; the tests measure a
   relative error of 1.4.) Where that context raises ``NotImplementedError`` (ZeRO-0, the BF16/FP16
@@ -40,13 +42,20 @@ Accumulation across chunks is exact for each kind of model:
   ``scale_wrt_gas=False`` (the same as pre-multiplying the surrogate by that number), so the
   accumulated gradient is the full-batch gradient of ``loss_fn``. One :meth:`GradCache.step` is one
   optimizer step's gradient, so the DeepSpeed config must have ``gradient_accumulation_steps: 1``
-  (grow the GradCache batch instead of accumulating); other values are refused in ``__init__``.
+  (grow the GradCache batch instead of accumulating); other values are refused in ``__init__``, and a
+  second :meth:`GradCache.step` before ``engine.step()`` is refused (``RuntimeError``).
 
-Ranks may hold batches of different sizes. ZeRO-3 gathers parameters in every forward and backward (and
-DDP may broadcast buffers in forward), so all ranks must run the same number of passes: under DDP and
-DeepSpeed the ranks agree on the largest chunk count per input (one small ``all_reduce``), and a rank
-with fewer chunks runs one-row "ghost" chunks whose surrogate has weight 0 (and whose forwards draw
-from a forked RNG, leaving the global RNG untouched).
+The loss's own parameters (learnable temperature, SigLIP scale and bias) run outside the wrapper; their
+gradients are all-reduce-averaged across ranks like the model's, so they too are the global-batch
+gradient, identical on every rank (see :class:`GradCache`).
+
+Ranks may hold batches of different sizes, including 0 rows on a rank (as long as some rank has rows
+for each input: the rank then encodes its empty input, ``[0, d]``, and takes part in every collective).
+ZeRO-3 gathers parameters in every forward and backward (and DDP may broadcast buffers in forward), so
+all ranks must run the same number of passes: under DDP and DeepSpeed the ranks agree on the largest
+chunk count per input (one small ``all_reduce``), and a rank with fewer chunks runs "ghost" chunks (one
+row, or 0 rows for an empty input) whose surrogate has weight 0 (and whose forwards draw from a forked
+RNG, leaving the global RNG untouched).
 
 Exactness needs a forward that is a function of (parameters, inputs, RNG state). Dropout is fine; a
 module that changes its own state in forward (batch-norm running statistics) is updated twice per
@@ -65,7 +74,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,14 +112,18 @@ def slice_batch(batch: Batch, start: int, end: int) -> Batch:
 
 
 def split_batch(batch: Batch, chunk_size: int) -> list[Batch]:
-    """``batch`` cut along dim 0 into chunks of ``chunk_size`` rows (the last may be smaller)."""
+    """``batch`` cut along dim 0 into chunks of ``chunk_size`` rows (the last may be smaller).
+
+    A batch of 0 rows is one chunk of 0 rows (its forward gives the ``[0, d]`` representations that a
+    cross-rank loss needs from a rank without rows; see :meth:`GradCache.step`).
+    """
     rows = batch_size(batch)
-    if rows == 0:
-        raise ValueError("GradCache got an empty batch (0 rows); every rank needs at least one row per input")
     if isinstance(batch, Mapping):
         for key, value in batch.items():
             if isinstance(value, Tensor) and value.shape[0] != rows:
                 raise ValueError(f"input field {key!r} has {value.shape[0]} rows, expected {rows} like the others")
+    if rows == 0:
+        return [batch]
     return [slice_batch(batch, start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
 
 
@@ -124,22 +138,39 @@ def first_device(batches: Sequence[Batch]) -> torch.device:
 
 
 def ghost_chunk(chunk: Batch) -> Batch:
-    """A one-row stand-in for a chunk that this rank does not have (see :func:`agreed_chunk_counts`)."""
+    """A one-row stand-in for a chunk that this rank does not have (see :func:`agreed_chunk_counts`).
+
+    Made of the first row of the rank's first chunk (real data, so the ghost forward is as well-behaved as a
+    real one); 0 rows when the rank has no rows for that input.
+    """
     return slice_batch(chunk, 0, 1)
 
 
-def agreed_chunk_counts(counts: list[int], device: torch.device) -> list[int]:
+def agreed_chunk_counts(counts: list[int], device: torch.device, rows: list[int] | None = None) -> list[int]:
     """Per input, the largest number of chunks any rank has (``all_reduce`` MAX); ``counts`` if not distributed.
 
     ZeRO-3 gathers parameters inside every forward and backward, and DDP may broadcast buffers in
     forward, so every rank must run the same number of passes even when the ranks' batches differ in size.
     A rank with fewer chunks adds one-row "ghost" chunks whose surrogate has zero weight.
+
+    With ``rows`` (this rank's row count per input), the same single ``all_reduce`` also checks that every
+    input has at least one row on some rank; otherwise every rank raises the same ``ValueError``.
     """
+    rows = list(rows) if rows is not None else []
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return counts
-    agreed = torch.tensor(counts, dtype=torch.long, device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-    return [int(n) for n in agreed.tolist()]
+        agreed_counts, agreed_rows = counts, rows
+    else:
+        agreed = torch.tensor(counts + rows, dtype=torch.long, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        values = [int(n) for n in agreed.tolist()]
+        agreed_counts, agreed_rows = values[: len(counts)], values[len(counts) :]
+    empty = [i for i, n in enumerate(agreed_rows) if n == 0]
+    if empty:
+        raise ValueError(
+            f"GradCache got an empty batch: input {empty[0]} has 0 rows on every rank; the global batch needs "
+            "at least one row per input (a single rank may have 0 rows)"
+        )
+    return agreed_counts
 
 
 # --- encoding -----------------------------------------------------------------------------------
@@ -243,6 +274,25 @@ def check_engine(engine: Any) -> None:
         raise ValueError("GradCache needs a DeepSpeed engine with an optimizer (engine.backward requires one)")
 
 
+def data_parallel_group(model: Any, kind: str) -> Any:
+    """The process group over which ``model``'s wrapper averages gradients (``None``: the default group)."""
+    if kind == "ddp":
+        return getattr(model, "process_group", None)
+    if kind == "deepspeed":  # ZeRO reduces over the sequence-data-parallel group (= data parallel without SP)
+        return getattr(model, "seq_data_parallel_group", None) or getattr(model, "data_parallel_group", None)
+    return None
+
+
+def wrapped_parameter_ids(model: Any) -> set[int]:
+    """``id`` of every parameter of ``model`` (the module inside a DDP wrapper or DeepSpeed engine)."""
+    module = getattr(model, "module", model)
+    return {id(param) for param in module.parameters()} if isinstance(module, nn.Module) else set()
+
+
+_LAST_STEP_AT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""DeepSpeed engine -> its ``micro_steps`` when a :meth:`GradCache.step` last completed on it."""
+
+
 # --- GradCache ----------------------------------------------------------------------------------
 
 
@@ -266,9 +316,32 @@ class GradCache:
         replay_atol: the largest absolute difference ``check_replay`` accepts.
         autocast_dtype: if set, both forwards run under ``torch.autocast(device_type, autocast_dtype)``
             with the device type of the inputs. (A DeepSpeed engine's own bf16/fp16 settings apply too.)
+        loss_parameters: the loss's own learnable parameters (temperature, SigLIP scale and bias); default
+            ``loss_fn.parameters()`` when ``loss_fn`` is an ``nn.Module``, else none. See below.
 
     :meth:`step` leaves the full-batch gradient in the parameters (in DeepSpeed's gradient partitions
     for an engine) and returns the detached loss; it never steps or zeroes the optimizer.
+
+    **The loss's own parameters** (a learnable temperature, SigLIP's scale and bias) live outside the
+    DDP module / DeepSpeed engine: the loss runs on detached representations in phase 2. Their gradient
+    follows the same convention as the model's: after :meth:`step` it is the gradient one process would
+    get on the whole global batch, identical on every rank. Each rank's ``loss.backward()`` gives
+    ``d loss_r / d tau`` (its share; the losses of :mod:`~dist_unlearn.contrastive.losses` scale ``loss_r``
+    so that the rank **average** of the losses is the global-batch loss ``L``), and GradCache then
+    all-reduce-**averages** those gradients over the wrapper's data-parallel group, the same ``1 / W``
+    that DDP and DeepSpeed apply to the model's gradients (DeepSpeed: with ``scale_wrt_gas=False`` and
+    ``gradient_accumulation_steps=1``, no other factor), so ``tau.grad = (1/W) sum_r d loss_r / d tau =
+    dL / d tau``. Only the gradient of this step is averaged; a ``.grad`` already present is kept and added
+    to. Step these parameters with an optimizer of your own (e.g. ``torch.optim.SGD(loss_fn.parameters())``,
+    stepped next to ``engine.step()``) and call ``loss_fn.clamp_parameters_()`` after it. They must not also
+    be parameters of the wrapped model (``ValueError``): DDP and ZeRO expect every one of their parameters'
+    gradients from the model's own backward. With a plain module nothing is averaged (the model's gradients
+    are not either): each rank keeps its share, like the model's.
+
+    Under DeepSpeed, one :meth:`step` is one optimizer step's whole gradient: a second :meth:`step` on the
+    same engine before ``engine.step()`` raises ``RuntimeError`` (under ZeRO-1/2 the second reduction
+    would silently overwrite the first batch's gradient). Make the GradCache batch larger instead. Under
+    DDP and with a plain module, repeated steps accumulate the gradients exactly, as ``backward`` does.
     """
 
     def __init__(
@@ -280,6 +353,7 @@ class GradCache:
         check_replay: bool = False,
         replay_atol: float = 1e-5,
         autocast_dtype: torch.dtype | None = None,
+        loss_parameters: Iterable[nn.Parameter] | None = None,
     ) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -295,8 +369,30 @@ class GradCache:
         self.kind = model_kind(model)
         if self.kind == "deepspeed":
             check_engine(model)
+        self._loss_parameters = list(loss_parameters) if loss_parameters is not None else None
+        if self.kind != "plain":
+            shared = [p for p in self.loss_parameters() if id(p) in wrapped_parameter_ids(model)]
+            if shared:
+                raise ValueError(
+                    f"{len(shared)} parameter(s) of the loss are also parameters of the wrapped model; GradCache "
+                    "runs the loss outside the model's forward, where DDP/DeepSpeed cannot reduce their gradients. "
+                    "Keep the loss module outside the model (GradCache averages its parameters' gradients across "
+                    "ranks) and step its parameters with an optimizer of your own"
+                )
         self.ds_accumulation: str | None = None
-        """For an engine: ``"coalesce"`` or ``"boundary"``, the accumulation used by the last step."""
+        """For an engine: ``"coalesce"`` (ZeRO-1/2), ``"direct"`` (ZeRO-3) or ``"boundary"`` (ZeRO-0, bf16/fp16
+        optimizer wrappers, older DeepSpeed), the accumulation used by the last step."""
+
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """The loss's own parameters that require grad (``loss_parameters``, else those of ``loss_fn``)."""
+        if self._loss_parameters is not None:
+            params = self._loss_parameters
+        elif isinstance(self.loss_fn, nn.Module):
+            params = list(self.loss_fn.parameters())
+        else:
+            params = []
+        unique = {id(p): p for p in params if p.requires_grad}
+        return list(unique.values())
 
     # -- public --------------------------------------------------------------------------------
 
@@ -317,16 +413,39 @@ class GradCache:
         """
         if not inputs:
             raise ValueError("GradCache.step needs at least one input batch")
+        if self.kind == "deepspeed":
+            self._refuse_repeated_step()
         chunks = [split_batch(batch, self.chunk_size) for batch in inputs]
         device = first_device(inputs)
         real = [len(input_chunks) for input_chunks in chunks]
-        if self.kind != "plain":
-            agreed = agreed_chunk_counts(real, self._collective_device(device))
+        rows = [batch_size(batch) for batch in inputs]
+        if self.kind == "plain":
+            if 0 in rows:
+                raise ValueError(
+                    f"GradCache got an empty batch (0 rows) for input {rows.index(0)}; a plain module needs at "
+                    "least one row per input (under DDP/DeepSpeed one rank may have 0 rows if another has some)"
+                )
+        else:
+            agreed = agreed_chunk_counts(real, self._collective_device(device), rows)
             chunks = [c + [ghost_chunk(c[0])] * (n - len(c)) for c, n in zip(chunks, agreed, strict=True)]
         reps, states = self._representation_pass(chunks, real, device.type)
         loss, grads = self._cache_gradients(reps, loss_kwargs)
         self._replay(chunks, real, states, reps, grads, device.type)
+        if self.kind == "deepspeed":
+            _LAST_STEP_AT[self.model] = self.model.micro_steps
         return loss.detach()
+
+    def _refuse_repeated_step(self) -> None:
+        """Raise if this engine has not run ``engine.step()`` since the last :meth:`step` (see the class doc)."""
+        last = _LAST_STEP_AT.get(self.model)
+        if last is not None and last == getattr(self.model, "micro_steps", None):
+            raise RuntimeError(
+                "GradCache.step was called again before engine.step(): under DeepSpeed one GradCache.step is one "
+                "optimizer step's whole gradient (with ZeRO-1/2 the second step's reduction would silently "
+                "replace the first batch's gradient). Call engine.step() after every GradCache.step, or pass "
+                "the rows of both batches to a single step (a larger GradCache batch needs no more activation "
+                "memory)"
+            )
 
     # -- the three phases ----------------------------------------------------------------------
 
@@ -385,12 +504,41 @@ class GradCache:
             raise ValueError("loss_fn must return a scalar (0-dim) tensor")
         if not loss.requires_grad:
             raise ValueError("loss_fn's result does not depend on the representations (no grad_fn)")
+        params = self.loss_parameters()
+        earlier = [p.grad for p in params]  # kept aside so that only this step's gradient is averaged
+        for param in params:
+            param.grad = None
         loss.backward()
+        self._average_loss_gradients(params, leaves[0].device)
+        for param, grad in zip(params, earlier, strict=True):
+            if grad is not None:
+                param.grad = grad if param.grad is None else grad.add_(param.grad)
         grads = []
         for leaf, input_reps in zip(leaves, reps, strict=True):
             grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
             grads.append(list(grad.split([r.shape[0] for r in input_reps])))
         return loss, grads
+
+    def _average_loss_gradients(self, params: list[nn.Parameter], device: torch.device) -> None:
+        """All-reduce-average this step's gradients of the loss's own parameters over the data-parallel group.
+
+        The same ``1 / W`` average that DDP and DeepSpeed apply to the model's gradients: the result is the
+        global-batch gradient, identical on every rank (see the class docstring). Every rank runs the same
+        collective, also for a parameter that got no gradient on it (zeros). A no-op for a plain module.
+        """
+        if self.kind == "plain" or not params or not (dist.is_available() and dist.is_initialized()):
+            return
+        group = data_parallel_group(self.model, self.kind)
+        world = dist.get_world_size(group)
+        if world == 1:
+            return
+        comm = self._collective_device(device)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.detach().reshape(-1).to(device=comm, dtype=torch.float64) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat /= world
+        for param, part in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            param.grad = part.reshape(param.shape).to(device=param.device, dtype=param.dtype)
 
     def _replay(
         self,
@@ -435,8 +583,17 @@ class GradCache:
 
     @contextlib.contextmanager
     def _deepspeed_accumulation(self) -> Iterator[Callable[[bool], contextlib.AbstractContextManager]]:
-        """``coalesce_grad_reduction`` where DeepSpeed supports it, else accumulation boundaries."""
+        """ZeRO-3: plain ``engine.backward`` per chunk; ZeRO-1/2: ``coalesce_grad_reduction`` where DeepSpeed
+        supports it; else accumulation boundaries."""
         engine = self.model
+        stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+        if stage == 3:
+            # ZeRO-3 reduce-scatters each backward's gradients into this rank's partition and adds them up across
+            # backwards: exact without coalescing (tests/test_grad_cache.py), and the coalescing context would
+            # keep whole, unpartitioned gradients on every rank until its flush.
+            self.ds_accumulation = "direct"
+            yield lambda last: contextlib.nullcontext()
+            return
         coalesce = getattr(engine, "coalesce_grad_reduction", None)
         context = None
         if coalesce is not None:
