@@ -158,7 +158,7 @@ def one_step(rank: int, setup: str, name: str, sizes: tuple[int, ...]) -> dict[s
     wrapped, optimizer = wrap(setup, make_encoder(dtype))
     loss_fn = LOSSES[name]().to(dtype)
     loss_optimizer = torch.optim.SGD(loss_fn.parameters(), lr=LR)
-    cache = GradCache(wrapped, CHUNK, loss_fn)
+    cache = GradCache(wrapped, CHUNK, loss_fn, check_replay=True)
     cache.step(*shard(sizes, rank, dtype=dtype))
     out = {
         "grads": full_grads(wrapped),
@@ -224,6 +224,25 @@ def loss_inside_the_model(rank: int, world: int) -> str:
     return "not refused"
 
 
+def loss_in_a_function(rank: int) -> dict[str, Any]:
+    """A learnable loss called from a plain function: refused unless its parameters are listed, then exact."""
+    wrapped, _ = wrap("ddp", make_encoder())
+    loss_module = LOSSES["siglip"]().double()
+
+    def loss_fn(q: Tensor, d: Tensor) -> Tensor:
+        return loss_module(q, d)
+
+    batch = shard(UNEVEN, rank)
+    try:
+        GradCache(wrapped, CHUNK, loss_fn).step(*batch)
+        message = "not refused"
+    except ValueError as exc:
+        message = str(exc)
+    wrapped.zero_grad(set_to_none=True)
+    GradCache(wrapped, CHUNK, loss_fn, loss_parameters=loss_module.parameters()).step(*batch)
+    return {"message": message, "loss_grads": {n: p.grad.clone() for n, p in loss_module.named_parameters()}}
+
+
 def all_cases(rank: int, world: int) -> dict[str, Any]:
     os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world)})  # for DeepSpeed
     out: dict[str, Any] = {}
@@ -235,6 +254,7 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
         out[f"refusal-zero{stage}"] = repeated_step_refusal(rank, stage)
         dist.barrier()
     out["inside-model"] = loss_inside_the_model(rank, world)
+    out["function"] = loss_in_a_function(rank)
     return out
 
 
@@ -293,6 +313,15 @@ def test_loss_parameters_inside_the_wrapped_model_are_refused(two_ranks):
     """DDP/DeepSpeed cannot reduce gradients produced outside the model's backward: refuse the set-up."""
     for results in two_ranks:
         assert "also parameters of the wrapped model" in results["inside-model"]
+
+
+@pytest.mark.slow
+def test_undeclared_loss_parameters_are_refused_or_listed(two_ranks):
+    want = reference("siglip", [global_batch(sum(UNEVEN))])
+    for results in two_ranks:
+        got = results["function"]
+        assert "loss_parameters=" in got["message"], got["message"]
+        assert rel_error(got["loss_grads"], want["loss_grads"]) < TOL
 
 
 # --- single process -----------------------------------------------------------------------------

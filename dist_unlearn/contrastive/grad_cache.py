@@ -403,9 +403,9 @@ class GradCache:
             inputs: one or more batches (e.g. a query batch ``[Bq, ...]`` and a document batch
                 ``[Bd, ...]``), each a tensor or a mapping of tensors sharing dim 0. Each is encoded
                 chunk by chunk into ``reps[i]`` ``[B_i, d]``. Under DDP/DeepSpeed every rank calls
-                ``step`` with the same number of inputs; row counts may differ between ranks (every
-                rank still runs the same number of forwards and backwards, see
-                :func:`agreed_chunk_counts`).
+                ``step`` with the same number of inputs; row counts may differ between ranks, and a
+                rank may have 0 rows for an input if another rank has some (every rank still runs the
+                same number of forwards and backwards, see :func:`agreed_chunk_counts`).
             loss_kwargs: passed to ``loss_fn`` unchanged.
 
         Returns:
@@ -505,6 +505,8 @@ class GradCache:
         if not loss.requires_grad:
             raise ValueError("loss_fn's result does not depend on the representations (no grad_fn)")
         params = self.loss_parameters()
+        if self.kind != "plain":
+            self._refuse_undeclared_leaves(loss, leaves, params)
         earlier = [p.grad for p in params]  # kept aside so that only this step's gradient is averaged
         for param in params:
             param.grad = None
@@ -518,6 +520,31 @@ class GradCache:
             grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
             grads.append(list(grad.split([r.shape[0] for r in input_reps])))
         return loss, grads
+
+    @staticmethod
+    def _refuse_undeclared_leaves(loss: Tensor, leaves: list[Tensor], params: list[nn.Parameter]) -> None:
+        """Raise if the loss depends on a tensor requiring grad that is neither a representation nor a declared
+        loss parameter: under DDP/DeepSpeed its gradient would stay this rank's share and the ranks would drift
+        apart (e.g. a learnable loss module called from a plain function or lambda)."""
+        known = {id(t) for t in leaves} | {id(p) for p in params}
+        seen: set[int] = set()
+        stack = [loss.grad_fn]
+        undeclared = 0
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+            if isinstance(variable, Tensor) and id(variable) not in known:
+                undeclared += 1
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        if undeclared:
+            raise ValueError(
+                f"loss_fn depends on {undeclared} tensor(s) requiring grad that GradCache does not know as loss "
+                "parameters, so under DDP/DeepSpeed their gradients would differ between ranks. Pass the loss "
+                "module itself as loss_fn, or list them: GradCache(..., loss_parameters=[...])"
+            )
 
     def _average_loss_gradients(self, params: list[nn.Parameter], device: torch.device) -> None:
         """All-reduce-average this step's gradients of the loss's own parameters over the data-parallel group.
@@ -626,6 +653,8 @@ class GradCache:
 
     def _verify_replay(self, new_reps: Tensor, cached: Tensor, input_index: int, chunk_index: int) -> None:
         """Raise ``RuntimeError`` if the re-forwarded representations differ from the cached ones."""
+        if new_reps.numel() == 0 and cached.numel() == 0:
+            return
         diff = (new_reps.detach().float() - cached.float()).abs().max().item()
         if not diff <= self.replay_atol:
             raise RuntimeError(
