@@ -2,7 +2,9 @@
 
 Every loss scores local queries against the docs of all ranks and follows one gradient convention:
 averaging the per-rank parameter gradients (as DDP/DeepSpeed do) gives the single-process gradient of the
-loss on the whole global batch. See :mod:`dist_unlearn.contrastive.losses`. Never imports Ray.
+loss on the whole global batch. See :mod:`dist_unlearn.contrastive.losses`. The same holds for the losses' own
+parameters (learnable temperature, SigLIP scale and bias): :class:`GradCache` averages their gradients across ranks,
+and ``loss.clamp_parameters_()`` bounds them after each optimizer step. Never imports Ray.
 """
 
 from dist_unlearn.contrastive.grad_cache import GradCache
