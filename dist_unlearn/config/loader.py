@@ -601,6 +601,12 @@ def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[s
             problems.append(f"data.source: expected a .json or .jsonl file, got {path}. {fix}")
         else:
             cfg.data.source = str(path)
+    elif not bad & {"data", "data.source"} and formatted:
+        problem, resolved = _check_formatted_source(cfg.data.source, base_dir)
+        if problem:
+            problems.append(problem)
+        else:
+            cfg.data.source = resolved
     if not bad & {"deepspeed", "deepspeed.config"} and isinstance(cfg.deepspeed.config, str):
         problem, resolved = _check_deepspeed_file(cfg.deepspeed.config, base_dir)
         if problem:
@@ -613,6 +619,38 @@ def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[s
             problems.append(problem)
         else:
             cfg.model.path = resolved
+
+
+_FORMAT_HINTS = {
+    "tofu": ("TOFU subset files such as forget10_perturbed.json and retain90.json", "locuslab/TOFU"),
+    "muse": ("MUSE subset files such as forget_qa.json and retain_qa.json", "muse-bench/MUSE-News"),
+}
+
+
+def _check_formatted_source(value: str, base_dir: Path) -> tuple[str | None, str]:
+    """``tofu:LOCATION[@FORGET]`` / ``muse:LOCATION``: a local-looking ``LOCATION`` must be a directory
+    (made absolute, since workers may run elsewhere); anything else is taken as a hub dataset name.
+    The files inside are checked by :func:`dist_unlearn.engine.validate.validate_run`."""
+    kind, rest = value.split(":", 1)
+    location, at, forget = rest.partition("@")
+    files, hub = _FORMAT_HINTS[kind]
+    fix = f"Fix: give a directory of {files} (.json/.jsonl/.parquet), or a hub dataset name such as {hub}"
+    if not location:
+        return f"data.source: {value} names no location. {fix}", value
+    path = _resolve(location, base_dir)
+    if path.is_dir():
+        return None, f"{kind}:{path}{at}{forget}"
+    first = Path(location).parts[0] if Path(location).parts else location
+    looks_local = (
+        location.startswith(_LOCAL_PREFIXES)
+        or location in (".", "..")
+        or (base_dir / first).exists()
+        or (Path.cwd() / first).exists()
+    )
+    if not looks_local:
+        return None, value
+    what = "not a directory" if path.exists() else "directory not found"
+    return f"data.source: {what}: {path} (in {value}). {fix}", value
 
 
 def _check_deepspeed_file(value: str, base_dir: Path) -> tuple[str | None, str]:

@@ -5,9 +5,15 @@ A source is ``tofu:LOCATION[@FORGET]`` or ``muse:LOCATION``. ``LOCATION`` is a l
 Hugging Face hub dataset name read with ``datasets.load_dataset`` (needs the optional ``datasets``
 package and a network; the records then go through the same conversion).
 
-* **TOFU** (Maini et al., 2024, arXiv:2401.06121; hub ``locuslab/TOFU``): forget subset ``FORGET``
-  (default ``forget10``) from ``FORGET_perturbed`` (else ``FORGET``); retain from ``retain_perturbed``
-  (else ``retainN`` with ``N = 100 − forget %``); holdout from ``holdoutN``. Fields ``question``,
+* **TOFU** (Maini et al., 2024, "TOFU: A Task of Fictitious Unlearning for LLMs", arXiv:2401.06121;
+  hub ``locuslab/TOFU``): forget subset ``FORGET`` (``forget01``, ``forget05`` or ``forget10``, default
+  ``forget10``) from ``FORGET_perturbed`` (else ``FORGET``). The retain term trains on TOFU's matching
+  retain split, the complement of the forget split: ``retainN`` with ``N = 100 − forget %``
+  (``retain90`` for ``forget10``, ``retain95`` for ``forget05``, ``retain99`` for ``forget01``).
+  ``retain_perturbed`` (TOFU's 400 retain questions with paraphrased and perturbed answers) is *not*
+  trained on: it is the evaluation set of the retain split (:meth:`TofuBenchmark.evaluation_split`),
+  as in TOFU, and ``real_authors(_perturbed)`` / ``world_facts(_perturbed)`` are loaded as evaluation
+  sets when present. Holdout (non-members for the attacks) from ``holdoutNN``. Fields ``question``,
   ``answer``, optional ``paraphrased_answer`` and ``perturbed_answer`` (a list).
 * **MUSE** knowledge-memorisation QA (Shi et al., 2024, arXiv:2407.06460; hub ``muse-bench/MUSE-News``,
   config ``knowmem``): ``forget_qa`` → forget, ``retain_qa`` → retain, optional ``holdout_qa`` →
@@ -17,13 +23,38 @@ package and a network; the records then go through the same conversion).
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dist_unlearn.data.facts import FactsBenchmark, QAItem
 
 FORMATS = ("tofu", "muse")
+TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
+TOFU_EVAL_SETS = ("retain", "real_authors", "world_facts")
+"""TOFU's model-utility evaluation sets (``retain`` = ``retain_perturbed``)."""
+
+
+@dataclass(frozen=True)
+class TofuBenchmark(FactsBenchmark):
+    """TOFU data: the training splits (``items``: forget, matching retain, holdout) plus TOFU's evaluation
+    sets, which differ from the training splits (``evaluation``: ``(name, items)`` pairs, names from
+    :data:`TOFU_EVAL_SETS`)."""
+
+    evaluation: tuple[tuple[str, tuple[QAItem, ...]], ...] = ()
+
+    def evaluation_split(self, name: str) -> list[QAItem]:
+        """The items evaluation scores for ``name``: TOFU's evaluation set of that name when loaded
+        (``retain`` → ``retain_perturbed``, ``real_authors``, ``world_facts``), else the training split
+        (forget, holdout; ``[]`` for an evaluation-only set that is absent)."""
+        for key, items in self.evaluation:
+            if key == name:
+                return list(items)
+        return self.split(name) if name in ("forget", "retain", "holdout") else []
+
+
 _SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -106,21 +137,36 @@ def _first(read, names: list[str]) -> list[dict[str, Any]] | None:
     return None
 
 
-def load_tofu(location: str, forget: str = "forget10") -> FactsBenchmark:
-    """TOFU subsets at ``location`` (directory or hub name) as a :class:`FactsBenchmark`."""
-    pct = int("".join(ch for ch in forget if ch.isdigit()) or 10)
-    read = _subset_reader(location, {})
+def load_tofu(location: str, forget: str = "forget10") -> TofuBenchmark:
+    """TOFU subsets at ``location`` (directory or hub name) as a :class:`TofuBenchmark` (see module doc)."""
     source = f"tofu:{location}"
+    if forget not in TOFU_FORGET_SPLITS:
+        raise ValueError(
+            f"data.source: {source}@{forget} names no TOFU forget split. Fix: use @forget01, @forget05 or @forget10"
+        )
+    pct = int(forget[len("forget") :])
+    retain = f"retain{100 - pct}"
+    read = _subset_reader(location, {})
     forget_recs = _first(read, [f"{forget}_perturbed", forget])
-    retain_recs = _first(read, ["retain_perturbed", f"retain{100 - pct}"])
+    retain_recs = read(retain)
     if forget_recs is None or retain_recs is None:
         raise ValueError(
-            f"data.source: {source} lacks the {forget}(_perturbed) or retain_perturbed/retain{100 - pct} subset. "
-            "Fix: add those files (.json/.jsonl/.parquet) or choose another forget subset with @forgetNN"
+            f"data.source: {source} lacks the {forget}(_perturbed) or {retain} subset (the retain term trains on "
+            f"{retain}, the complement of {forget}). Fix: add those files (.json/.jsonl/.parquet) or choose another "
+            "forget subset with @forgetNN"
         )
     holdout_recs = _first(read, [f"holdout{pct:02d}", f"holdout{pct}"]) or []
     items = _items(forget_recs, "forget", source) + _items(retain_recs, "retain", source)
-    return FactsBenchmark(items=tuple(items + _items(holdout_recs, "holdout", source)))
+    evaluation = []
+    for name, files in (
+        ("retain", ["retain_perturbed"]),
+        ("real_authors", ["real_authors_perturbed", "real_authors"]),
+        ("world_facts", ["world_facts_perturbed", "world_facts"]),
+    ):
+        records = _first(read, files)
+        if records is not None:
+            evaluation.append((name, tuple(_items(records, "retain" if name == "retain" else name, source))))
+    return TofuBenchmark(items=tuple(items + _items(holdout_recs, "holdout", source)), evaluation=tuple(evaluation))
 
 
 def load_muse(location: str) -> FactsBenchmark:
@@ -134,6 +180,46 @@ def load_muse(location: str) -> FactsBenchmark:
         )
     items = _items(forget_recs, "forget", source) + _items(retain_recs, "retain", source)
     return FactsBenchmark(items=tuple(items + _items(read("holdout_qa") or [], "holdout", source)))
+
+
+def source_problem(source: str) -> str | None:
+    """What stops ``source`` (``tofu:...`` / ``muse:...``) from loading, as one line naming ``data.source``
+    and the fix, or ``None``. Cheap (file names only), so it runs before any work: a local directory
+    must hold the subsets the loader needs; a hub name needs the ``datasets`` package."""
+    kind, rest = source.split(":", 1)
+    location, _, forget = rest.partition("@")
+    if kind == "tofu":
+        forget = forget or "forget10"
+        if forget not in TOFU_FORGET_SPLITS:
+            return (
+                f"data.source: {source} names no TOFU forget split ({forget}). "
+                "Fix: use @forget01, @forget05 or @forget10"
+            )
+        retain = f"retain{100 - int(forget[len('forget') :])}"
+        needed = [[f"{forget}_perturbed", forget], [retain]]
+    elif kind == "muse":
+        needed = [["forget_qa"], ["retain_qa"]]
+    else:
+        return f"data.source: unknown format {kind!r}. Fix: use tofu:PATH or muse:PATH"
+    root = Path(location).expanduser()
+    if not root.is_dir():
+        if importlib.util.find_spec("datasets") is None:
+            return (
+                f"data.source: {location} is not a local directory and the 'datasets' package is not installed. "
+                "Fix: give a directory of .json/.jsonl/.parquet subset files, or pip install datasets (needs a network)"
+            )
+        return None
+    missing = [
+        names[-1]
+        for names in needed
+        if not any((root / f"{n}{suffix}").is_file() for n in names for suffix in _SUFFIXES)
+    ]
+    if missing:
+        return (
+            f"data.source: {root} lacks the {' and '.join(missing)} subset. Fix: add "
+            f"{' and '.join(m + '.json' for m in missing)} (or .jsonl/.parquet) there, or choose another directory"
+        )
+    return None
 
 
 def load_formatted(source: str) -> FactsBenchmark:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 from dist_unlearn.config import ConfigError, RunConfig
+from dist_unlearn.data.formats import is_formatted_source, source_problem
 from dist_unlearn.unlearning import UnlearningObjective, objective_from_config
 from dist_unlearn.unlearning.reference import SERVES
 
@@ -84,5 +85,9 @@ def validate_run(cfg: RunConfig) -> None:
                 "train.retain_batch_size: 'contrastive' needs at least one retain negative per forget example. "
                 f"Fix: train.retain_batch_size>={cfg.train.forget_batch_size}"
             )
+    if is_formatted_source(cfg.data.source):  # tofu:DIR / muse:DIR: the subset files are there
+        problem = source_problem(cfg.data.source)
+        if problem:
+            problems.append(problem)
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems), problems)
