@@ -1,15 +1,18 @@
 """Published metrics against hand-computed values: MUSE's PrivLeak (orientation, attack, sign), Min-K%,
-Min-K%++ and our own MIA AUC gap, through the same functions the evaluation suite uses."""
+Min-K%++, our own MIA AUC gap, and TOFU's 9-number model utility, through the functions the suite uses."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
 from dist_unlearn.eval import metrics
 from dist_unlearn.eval.mia import mia_scores, scores_from_token_stats
 from dist_unlearn.eval.report import report_table
-from dist_unlearn.eval.suite import compare_to_reference, headline, membership_aucs
+from dist_unlearn.eval.suite import compare_to_reference, headline, membership_aucs, utilities
 
 
 def _stats(logps, mus=None, sigmas=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,3 +116,89 @@ def test_report_names_privleak_and_the_gap_apart():
     assert "| original |" in table and "-100.000" in table
     # an eval.json written before this change held a per-attack dict under "privleak": not MUSE's, not shown
     assert headline({"privleak": {"min_k_pp": 12.0}})["privleak"] is None
+
+
+def test_option_normalised_probability_hand_computed():
+    # q1: per-token probs 0.5 (true) vs 0.25, 0.125, 0.125 -> 0.5 / 1.0; q2: 0.2 vs 0.2 x 3 -> 0.25
+    answer = np.log([0.5, 0.2])
+    wrong = np.log([[0.25, 0.125, 0.125], [0.2, 0.2, 0.2]])
+    assert metrics.option_normalised_prob(answer, wrong) == pytest.approx((0.5 + 0.25) / 2)
+
+
+def test_tofu_model_utility_is_the_harmonic_mean_of_nine_numbers():
+    splits = {
+        "retain": {"prob": 0.5, "rouge": 1.0, "truth_ratio": 0.25},
+        "real_authors": {"prob": 0.5, "rouge": 0.5, "truth_ratio": 0.5},
+        "world_facts": {"prob": 1.0, "rouge": 1.0, "truth_ratio": 0.25},
+    }
+    out = utilities(splits)
+    # 9 / (1/0.5 + 1/1 + 1/0.25 + 1/0.5 + 1/0.5 + 1/0.5 + 1/1 + 1/1 + 1/0.25) = 9 / 19
+    assert out["model_utility"] == pytest.approx(9 / 19)
+    assert out["retain_utility"] == pytest.approx(3 / (2 + 1 + 4))  # ours: the 3 retain numbers only
+    assert out["retain_utility_no_rouge"] == pytest.approx(2 / (2 + 4))
+    # without the world-facts set there is no TOFU model utility, only ours
+    partial = utilities({k: v for k, v in splits.items() if k != "world_facts"})
+    assert "model_utility" not in partial and partial["retain_utility"] == pytest.approx(3 / 7)
+    h = headline({"splits": {}, **partial})
+    assert h["model_utility"] is None and h["retain_utility"] == pytest.approx(3 / 7)
+    # an eval.json from before: its "model_utility" was the 3-number one
+    old = headline({"model_utility": 0.4, "model_utility_no_rouge": 0.5})
+    assert old["model_utility"] is None and old["retain_utility"] == 0.4
+
+
+def test_tofu_layout_evaluation_scores_the_nine_numbers(tmp_path):
+    """A real tiny model on the TOFU-layout fixture: retain is scored on retain_perturbed, real authors and
+    world facts with option-normalised probabilities, and model utility is the harmonic mean of the 9."""
+    from test_formats import _write_tofu_layout
+
+    from dist_unlearn.data import QADataset, collate_qa
+    from dist_unlearn.data.formats import load_formatted
+    from dist_unlearn.engine.finetune import finetune
+    from dist_unlearn.eval.suite import EvalSettings, evaluate_model
+    from dist_unlearn.models import build_embedded_model
+    from dist_unlearn.models.logprobs import sequence_stats
+
+    _write_tofu_layout(tmp_path)
+    facts = load_formatted(f"tofu:{tmp_path}@forget05")
+    corpus = (
+        facts.corpus()
+        + [
+            t
+            for name in ("real_authors", "world_facts")
+            for it in facts.evaluation_split(name)
+            for t in (it.question, it.answer, *it.perturbed_answers)
+        ]
+        * 50
+    )  # repeated so that the tokenizer learns whole words for them (short sequences the model can learn)
+    torch.manual_seed(0)
+    model, tok = build_embedded_model(corpus, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
+    # teach it the evaluation answers (and the retain paraphrases), so that the 9 numbers are not 0
+    taught = [it for name in ("retain", "real_authors", "world_facts") for it in facts.evaluation_split(name)]
+    taught += [dataclasses.replace(it, answer=it.paraphrased_answer) for it in facts.evaluation_split("retain")]
+    finetune(model, QADataset(taught, tok, 48), tok.pad_token_id, 120, len(taught), 1e-2, desc="teach")
+    settings = EvalSettings(generate=True, sampled_generations=0, max_new_tokens=32, max_length=48)
+    out = evaluate_model(model, tok, facts, settings)
+    assert out["splits"]["retain"]["count"] == 4  # retain_perturbed, not the 95 trained-on retain questions
+
+    def norm_logprob(texts_items):
+        batch = collate_qa(list(QADataset(texts_items, tok, 48)), tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        s = sequence_stats(logits.double(), batch["labels"])
+        return (s.logprob / s.num_tokens).numpy()
+
+    for name in ("real_authors", "world_facts"):
+        (item,) = facts.evaluation_split(name)
+        true = float(np.exp(norm_logprob([item])[0]))
+        wrong = np.exp(norm_logprob([dataclasses.replace(item, answer=a) for a in item.perturbed_answers]))
+        res = out["splits"][name]
+        assert res["prob"] == pytest.approx(true / (true + wrong.sum()), rel=1e-4)
+        tr = float(np.exp(np.log(wrong).mean()) / true)  # geometric mean of wrong options over the true answer
+        assert res["truth_ratio"] == pytest.approx(max(0.0, 1.0 - tr), rel=1e-4, abs=1e-6)
+        assert 0.0 <= res["rouge"] <= 1.0
+    nine = [
+        out["splits"][s][k] for s in ("retain", "real_authors", "world_facts") for k in ("prob", "rouge", "truth_ratio")
+    ]
+    assert min(nine) > 0, nine
+    assert out["model_utility"] == pytest.approx(9 / sum(1 / v for v in nine))
+    assert out["retain_utility"] == pytest.approx(3 / sum(1 / v for v in nine[:3]))

@@ -37,7 +37,7 @@ def test_eval_and_report_target_vs_oracle(small_target, tmp_path):
     assert t["mia_auc"]["loss"] > 0.9 and t["mia_auc_gap"]["loss"] > 0
     assert t["privleak"] < -50  # MUSE's orientation: a model trained on the forget set is near -100
     assert t["forget_quality"] < o["forget_quality"]
-    assert 0 < t["model_utility"] <= 1
+    assert 0 < t["retain_utility"] <= 1 and "model_utility" not in t  # no real_authors/world_facts: not TOFU's
     forget = t["splits"]["forget"]
     assert 0 <= forget["sampled_leak"] <= forget["sampled_leak_upper95"] <= 1
     assert set(target["attacks"]) == {"relearn"}

@@ -9,8 +9,15 @@ Definitions (TOFU: Maini et al., 2024, arXiv:2401.06121; MUSE: Shi et al., 2024,
 * **Forget quality**: p-value of the two-sample Kolmogorov–Smirnov test between the forget-split TR of
   the unlearned model and of the oracle (retain-only) model (``scipy.stats.ks_2samp``); 1 = same
   distribution, → 0 = clearly different.
-* **Model utility**: harmonic mean of the held-in numbers (retain probability, ROUGE-L recall, TR
-  statistic); 0 when any of them is 0.
+* **Model utility** (TOFU, Maini et al., 2024, and its reference code): harmonic mean of 9
+  numbers, answer probability, ROUGE-L recall and truth-ratio statistic ``mean max(0, 1 − TR)`` on each
+  of the retain (``retain_perturbed``), real-authors and world-facts sets; on the last two the
+  probability is normalised over the options, ``p(a)/(p(a) + Σ_k p(a_k))`` with ``p = exp(ℓ)`` the
+  per-token probability of the true answer ``a`` and of the perturbed answers ``a_k``
+  (:func:`option_normalised_prob`), and the truth ratio uses the true answer in place of a paraphrase.
+  0 when any of them is 0.
+* **Retain utility** (ours, not TOFU's): harmonic mean of the 3 retain numbers only (retain
+  probability, ROUGE-L recall, TR statistic), for benchmarks without real-authors / world-facts sets.
 * **AUC** of a membership-inference score (higher = "member"): ``P(s_member > s_nonmember) +
   ½ P(tie)`` (Mann–Whitney U / (n_m·n_n)).
 * **PrivLeak** (MUSE, Shi et al., 2024, criterion C3 "no privacy leakage"; reference code
@@ -82,6 +89,21 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if (vals == 0).any():
         return 0.0
     return float(vals.size / (1.0 / vals).sum())
+
+
+def option_normalised_prob(answer_norm_logprob: np.ndarray, perturbed_norm_logprob: np.ndarray) -> float:
+    """TOFU's probability on real authors / world facts: mean over questions of ``p(a)/(p(a) + Σ_k p(a_k))``.
+
+    Args:
+        answer_norm_logprob: ``[n]`` length-normalised log-prob ``ℓ = log π(a|x)/|a|`` of the true answer.
+        perturbed_norm_logprob: ``[n, k]`` the same for the ``k`` wrong options.
+    """
+    a = np.asarray(answer_norm_logprob, dtype=np.float64)
+    pert = np.asarray(perturbed_norm_logprob, dtype=np.float64)
+    if pert.ndim != 2 or pert.shape[0] != a.shape[0] or a.size == 0:
+        raise ValueError(f"option_normalised_prob needs answer [n>0] and perturbed [n, k]; got {a.shape}, {pert.shape}")
+    true = np.exp(a)
+    return float((true / (true + np.exp(pert).sum(axis=1))).mean())
 
 
 def auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:

@@ -10,8 +10,11 @@ module, PEFT model or DeepSpeed engine; collective: every rank calls it, each sc
   its Wilson 95 % upper bound, next to the greedy leak rate;
 * membership inference, forget (members) vs holdout (non-members): AUC of LOSS, zlib, Min-K%, Min-K%++
   (``mia_auc``), and MUSE's Min-40% AUC in MUSE's orientation (``privleak_auc``, holdout positive);
-* model utility = harmonic mean of retain probability, retain ROUGE-L recall and retain TR statistic
-  (without generation: of probability and TR statistic, reported as ``model_utility_no_rouge``);
+* ``model_utility`` = TOFU's (Maini et al., 2024): harmonic mean of 9 numbers, probability, ROUGE-L and
+  TR statistic on each of retain, real authors and world facts (only when the benchmark has the last two
+  sets, as a TOFU directory does; on those the probability is normalised over the answer options);
+  ``retain_utility`` = ours: harmonic mean of retain probability, retain ROUGE-L recall and retain TR
+  statistic (without generation: of probability and TR statistic, ``retain_utility_no_rouge``);
 * with a ``reference`` (the oracle's / retrained model's own :func:`evaluate_model` result): forget
   quality (KS p-value of the forget truth ratios), ``privleak`` = MUSE's PrivLeak (Shi et al., 2024:
   relative change of the Min-40% ``privleak_auc``; target ≈ −100, retrained model 0), and
@@ -43,6 +46,9 @@ MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 HEADLINE_MIA = "min_k_pp"
 """Attack of the headline ``mia_auc`` / ``mia_auc_gap`` (ours). MUSE's PrivLeak always uses Min-40%."""
 PRIVLEAK_ATTACK = "min_k_40"
+TOFU_OPTION_SETS = ("real_authors", "world_facts")
+"""TOFU's evaluation sets beside retain that enter its model utility (scored when the benchmark has them)."""
+UTILITY_NUMBERS = ("prob", "rouge", "truth_ratio")
 """MUSE's PrivLeak attack: Min-K% with k = 0.4 (:data:`dist_unlearn.eval.mia.MUSE_MIN_K`)."""
 
 
@@ -106,9 +112,67 @@ def truth_ratios(
     return metrics.truth_ratio(pert_lp.reshape(len(items), k), para_lp)
 
 
+def option_set_metrics(
+    model: torch.nn.Module, tokenizer: Any, items: Sequence[QAItem], settings: EvalSettings, device: Any
+) -> dict[str, Any] | None:
+    """TOFU's three numbers on a real-authors / world-facts set (``None`` without wrong options).
+
+    ``prob``: :func:`~dist_unlearn.eval.metrics.option_normalised_prob` of the true answer against the
+    perturbed ones; ``truth_ratio``: ``mean max(0, 1 − TR)`` with the true answer as the base (TOFU has
+    no paraphrases for these sets); ``rouge``: greedy ROUGE-L recall (with generation). Collective.
+    """
+    flat, k = _perturbed_items(items)
+    if k == 0:
+        return None
+    pad = tokenizer.pad_token_id
+    answer = QADataset(items, tokenizer, settings.max_length)
+    answer_lp = _norm_logprob(score_dataset(model, answer, pad, settings.batch_size, device))
+    pert_lp = _norm_logprob(
+        score_dataset(model, QADataset(flat, tokenizer, settings.max_length), pad, settings.batch_size, device)
+    ).reshape(len(items), k)
+    res: dict[str, Any] = {
+        "count": len(items),
+        "prob": metrics.option_normalised_prob(answer_lp, pert_lp),
+        "truth_ratio": metrics.truth_ratio_stat(metrics.truth_ratio(pert_lp, answer_lp), forget=False),
+    }
+    if settings.generate:
+        gen = generation_metrics(
+            model, tokenizer, items, settings.max_new_tokens, 0, settings.leak_rouge, settings.seed, device
+        )
+        res["rouge"] = gen["rouge"]
+    return res
+
+
+def utilities(splits: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``retain_utility`` (ours: harmonic mean of retain prob, ROUGE-L, TR statistic; without ROUGE-L
+    ``retain_utility_no_rouge``) and, when the retain, real-authors and world-facts sets all carry the
+    three numbers, TOFU's 9-number ``model_utility`` (see :mod:`dist_unlearn.eval.metrics`)."""
+    out: dict[str, float] = {}
+    retain = splits.get("retain", {})
+    if "truth_ratio" not in retain:
+        return out
+    if "rouge" in retain:
+        out["retain_utility"] = metrics.harmonic_mean([retain["prob"], retain["rouge"], retain["truth_ratio"]])
+    out["retain_utility_no_rouge"] = metrics.harmonic_mean([retain["prob"], retain["truth_ratio"]])
+    sets = [retain, *(splits.get(name, {}) for name in TOFU_OPTION_SETS)]
+    if all(key in s for s in sets for key in UTILITY_NUMBERS):
+        out["model_utility"] = metrics.harmonic_mean([s[key] for s in sets for key in UTILITY_NUMBERS])
+    return out
+
+
 def split_items(facts: FactsBenchmark, split: str, max_examples: int = 0) -> list[QAItem]:
-    """The first ``max_examples`` (0 = all) items of ``split``."""
-    items = facts.split(split)
+    """The first ``max_examples`` (0 = all) items that evaluation scores for ``split``.
+
+    A benchmark with separate evaluation sets (:class:`~dist_unlearn.data.formats.TofuBenchmark`: TOFU's
+    ``retain_perturbed`` for ``retain``, while the retain term trains on ``retainN``) gives them through
+    ``evaluation_split``; otherwise the training split is scored (``[]`` for a set it does not have).
+    """
+    if hasattr(facts, "evaluation_split"):
+        items = facts.evaluation_split(split)
+    elif split in SPLITS:
+        items = facts.split(split)
+    else:  # a plain benchmark has only its training splits (no real-authors / world-facts sets)
+        items = []
     return items[:max_examples] if max_examples else items
 
 
@@ -123,10 +187,11 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """The whole suite (see module docstring). Collective over the process group.
 
-    Returns a JSON-ready dict: ``splits`` (per-split numbers), ``mia_auc``, ``privleak_auc``,
-    ``model_utility``, optional ``forget_quality`` / ``privleak`` / ``mia_auc_gap`` (with
-    ``reference``), and ``per_example`` (forget truth
-    ratios and MIA AUCs needed when this result is itself used as a reference).
+    Returns a JSON-ready dict: ``splits`` (per-split numbers; ``real_authors`` / ``world_facts`` when the
+    benchmark has them), ``mia_auc``, ``privleak_auc``, ``retain_utility``, ``model_utility`` (TOFU's,
+    only with real-authors and world-facts sets), optional ``forget_quality`` / ``privleak`` /
+    ``mia_auc_gap`` (with ``reference``), and ``per_example`` (forget truth ratios needed when this
+    result is itself used as a reference).
     """
     pad = tokenizer.pad_token_id
     out: dict[str, Any] = {"splits": {}, "per_example": {}}
@@ -167,12 +232,13 @@ def evaluate_model(
 
     if "forget" in mia and "holdout" in mia:
         out.update(membership_aucs(mia["forget"], mia["holdout"]))
-    retain = out["splits"].get("retain", {})
-    if "truth_ratio" in retain:
-        parts = [retain["prob"], retain["truth_ratio"]]
-        if "rouge" in retain:
-            out["model_utility"] = metrics.harmonic_mean([retain["prob"], retain["rouge"], retain["truth_ratio"]])
-        out["model_utility_no_rouge"] = metrics.harmonic_mean(parts)
+    if "retain" in settings.splits:  # TOFU's real-authors / world-facts sets, when the benchmark has them
+        for name in TOFU_OPTION_SETS:
+            items = split_items(facts, name, settings.max_examples)
+            res = option_set_metrics(model, tokenizer, items, settings, device) if items else None
+            if res is not None:
+                out["splits"][name] = res
+    out.update(utilities(out["splits"]))
     if reference is not None:
         out.update(compare_to_reference(out, reference))
     return out
@@ -216,9 +282,13 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
     """The report's numbers of one result: forget quality, model utility, ROUGE, MIA AUC, PrivLeak (MUSE's)
     and our Min-K%++ AUC gap."""
     splits = result.get("splits", {})
+    tofu_utility, retain_utility = result.get("model_utility"), result.get("retain_utility")
+    if "model_utility_no_rouge" in result:  # eval.json before TOFU's 9-number utility: that was ours
+        tofu_utility, retain_utility = None, result.get("model_utility", result["model_utility_no_rouge"])
     return {
         "forget_quality": result.get("forget_quality"),
-        "model_utility": result.get("model_utility", result.get("model_utility_no_rouge")),
+        "model_utility": tofu_utility,
+        "retain_utility": retain_utility if retain_utility is not None else result.get("retain_utility_no_rouge"),
         "forget_prob": splits.get("forget", {}).get("prob"),
         "forget_rouge": splits.get("forget", {}).get("rouge"),
         "retain_rouge": splits.get("retain", {}).get("rouge"),
@@ -231,11 +301,14 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
 
 
 def best_score(result: dict[str, Any], metric: str) -> float:
-    """The value (higher = better) of ``eval.best_metric`` in a result; ``-inf`` when it is missing."""
+    """The value (higher = better) of ``eval.best_metric`` in a result; ``-inf`` when it is missing.
+
+    ``model_utility`` is TOFU's 9-number utility when the benchmark has its sets, else our retain utility
+    (the only utility there is)."""
     h = headline(result)
     value = {
         "forget_quality": h["forget_quality"],
-        "model_utility": h["model_utility"],
+        "model_utility": h["model_utility"] if h["model_utility"] is not None else h["retain_utility"],
         "privleak_abs": None if h["privleak"] is None else -abs(h["privleak"]),
         "neg_forget_prob": None if h["forget_prob"] is None else -h["forget_prob"],
     }[metric]
