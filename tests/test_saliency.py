@@ -141,3 +141,53 @@ def test_zero3_mask_on_two_ranks_equals_single_process_and_freezes_the_rest() ->
         assert torch.equal(delta[~mask], torch.zeros_like(delta[~mask])), f"{name} changed outside the mask"
         moved += int((delta[mask] != 0).sum())
     assert moved > 0.9 * r0["selected"]  # the salient weights did train
+
+
+def test_lora_a_with_zero_gradient_is_not_ranked_and_warned() -> None:
+    """PEFT starts LoRA with lora_B = 0, so every lora_A gradient is exactly 0: those tensors are left out
+    of the ranking (kept trainable, with a warning); the mask over the rest equals a plain sort."""
+    from dist_unlearn.data import collate_qa
+    from dist_unlearn.models.logprobs import sequence_stats
+    from dist_unlearn.models.lora import add_lora
+
+    def lora_model():
+        model, items, pad = _model_and_forget()
+        torch.manual_seed(1)
+        return add_lora(model, "causal_lm", r=4), items, pad
+
+    # independent: gradients by a plain backward, then a sort over the tensors whose gradient is not all zero
+    model, items, pad = lora_model()
+    batch = collate_qa(items, pad)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    sequence_stats(out.logits, batch["labels"]).mean_nll.mean().backward()
+    grads = {n: p.grad.abs() for n, p in model.named_parameters() if p.requires_grad}
+    a_names = [n for n in grads if "lora_A" in n]
+    assert a_names and all(float(grads[n].max()) == 0.0 for n in a_names)  # the structural zero
+    b = {n: g for n, g in grads.items() if n not in a_names}
+    assert all(float(g.max()) > 0 for g in b.values())
+    flat = torch.cat([g.reshape(-1) for g in b.values()])
+    k = math.ceil(FRACTION * flat.numel())
+    threshold = float(flat.sort(descending=True).values[k - 1])
+
+    model, items, pad = lora_model()
+    with pytest.warns(UserWarning, match="identically zero forget gradient.*lora_B = 0.*lora_A"):
+        mask = forget_saliency_mask(model, collate_qa(items, pad), len(items), FRACTION)
+    got = mask.full_masks()
+    assert set(got) == set(grads)
+    assert set(mask.unranked) == set(a_names)
+    assert all(bool(got[n].all()) for n in a_names)  # not masked out: the old rule dropped every one of them
+    assert mask.threshold == pytest.approx(threshold, rel=1e-5)
+    mismatched = sum(int((got[n] != (g >= threshold)).sum()) for n, g in b.items())
+    assert mismatched <= 2  # only float-rounding ties at τ may differ
+    a_weights = sum(grads[n].numel() for n in a_names)
+    assert mask.ranked == flat.numel() and mask.total == flat.numel() + a_weights
+    assert mask.selected - a_weights == pytest.approx(k, abs=2)
+
+
+def test_all_zero_gradient_is_refused() -> None:
+    from dist_unlearn.unlearning.saliency import SaliencyMask
+
+    layer = torch.nn.Linear(3, 2)
+    (layer(torch.ones(1, 3)) * 0).sum().backward()
+    with pytest.raises(ValueError, match="zero for every trainable weight"):
+        SaliencyMask.from_gradients(layer, 0.5)

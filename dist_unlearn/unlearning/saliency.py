@@ -16,6 +16,17 @@ Every optimizer step then uses ``g ⊙ m`` in place of the gradient ``g`` (apply
 ``engine.backward`` and ``engine.step``); with Adam(W) and no weight decay the weights outside the
 mask stay exactly at θ₀ (their moments stay zero, so their update is ``0/(0+ε) = 0``).
 
+Parameters whose forget gradient is identically zero at θ₀ are not ranked. The case that matters is
+LoRA: PEFT starts every adapter with ``B = 0`` (so that ``W + BA = W``), hence
+``∂L/∂A = Bᵀ (∂L/∂(BA)) = 0`` exactly for every ``lora_A``, while ``lora_B`` has a real gradient. A
+zero there is structural, not a measured lack of influence; ranking it would drop every ``lora_A``
+weight from any mask with ``x`` below the share of non-zero gradients (and keep all of them above it).
+So τ is the ``⌈x·R⌉``-th largest saliency over the ``R`` weights of tensors with a non-zero gradient,
+those tensors get ``m_j = [s_j ≥ τ]``, and tensors with an identically zero gradient are left
+unmasked (trained as without saliency) with a warning naming them. SalUn and WAGLE rank full weights
+and do not treat this case; this rule is ours. If no tensor has a non-zero gradient the mask is
+refused (``ValueError``).
+
 Distributed: under ZeRO-3 every rank holds only a flat partition of each parameter and of its
 gradient (``ds_tensor``, ``⌈numel/world⌉`` elements, the last one padded). The mask lives on those
 partitions (``bool``, the size of the local gradient partition) and is applied through DeepSpeed's
@@ -30,6 +41,7 @@ binary search over the 31-bit patterns finds τ with one ``all_reduce`` of a cou
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,14 +162,27 @@ class SaliencyMask:
     call :meth:`apply` after every ``backward`` and before ``step``.
     """
 
-    def __init__(self, slots: list[_Slot], masks: list[torch.Tensor], partitioned: bool, threshold: float) -> None:
+    def __init__(
+        self,
+        slots: list[_Slot],
+        masks: list[torch.Tensor],
+        partitioned: bool,
+        threshold: float,
+        unranked: Sequence[str] = (),
+    ) -> None:
         self._slots, self._masks, self._partitioned = slots, masks, partitioned
         self.threshold = threshold
         """τ: the smallest saliency kept."""
         self.total = _sum_over_ranks(sum(s.valid for s in slots), partitioned)
         """P: trainable weights in the whole model."""
+        self.unranked = tuple(unranked)
+        """Names of the parameters with an identically zero gradient, left unmasked (e.g. LoRA ``lora_A``)."""
+        skip = set(self.unranked)
+        self.ranked = _sum_over_ranks(sum(s.valid for s in slots if s.name not in skip), partitioned)
+        """R: weights of the parameters that were ranked (gradient not identically zero)."""
         self.selected = _sum_over_ranks(sum(int(m.sum()) for m in masks), partitioned)
-        """Weights inside the mask (⌈x·P⌉, more only when several saliencies equal τ)."""
+        """Weights inside the mask: ⌈x·R⌉ ranked ones (more only when several saliencies equal τ) plus
+        every weight of the unranked parameters."""
 
     @property
     def fraction(self) -> float:
@@ -172,11 +197,36 @@ class SaliencyMask:
             raise ValueError(f"saliency fraction must be in (0, 1], got {fraction}")
         slots, partitioned = _slots(model)
         magnitudes = [slot.get().abs() for slot in slots]
-        flat = torch.cat(magnitudes) if magnitudes else torch.zeros(0)
+        nonzero = torch.tensor([int((m > 0).sum()) for m in magnitudes], dtype=torch.int64)
+        if partitioned:
+            dist.all_reduce(nonzero)
+        ranked = [bool(n > 0) for n in nonzero.tolist()]
+        if not any(ranked):
+            raise ValueError(
+                "saliency: the forget-loss gradient is zero for every trainable weight, so no weight can be "
+                "ranked. Fix: check that the forget examples have answer tokens, or set method.saliency=1"
+            )
+        unranked = [slot.name for slot, r in zip(slots, ranked, strict=True) if not r]
+        flat = torch.cat([m for m, r in zip(magnitudes, ranked, strict=True) if r] or [torch.zeros(0)])
         total = _sum_over_ranks(flat.numel(), partitioned)
         threshold = global_kth_largest(flat, max(1, math.ceil(fraction * total)), partitioned)
-        masks = [m >= threshold for m in magnitudes]
-        return cls(slots, masks, partitioned, threshold)
+        masks = [
+            m >= threshold if r else torch.ones_like(m, dtype=torch.bool)
+            for m, r in zip(magnitudes, ranked, strict=True)
+        ]
+        if unranked and _world()[0] == 0:
+            shown = ", ".join(unranked[:4]) + (f", ... ({len(unranked)} in all)" if len(unranked) > 4 else "")
+            lora = (
+                " (LoRA starts with lora_B = 0, so every lora_A gradient is exactly 0)"
+                if any("lora_A" in n for n in unranked)
+                else ""
+            )
+            warnings.warn(
+                f"saliency: {len(unranked)} parameter tensors have an identically zero forget gradient{lora}; "
+                f"they are not ranked and stay trainable outside the mask: {shown}",
+                stacklevel=2,
+            )
+        return cls(slots, masks, partitioned, threshold, unranked)
 
     def apply(self, model: Any = None) -> None:
         """Zero the gradient outside the mask: ``g ← g ⊙ m`` on this rank's share. Call between
@@ -263,9 +313,10 @@ def saliency_mask_for_run(
     batch = {k: v.to(device) for k, v in collate_qa([forget_set[i] for i in share], pad_token_id).items()}
     mask = forget_saliency_mask(model, batch, len(forget_set), fraction)
     if rank == 0:
+        unranked = f"; {len(mask.unranked)} tensors with zero gradient left unmasked" if mask.unranked else ""
         print(
             f"saliency: updating {mask.selected}/{mask.total} weights ({mask.fraction:.2%}), "
-            f"|forget gradient| >= {mask.threshold:.3g}",
+            f"|forget gradient| >= {mask.threshold:.3g}{unranked}",
             flush=True,
         )
     return mask
