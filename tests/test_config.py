@@ -47,8 +47,11 @@ def problem_line(message: str, start: str) -> str:
 # --- loading and overrides -------------------------------------------------------------------
 
 
-def test_empty_yaml_gives_defaults(tmp_path: Path) -> None:
-    cfg = load_config(write_yaml(tmp_path, None))
+def test_empty_yaml_is_refused_and_an_empty_mapping_gives_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write_yaml(tmp_path, None))
+    assert "holds no settings. Fix:" in info.value.problems[0] and "write {} to run on every default" in str(info.value)
+    cfg = load_config(write_yaml(tmp_path, {}))
     expected = RunConfig()
     expected.output.dir = str(Path("runs/default").resolve())
     assert cfg == expected

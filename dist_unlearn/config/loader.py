@@ -81,7 +81,11 @@ def load_config(
         problem = f"could not read the file as YAML: {exc}".rstrip()
         raise ConfigError(f"{header}\n{problem}", [problem]) from exc
     if data is None:
-        data = {}
+        problem = (
+            f"{path} holds no settings. Fix: write the settings to use (`dist-unlearn init` writes "
+            "examples), or write {} to run on every default"
+        )
+        raise ConfigError(f"{header}\n{problem}", [problem])
     if not isinstance(data, Mapping):
         problem = (
             f"expected a mapping of sections at the top level, got {_describe(data)}. "
@@ -568,7 +572,8 @@ def _check_methods(cfg: RunConfig, known_methods: Collection[str] | None, proble
     if "method.params" in bad or known is None:
         return  # without the registry (e.g. a worker re-reading a validated config) the names cannot be judged
     # parameters for a known method that is not run are kept (a config may carry settings for several
-    # methods and the command line pick some); a name that is no method at all is a typo
+    # methods and the command line pick some) and checked like the others (engine/validate.py); a name
+    # that is no method at all is a typo
     for name in method.params:
         if name in method.names or (known is not None and name in known):
             continue
@@ -589,6 +594,12 @@ def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[s
     """
     if not bad & {"output", "output.dir"}:
         cfg.output.dir = str(Path(cfg.output.dir).expanduser().resolve())
+        existing = next(p for p in (Path(cfg.output.dir), *Path(cfg.output.dir).parents) if p.exists())
+        if not existing.is_dir():
+            problems.append(
+                f"output.dir: {existing} is a file, so {cfg.output.dir} cannot be a directory. "
+                "Fix: choose another output.dir"
+            )
     formatted = cfg.data.source.split(":", 1)[0] in ("tofu", "muse")  # dist_unlearn.data.formats
     if not bad & {"data", "data.source"} and cfg.data.source != FICTITIOUS_SOURCE and not formatted:
         path = _resolve(cfg.data.source, base_dir)

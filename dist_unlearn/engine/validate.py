@@ -6,7 +6,7 @@ import importlib.util
 
 from dist_unlearn.config import ConfigError, RunConfig
 from dist_unlearn.data.formats import is_formatted_source, source_problem
-from dist_unlearn.unlearning import UnlearningObjective, objective_from_config
+from dist_unlearn.unlearning import OBJECTIVES, UnlearningObjective, objective_from_config
 from dist_unlearn.unlearning.reference import SERVES
 
 
@@ -59,6 +59,12 @@ def validate_run(cfg: RunConfig) -> None:
         ConfigError: one line per problem, naming the field and the fix.
     """
     problems: list[str] = []
+    unrun = [n for n in cfg.method.params if n not in cfg.method.names and n in OBJECTIVES]  # kept for another run
+    for name in unrun:
+        try:
+            objective_from_config(cfg, name)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"method.params.{name}: {exc} (this method is not in method.names)")
     for name in cfg.method.names:
         try:
             objective = objective_from_config(cfg, name)
