@@ -30,8 +30,17 @@ def _launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def _quiet_driver(cfg: RunConfig, verbose: bool) -> None:
+    """Library chatter of this process to OUTPUT/logs/driver.log unless ``--verbose`` (engine/chatter.py)."""
+    from dist_unlearn.engine.chatter import attach_log_file, log_path, set_verbose
+
+    set_verbose(verbose)
+    attach_log_file(log_path(cfg.output.dir, "driver"))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
+    _quiet_driver(cfg, args.verbose)
     from dist_unlearn.engine.preemption import Preempted, clear_stop_request, install_signal_handlers
     from dist_unlearn.engine.prepare import resolve_model_assets
     from dist_unlearn.engine.worker import write_json_atomic
@@ -89,6 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
+    _quiet_driver(cfg, args.verbose)
     from dist_unlearn.engine.eval_job import check_targets, eval_targets, run_eval_without_ray
     from dist_unlearn.engine.prepare import resolve_model_assets
     from dist_unlearn.eval.report import report_table
@@ -152,6 +162,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE_HELP = "show Ray's, DeepSpeed's and transformers' logs on the console (default: OUTPUT/logs/*.log)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-unlearn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML run config")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. deepspeed.zero_stage=2")
     run.add_argument("--restart", action="store_true", help="discard earlier checkpoints of these methods")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=cmd_run)
     prep = sub.add_parser("prepare", help="build the embedded fictitious-facts target and oracle models")
     prep.add_argument("config")
@@ -187,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate saved models (metrics, MIA, generation, attacks) -> eval.json")
     ev.add_argument("config")
     ev.add_argument("overrides", nargs="*")
+    ev.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     ev.set_defaults(func=cmd_eval)
     rep = sub.add_parser("report", help="report.md + tradeoff.png from the eval.json files of run directories")
     rep.add_argument("run_dirs", nargs="+")
@@ -207,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dist_unlearn.engine.chatter import quiet_console, set_verbose
+
+    set_verbose("--verbose" in (sys.argv[1:] if argv is None else argv))
+    quiet_console()  # before DeepSpeed, Ray or transformers are imported (engine/chatter.py)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow options, e.g. `submit CONFIG --nodes 2 train.steps=10`

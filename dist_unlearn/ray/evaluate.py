@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray.train import RunConfig, ScalingConfig
+from ray.train import LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dist_unlearn.config import RunConfig as DistUnlearnConfig
 from dist_unlearn.engine.eval_job import eval_job, run_eval_job
-from dist_unlearn.ray.trainer import _wants_gpu, connect
+from dist_unlearn.ray.trainer import _wants_gpu, connect, disconnect, ray_log_level
 
 
 def _eval_fn(job: dict[str, Any]) -> None:
@@ -32,8 +31,11 @@ def run_eval_with_ray(cfg: DistUnlearnConfig, targets: dict[str, str], oracle_di
                 use_gpu=use_gpu,
                 resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
             ),
-            run_config=RunConfig(name="eval", storage_path=str(Path(cfg.output.dir).resolve() / "ray_results")),
+            run_config=RunConfig(
+                name="eval",
+                storage_path=str(Path(cfg.output.dir).resolve() / "ray_results"),
+                logging_config=LoggingConfig(log_level=ray_log_level()),
+            ),
         ).fit()
     finally:
-        if started:
-            ray.shutdown()
+        disconnect(started)

@@ -10,6 +10,7 @@ Ray's latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -20,10 +21,11 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dist_unlearn.config import RunConfig as DistUnlearnConfig
+from dist_unlearn.engine.chatter import VERBOSE_ENV, is_verbose
 from dist_unlearn.engine.checkpoint import latest_checkpoint
 from dist_unlearn.engine.job import Job, run_job
 from dist_unlearn.engine.preemption import Preempted
@@ -79,26 +81,76 @@ def _wants_gpu(cfg: DistUnlearnConfig) -> bool:
 
 
 def worker_env(cfg: DistUnlearnConfig) -> dict[str, str]:
-    """Environment for the workers: thread count, quiet warnings."""
+    """Environment for the workers: thread count, quiet warnings, ``--verbose``."""
     return {
         "OMP_NUM_THREADS": str(max(1, cfg.ray.cpus_per_worker)),
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
         "TOKENIZERS_PARALLELISM": "false",
+        **({VERBOSE_ENV: "1"} if is_verbose() else {}),
     }
+
+
+def ray_log_level() -> str:
+    """Ray's and Ray Train's console level: everything with ``--verbose``, else errors only (Ray Train's
+    INFO/WARNING records still reach its log files in the Ray session directory)."""
+    return "INFO" if is_verbose() else "ERROR"
 
 
 def connect(cfg: DistUnlearnConfig) -> bool:
     """Join ``ray.address`` or start a local cluster sized for the workers; True if we started it."""
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": worker_env(cfg)}
+    runtime_env: dict[str, Any] = {"env_vars": worker_env(cfg)}
+    if not is_verbose():  # before a worker imports the libraries (engine/chatter.py)
+        runtime_env["worker_process_setup_hook"] = "dist_unlearn.engine.chatter.quiet_console"
+    quiet = {"log_to_driver": True, "logging_level": ray_log_level()}
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, **quiet)
         return False
     cpus = max(os.cpu_count() or 1, cfg.ray.num_workers * max(1, cfg.ray.cpus_per_worker))
     gpus = torch.cuda.device_count()
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
     return True
+
+
+def _session_dir() -> str | None:
+    node = getattr(ray._private.worker, "_global_node", None)  # the node this driver started or joined
+    return node.get_session_dir_path() if node is not None else None
+
+
+def disconnect(started: bool) -> None:
+    """Leave Ray; when this process started the local cluster (``started``), stop all of it.
+
+    ``ray.shutdown()`` stops the GCS and the raylet it started, but their agents (dashboard agent,
+    runtime-env agent) can outlive them as orphans. Every process of a Ray session names the session's
+    own directory on its command line, so what is left of *this* cluster is found by that directory
+    and ended (TERM, then KILL after 5 s); nothing of another Ray cluster on the machine is touched.
+    """
+    if not ray.is_initialized():
+        return
+    session = _session_dir() if started else None
+    ray.shutdown()
+    if session:
+        stop_processes_naming(session)
+
+
+def stop_processes_naming(marker: str, grace_s: float = 5.0) -> list[int]:
+    """End every process (other than this one) whose command line contains ``marker``; returns their pids."""
+    import psutil
+
+    mine = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.info["pid"] != mine and any(marker in part for part in proc.info["cmdline"] or ()):
+            found.append(proc)
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(found, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [proc.pid for proc in found]
 
 
 def ray_run_name(jobs: list[Job]) -> str:
@@ -130,6 +182,7 @@ def run_jobs_on_ray(cfg: DistUnlearnConfig, jobs: list[Job]) -> None:
             storage_path=str(Path(jobs[0].run_dir).parent / "ray_results"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            logging_config=LoggingConfig(log_level=ray_log_level()),
         ),
     )
     result = trainer.fit()
@@ -150,5 +203,4 @@ def run_with_ray(cfg: DistUnlearnConfig, assets: ModelAssets, restart: bool = Fa
         run_jobs_on_ray(cfg, jobs)
         return read_summaries(jobs)
     finally:
-        if started:
-            ray.shutdown()
+        disconnect(started)
