@@ -43,6 +43,7 @@ def test_torchrun_run_then_eval_on_an_empty_output_dir(tmp_path: Path) -> None:
         ray={"enabled": False},
         train={"steps": 2},
         checkpoint={"every_steps": 0},
+        eval={"generate": False},
     )
     config = write_config(tmp_path / "run.yaml", cfg)
     assert not out.exists()

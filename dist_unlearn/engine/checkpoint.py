@@ -57,9 +57,28 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+_QUANT_STATE_KEY = re.compile(
+    r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|nested_offset|offset|quant_state\..+)$|\.(SCB|weight_format)$"
+)
+"""State-dict entries bitsandbytes writes beside a quantized weight (its quantization state): saved with
+the module, not parameters, and not accepted back by ``load_state_dict`` of an already quantized model."""
+
+
+def _load_module_state(src: dict[str, Any], dst: Any) -> None:
+    """DeepSpeed's module load, strict, except for bitsandbytes' quantization-state entries (the frozen
+    quantized base is the same one the model was loaded with; its packed weights are loaded as usual)."""
+    kept = {k: v for k, v in src.items() if not _QUANT_STATE_KEY.search(k)}
+    result = dst.load_state_dict(kept, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint does not match the model: missing {list(result.missing_keys)[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]}"
+        )
+
+
 def load_checkpoint(engine: Any, directory: str | Path) -> dict[str, Any]:
     """Restore the engine from a directory written by :func:`save_checkpoint`; returns client state."""
-    path, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    path, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, custom_load_fn=_load_module_state)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint with tag '{CHECKPOINT_TAG}' in {directory}")
     return dict(client_state or {})

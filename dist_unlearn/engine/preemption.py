@@ -93,7 +93,18 @@ def install_signal_handlers(output_dir: str | Path, signals: tuple[int, ...] = S
 
     for sig in signals:
         signal.signal(sig, handler)
+    global _installed
+    _installed = (output_dir, signals)
     return True
+
+
+_installed: tuple[str | Path, tuple[int, ...]] | None = None
+
+
+def reinstall_signal_handlers() -> bool:
+    """Install the stop handlers again if this process had installed them: starting Ray in a driver
+    replaces the SIGTERM handler with Ray's own, which aborts the process. Returns True when done."""
+    return _installed is not None and install_signal_handlers(*_installed)
 
 
 def agree_to_stop(local: bool) -> bool:

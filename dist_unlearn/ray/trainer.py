@@ -28,7 +28,7 @@ from dist_unlearn.config import RunConfig as DistUnlearnConfig
 from dist_unlearn.engine.chatter import VERBOSE_ENV, is_verbose
 from dist_unlearn.engine.checkpoint import latest_checkpoint
 from dist_unlearn.engine.job import Job, run_job
-from dist_unlearn.engine.preemption import Preempted
+from dist_unlearn.engine.preemption import Preempted, reinstall_signal_handlers
 from dist_unlearn.engine.prepare import ModelAssets
 from dist_unlearn.engine.runner import plan_jobs, prepare_run_dirs, read_summaries
 
@@ -106,10 +106,12 @@ def connect(cfg: DistUnlearnConfig) -> bool:
     quiet = {"log_to_driver": True, "logging_level": ray_log_level()}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, **quiet)
+        reinstall_signal_handlers()  # ray.init replaced SIGTERM's handler with one that aborts
         return False
     cpus = max(os.cpu_count() or 1, cfg.ray.num_workers * max(1, cfg.ray.cpus_per_worker))
     gpus = torch.cuda.device_count()
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
+    reinstall_signal_handlers()
     return True
 
 
