@@ -1,0 +1,64 @@
+"""Quiet by default (engine/chatter.py): library records below ERROR reach the log file, not the
+console, whether they are logged before or after the file is known, through handlers the library adds
+later or through the root's; errors still reach the console; ``--verbose`` changes nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = r"""
+import logging, sys
+from pathlib import Path
+from dist_unlearn.engine import chatter
+
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="root-handler %(name)s %(message)s")
+chatter.quiet_console()
+# a library that adds its own console handler after the CLI started (as DeepSpeed does at import)
+ds = logging.getLogger("DeepSpeed")
+own = logging.StreamHandler(sys.stdout)
+ds.addHandler(own)
+ds.warning("early warning")
+logging.getLogger("ray.train.v2.controller").info("child info")
+chatter.attach_log_file(Path(sys.argv[1]))
+ds.info("late info")
+ds.error("real error")
+logging.getLogger("dist_unlearn.mine").info("our own record")
+"""
+
+
+def _run(tmp_path: Path, verbose: bool) -> tuple[subprocess.CompletedProcess, str]:
+    log = tmp_path / "logs" / "driver.log"
+    env = {k: v for k, v in os.environ.items() if k != "DIST_UNLEARN_VERBOSE"}
+    if verbose:
+        env["DIST_UNLEARN_VERBOSE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(log)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result, log.read_text() if log.exists() else ""
+
+
+def test_library_chatter_goes_to_the_file_and_errors_to_the_console(tmp_path: Path) -> None:
+    result, text = _run(tmp_path, verbose=False)
+    console = result.stdout + result.stderr
+    for message in ("early warning", "child info", "late info"):
+        assert message not in console
+        assert message in text
+    assert "real error" in result.stdout and "real error" in text
+    assert "root-handler dist_unlearn.mine our own record" in result.stderr  # not a library: untouched
+    assert "our own record" not in text
+    assert [line.split(" ", 2)[2] for line in text.splitlines()] == [
+        "WARNING DeepSpeed: early warning",
+        "INFO ray.train.v2.controller: child info",
+        "INFO DeepSpeed: late info",
+        "ERROR DeepSpeed: real error",
+    ]
+
+
+def test_verbose_leaves_every_logger_alone(tmp_path: Path) -> None:
+    result, text = _run(tmp_path, verbose=True)
+    assert text == ""
+    assert "early warning" in result.stdout and "root-handler ray.train.v2.controller child info" in result.stderr
