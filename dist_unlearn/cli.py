@@ -30,17 +30,17 @@ def _launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def _quiet_driver(cfg: RunConfig, verbose: bool) -> None:
-    """Library chatter of this process to OUTPUT/logs/driver.log unless ``--verbose`` (engine/chatter.py)."""
-    from dist_unlearn.engine.chatter import attach_log_file, log_path, set_verbose
+def _quiet_driver(cfg: RunConfig) -> None:
+    """Library chatter of this process to OUTPUT/logs/driver.log unless ``--verbose`` (engine/chatter.py;
+    :func:`main` recorded the flag before any library was imported)."""
+    from dist_unlearn.engine.chatter import attach_log_file, log_path
 
-    set_verbose(verbose)
     attach_log_file(log_path(cfg.output.dir, "driver"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
-    _quiet_driver(cfg, args.verbose)
+    _quiet_driver(cfg)
     from dist_unlearn.engine.preemption import Preempted, clear_stop_request, install_signal_handlers
     from dist_unlearn.engine.prepare import resolve_model_assets
     from dist_unlearn.engine.worker import write_json_atomic
@@ -98,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
-    _quiet_driver(cfg, args.verbose)
+    _quiet_driver(cfg)
     from dist_unlearn.engine.eval_job import check_targets, eval_targets, run_eval_without_ray
     from dist_unlearn.engine.prepare import resolve_model_assets
     from dist_unlearn.eval.report import report_table

@@ -15,9 +15,7 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 VERBOSE_ENV = "DIST_UNLEARN_VERBOSE"
 
@@ -61,7 +59,6 @@ class _Sink(logging.Handler):
 
 
 _sink = _Sink()
-_log_file: Path | None = None
 
 
 def _is_library_record(record: logging.LogRecord) -> bool:
@@ -133,7 +130,6 @@ def quiet_console() -> None:
 def attach_log_file(log_file: Path) -> None:
     """From now on the library records of this process go to ``log_file`` (with those held so far).
     Nothing happens in verbose mode."""
-    global _log_file
     if is_verbose():
         return
     quiet_console()  # also covers handlers the libraries added since the last call
@@ -141,13 +137,6 @@ def attach_log_file(log_file: Path) -> None:
     to_file = logging.FileHandler(log_file, encoding="utf-8")
     to_file.setFormatter(logging.Formatter(_FORMAT))
     _sink.set_target(to_file)
-    _log_file = log_file
-
-
-def route_library_logs(log_file: Path) -> None:
-    """:func:`quiet_console` and :func:`attach_log_file` at once."""
-    quiet_console()
-    attach_log_file(log_file)
 
 
 def _quiet_transformers() -> None:
@@ -157,15 +146,3 @@ def _quiet_transformers() -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.disable_default_handler()
-
-
-@contextlib.contextmanager
-def prints_to_log() -> Iterator[None]:
-    """Send what Python code prints to stdout inside the block to the log file (DeepSpeed announces
-    its compiled ops with ``print``); a no-op in verbose mode or before :func:`route_library_logs`."""
-    if is_verbose() or _log_file is None:
-        yield
-        return
-    stream: IO[str]
-    with open(_log_file, "a", encoding="utf-8") as stream, contextlib.redirect_stdout(stream):
-        yield

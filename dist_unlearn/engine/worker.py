@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from dist_unlearn.config import RunConfig
-from dist_unlearn.distributed.env import default_backend, get_rank, get_world_size, init_distributed, is_main_process
+from dist_unlearn.distributed.env import get_rank, get_world_size, init_distributed, is_main_process
 from dist_unlearn.distributed.seeding import derive_seed, seed_everything
-from dist_unlearn.engine.chatter import log_path, prints_to_log, route_library_logs
+from dist_unlearn.engine.chatter import attach_log_file, log_path
 from dist_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
 from dist_unlearn.engine.ds_config import build_deepspeed_config
 from dist_unlearn.engine.job import Reporter
@@ -41,12 +41,8 @@ class WorkerContext:
 def start_worker(cfg: RunConfig) -> WorkerContext:
     """Join (or create) the process group, size torch's thread pool, seed every RNG identically."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    route_library_logs(log_path(cfg.output.dir, f"rank{os.environ.get('RANK', '0')}"))
+    attach_log_file(log_path(cfg.output.dir, f"rank{os.environ.get('RANK', '0')}"))
     init_distributed()
-    import deepspeed
-
-    with prints_to_log():  # DeepSpeed's communication backend prints which ops it built
-        deepspeed.comm.init_distributed(dist_backend=default_backend(), dist_init_required=False, verbose=False)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:

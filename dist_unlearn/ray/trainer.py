@@ -103,16 +103,15 @@ def connect(cfg: DistUnlearnConfig) -> bool:
     runtime_env: dict[str, Any] = {"env_vars": worker_env(cfg)}
     if not is_verbose():  # before a worker imports the libraries (engine/chatter.py)
         runtime_env["worker_process_setup_hook"] = "dist_unlearn.engine.chatter.quiet_console"
-    quiet = {"log_to_driver": True, "logging_level": ray_log_level()}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True, "logging_level": ray_log_level()}
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env, **quiet)
-        reinstall_signal_handlers()  # ray.init replaced SIGTERM's handler with one that aborts
-        return False
-    cpus = max(os.cpu_count() or 1, cfg.ray.num_workers * max(1, cfg.ray.cpus_per_worker))
-    gpus = torch.cuda.device_count()
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
-    reinstall_signal_handlers()
-    return True
+        kwargs["address"] = cfg.ray.address
+    else:
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.ray.num_workers * max(1, cfg.ray.cpus_per_worker))
+        kwargs.update(num_gpus=torch.cuda.device_count(), include_dashboard=False)
+    ray.init(**kwargs)
+    reinstall_signal_handlers()  # ray.init replaced SIGTERM's handler with one that aborts the driver
+    return not cfg.ray.address
 
 
 def _session_dir() -> str | None:
