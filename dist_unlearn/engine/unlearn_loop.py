@@ -3,7 +3,7 @@
 :class:`Reporter` that knows where checkpoints go.
 
 Per step ``s`` each rank draws its slice of the global forget batch and of the global retain batch
-(:class:`~dist_unlearn.data.sampling.StepSampler`), computes the objective, and calls
+(:class:`~dist_unlearn.unlearning.streams.StepBatches`), computes the objective, and calls
 ``engine.backward`` / ``engine.step``; DeepSpeed averages gradients over ranks, so the update equals
 the one of a single process on the whole global batch.
 
@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_unlearn.config import RunConfig, config_from_dict
-from dist_unlearn.data.qa import QADataset, collate_qa
-from dist_unlearn.data.refusals import idk_items, target_items
-from dist_unlearn.data.sampling import StepSampler
+from dist_unlearn.data.qa import QADataset
 from dist_unlearn.engine.ds_config import torch_dtype
 from dist_unlearn.engine.export import export_hf_model
 from dist_unlearn.engine.job import Job, LocalReporter, Reporter
@@ -33,8 +31,9 @@ from dist_unlearn.eval.answers import evaluate_splits
 from dist_unlearn.eval.periodic import RunEvaluator
 from dist_unlearn.eval.suite import headline
 from dist_unlearn.models.loading import load_tokenizer, model_for_config
-from dist_unlearn.unlearning import UnlearnBatch, build_reference, objective_from_config
+from dist_unlearn.unlearning import build_reference, objective_from_config
 from dist_unlearn.unlearning.saliency import saliency_mask_for_run
+from dist_unlearn.unlearning.streams import StepBatches, qa_streams
 from dist_unlearn.unlearning.uld import write_uld_artifact
 
 
@@ -43,22 +42,6 @@ def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
     return {
         split: QADataset(facts.split(split)[:limit], tokenizer, cfg.data.max_length) for split in ("forget", "retain")
     }
-
-
-def _streams(facts, tokenizer, cfg: RunConfig, needs) -> dict[str, QADataset]:
-    """The datasets the objective reads: forget always; retain, holdout, idk, target when needed."""
-    forget_items = facts.split("forget")
-    length = cfg.data.max_length
-    out = {"forget": QADataset(forget_items, tokenizer, length)}
-    if needs.retain:
-        out["retain"] = QADataset(facts.split("retain"), tokenizer, length)
-    if needs.holdout:
-        out["holdout"] = QADataset(facts.split("holdout"), tokenizer, length)
-    if needs.idk:
-        out["idk"] = QADataset(idk_items(forget_items), tokenizer, length)
-    if needs.target:
-        out["target"] = QADataset(target_items(forget_items), tokenizer, length)
-    return out
 
 
 def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -80,7 +63,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     objective = objective_from_config(cfg, job.name)
     needs = objective.needs
     reference_mode = resolve_reference_mode(cfg, job.name, objective)
-    streams = _streams(facts, tokenizer, cfg, needs)
+    streams = qa_streams(facts.split, needs, tokenizer, cfg.data.max_length)
     objective.prepare_model(model)  # e.g. RMU: only the chosen layers train
     engine = initialize_engine(cfg, model, cfg.train.forget_batch_size // world, cfg.train.lr)
     pad_id = tokenizer.pad_token_id
@@ -106,23 +89,16 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     if before is None:
         before = evaluate_splits(engine, eval_sets, pad_id, device=device)
 
-    samplers = {
-        "forget": StepSampler(
-            len(streams["forget"]), cfg.train.forget_batch_size, rank, world, cfg.train.seed, "forget"
-        )
-    }
-    if needs.retain and cfg.train.retain_batch_size > 0:
-        samplers["retain"] = StepSampler(
-            len(streams["retain"]), cfg.train.retain_batch_size, rank, world, cfg.train.seed, "retain"
-        )
-    if needs.holdout:
-        samplers["holdout"] = StepSampler(
-            len(streams["holdout"]), cfg.train.forget_batch_size, rank, world, cfg.train.seed, "holdout"
-        )
-    paired = [name for name in ("idk", "target") if name in streams]  # rows follow the forget rows
-
-    def sub_batch(name: str, indices: list[int]) -> dict[str, Any]:
-        return {k: v.to(device) for k, v in collate_qa([streams[name][i] for i in indices], pad_id).items()}
+    batches = StepBatches(
+        streams,
+        needs,
+        forget_batch_size=cfg.train.forget_batch_size,
+        retain_batch_size=cfg.train.retain_batch_size,
+        rank=rank,
+        world_size=world,
+        seed=cfg.train.seed,
+        pad_token_id=pad_id,
+    )
 
     log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard, resume_from_step=start_step)
     checkpointer = Checkpointer(engine, reporter, run_dir, cfg, cfg.train.steps, before)
@@ -132,10 +108,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     engine.train()
     for step in range(start_step, cfg.train.steps):
         started = time.perf_counter()
-        indices = {name: sampler.indices(step) for name, sampler in samplers.items()}
-        parts = {name: sub_batch(name, idx) for name, idx in indices.items()}
-        parts.update({name: sub_batch(name, indices["forget"]) for name in paired})
-        out = objective(engine, UnlearnBatch(**parts), reference=reference)
+        out = objective(engine, batches.batch(step, device), reference=reference)
         engine.backward(out.loss)
         if saliency is not None:
             saliency.apply(engine)

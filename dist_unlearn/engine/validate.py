@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from dist_unlearn.config import ConfigError, RunConfig
 from dist_unlearn.data.formats import is_formatted_source, source_problem
 from dist_unlearn.unlearning import OBJECTIVES, UnlearningObjective, objective_from_config
-from dist_unlearn.unlearning.reference import SERVES
+from dist_unlearn.unlearning.reference import choose_reference_mode
 
 
 def resolve_reference_mode(cfg: RunConfig, name: str, objective: UnlearningObjective) -> str:
@@ -21,35 +19,9 @@ def resolve_reference_mode(cfg: RunConfig, name: str, objective: UnlearningObjec
         ValueError: the mode cannot serve what the objective needs, or cannot run with this model;
             the message names ``method.reference`` and the fix.
     """
-    kinds = objective.needs.reference
-    if not kinds:
-        return "none"
-    mode = cfg.method.reference
-    lora = cfg.model.lora.r > 0
-    if mode == "auto":
-        return "adapter_disabled" if lora else ("sharded" if "logits" in kinds else "cached")
-    if mode == "none":
-        raise ValueError(
-            f"method.reference: '{name}' needs a reference model but method.reference=none. "
-            "Fix: method.reference=auto (or cached/sharded/adapter_disabled/quantized)"
-        )
-    missing = sorted(kinds - SERVES[mode])
-    if missing:
-        raise ValueError(
-            f"method.reference: '{name}' needs π_ref {', '.join(missing)} which method.reference={mode} cannot "
-            "provide (cached holds sequence log-probs and small activations, not token logits). "
-            "Fix: method.reference=sharded (or quantized, or adapter_disabled with model.lora.r>0)"
-        )
-    if mode == "adapter_disabled" and not lora:
-        raise ValueError(
-            f"method.reference: '{name}' with method.reference=adapter_disabled needs LoRA adapters. "
-            "Fix: set model.lora.r (e.g. model.lora.r=8), or method.reference=cached|sharded"
-        )
-    if mode == "quantized" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(
-            "method.reference=quantized needs bitsandbytes. Fix: pip install bitsandbytes, or method.reference=sharded"
-        )
-    return mode
+    return choose_reference_mode(
+        objective.needs.reference, cfg.method.reference, lora=cfg.model.lora.r > 0, method=name
+    )
 
 
 def validate_run(cfg: RunConfig) -> None:

@@ -28,6 +28,7 @@ chunk of scored positions at a time (see :func:`dist_unlearn.models.chunked_lm.t
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -297,6 +298,55 @@ def quantized_reference(
     if torch.device(device).type == "cuda":
         model.to(device)
     return ModelReference("quantized", model)
+
+
+def choose_reference_mode(
+    kinds: frozenset[str] | set[str],
+    requested: str,
+    *,
+    lora: bool,
+    method: str,
+    field: str = "method.reference",
+    lora_fix: str = "set model.lora.r (e.g. model.lora.r=8)",
+    lora_option: str = "adapter_disabled with model.lora.r>0",
+) -> str:
+    """The reference strategy for an objective that reads the π_ref ``kinds`` (``objective.needs.reference``).
+
+    A reference-free objective (no kinds) always gets ``none`` (nothing is loaded, whatever was asked).
+    Otherwise ``auto`` picks ``adapter_disabled`` with LoRA (no second copy), ``sharded`` when π_ref
+    token logits are needed (KL, UNDIAL), else ``cached``. ``field``, ``lora_fix`` and ``lora_option``
+    word the error messages for the caller (a config field, or a constructor argument).
+
+    Raises:
+        ValueError: the mode cannot serve what the objective needs, or cannot run with this model;
+            the message names ``field`` and the fix.
+    """
+    if not kinds:
+        return "none"
+    if requested == "auto":
+        return "adapter_disabled" if lora else ("sharded" if "logits" in kinds else "cached")
+    if requested == "none":
+        raise ValueError(
+            f"{field}: '{method}' needs a reference model but {field}=none. "
+            f"Fix: {field}=auto (or cached/sharded/adapter_disabled/quantized)"
+        )
+    if requested not in SERVES:
+        raise ValueError(f"{field}: unknown mode {requested!r}. Fix: one of auto, {', '.join(REFERENCE_MODES)}")
+    missing = sorted(set(kinds) - SERVES[requested])
+    if missing:
+        raise ValueError(
+            f"{field}: '{method}' needs π_ref {', '.join(missing)} which {field}={requested} cannot "
+            "provide (cached holds sequence log-probs and small activations, not token logits). "
+            f"Fix: {field}=sharded (or quantized, or {lora_option})"
+        )
+    if requested == "adapter_disabled" and not lora:
+        raise ValueError(
+            f"{field}: '{method}' with {field}=adapter_disabled needs LoRA adapters. "
+            f"Fix: {lora_fix}, or {field}=cached|sharded"
+        )
+    if requested == "quantized" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{field}=quantized needs bitsandbytes. Fix: pip install bitsandbytes, or {field}=sharded")
+    return requested
 
 
 def build_reference(
