@@ -84,6 +84,7 @@ def test_wheel_install_ships_templates_and_configs_and_runs_init_and_submit(tmp_
     with zipfile.ZipFile(wheel) as archive:
         for inside, checkout in PACKAGE_DATA:  # real files with the checkout's bytes, not links
             assert archive.read(inside) == (REPO / checkout).read_bytes(), inside
+        assert "dist_unlearn/py.typed" in archive.namelist()  # PEP 561: type checkers read the package's hints
 
     site = tmp_path / "site"
     installed = _run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], tmp_path, env)

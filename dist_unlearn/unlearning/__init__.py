@@ -7,6 +7,7 @@ from dist_unlearn.unlearning.objectives import (
     UnlearningObjective,
     get_objective,
     objective_from_config,
+    register_objective,
 )
 from dist_unlearn.unlearning.reference import REFERENCE_MODES, Reference, build_reference
 
@@ -21,4 +22,5 @@ __all__ = [
     "build_reference",
     "get_objective",
     "objective_from_config",
+    "register_objective",
 ]

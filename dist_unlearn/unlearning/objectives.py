@@ -66,6 +66,7 @@ from dist_unlearn.unlearning.contrastive_unlearning import ContrastiveUnlearning
 from dist_unlearn.unlearning.hidden import RMU
 from dist_unlearn.unlearning.reference import Reference
 from dist_unlearn.unlearning.token_terms import kl_to_reference, undial_ce, uniform_ce, weighted_nll
+from dist_unlearn.unlearning.uld import uld_inference_spec
 
 
 @dataclass
@@ -78,10 +79,15 @@ class ObjectiveOutput:
 
 @dataclass(frozen=True)
 class Term:
-    """A loss term ``fn(ctx) -> scalar`` and what it reads."""
+    """A loss term ``fn(ctx) -> scalar`` and what it reads.
+
+    ``inference``: for a term whose trained model is not itself the unlearned model (ULD's assistant), the
+    ``inference.json`` spec of the deployed model given the starting model's directory
+    (:mod:`dist_unlearn.models.combined`); ``None`` = the trained model is the unlearned model."""
 
     fn: Callable[[StepContext], torch.Tensor]
     needs: DataNeeds = field(default_factory=DataNeeds)
+    inference: Callable[[str], dict[str, Any]] | None = None
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         return self.fn(ctx)
@@ -144,6 +150,14 @@ class UnlearningObjective:
         """Freeze what the objective does not train (RMU); call before ``deepspeed.initialize``."""
         if self.rmu is not None:
             self.rmu.restrict(model)
+
+    def inference_spec(self, start_model_dir: str) -> dict[str, Any] | None:
+        """How the trained weights are deployed (``inference.json`` content; ``None`` = as they are).
+
+        ULD: ``{"kind": "logit_difference", "target": start_model_dir, "alpha": α, ...}``, i.e. the
+        unlearned model is ``z_target − α·z_trained``. Save it next to every exported model
+        (:func:`dist_unlearn.models.combined.write_inference_spec`) so that evaluation scores that model."""
+        return self.forget.inference(start_model_dir) if self.forget.inference is not None else None
 
     def __call__(
         self,
@@ -224,8 +238,10 @@ def _flat(divergence: str = "kl") -> Term:
 
 
 def _uld(alpha: float = 0.5) -> Term:
-    del alpha  # used at inference (uld.json), not in training
-    return Term(lambda c: terms.nll_term(c.stats("forget")))
+    # alpha is used at inference only: the unlearned model is z_target − α·z_assistant (inference.json)
+    return Term(
+        lambda c: terms.nll_term(c.stats("forget")), inference=lambda target: uld_inference_spec(target, alpha)
+    )
 
 
 def _contrastive(temperature: float = 0.1) -> Term:
@@ -271,8 +287,109 @@ _SPECS: dict[str, tuple[Callable[..., Term] | None, str]] = {
     "targeted": (_targeted, "nll"),
 }
 
-OBJECTIVES: tuple[str, ...] = tuple(_SPECS)
-"""Names accepted by :func:`get_objective`."""
+
+class _ObjectiveNames(Sequence[str]):
+    """A read-only, live view of the registered names (built in, then :func:`register_objective`'s in order).
+
+    Behaves like a tuple of str (``in``, iteration, ``len``, indexing, ``==`` with a tuple or list); code that
+    imported it before a registration sees the new name too."""
+
+    def __getitem__(self, index: Any) -> Any:
+        return tuple(_SPECS)[index]
+
+    def __len__(self) -> int:
+        return len(_SPECS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in _SPECS
+
+    def __iter__(self) -> Any:
+        return iter(tuple(_SPECS))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (Sequence, _ObjectiveNames)) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(_SPECS))
+
+    def __repr__(self) -> str:
+        return repr(tuple(_SPECS))
+
+
+OBJECTIVES: Sequence[str] = _ObjectiveNames()
+"""Names accepted by :func:`get_objective`: the built-in ones and those added by :func:`register_objective`."""
+
+
+def register_objective(
+    name: str,
+    factory: Callable[..., Any],
+    *,
+    retain: str = "none",
+    needs: DataNeeds | None = None,
+) -> None:
+    """Add an unlearning objective under ``name`` without editing the registry.
+
+    After the call ``name`` is in :data:`OBJECTIVES`, so :func:`get_objective`, ``objective_from_config``, the
+    CLI's config validation (``load_config(..., known_methods=OBJECTIVES)``) and the integrations accept it.
+
+    Args:
+        name: the method name (a config's ``method.names`` entry); must not be registered already.
+        factory: builds the forget term from the method's parameters: ``factory(**params)`` returns either a
+            :class:`Term` or a callable ``fn(ctx) -> scalar`` on a
+            :class:`~dist_unlearn.unlearning.context.StepContext` (a class whose instances are such callables
+            works as is). Its keyword parameters are the method's parameters (``method.params.<name>``),
+            checked like the built-in ones; give them defaults. The loss it returns is minimised, weighted by
+            ``forget_weight``; normalise it as a mean over sequences (see the module docstring) to keep the
+            world-size invariance.
+        retain: the default retain term (``none``, ``nll``, ``kl`` or ``uniform``; ``params.retain`` overrides it).
+        needs: what the forget term reads (:func:`~dist_unlearn.unlearning.batch.needs`), used when ``factory``
+            returns a plain callable; default: the forget batch only.
+
+    Raises:
+        ValueError: ``name`` is taken, empty or not a str; ``factory`` is not callable; ``retain`` is unknown.
+
+    Example::
+
+        from dist_unlearn.unlearning import register_objective, terms
+
+        def scaled_ga(scale: float = 0.5):
+            return lambda ctx: scale * terms.gradient_ascent_term(ctx.stats("forget"))
+
+        register_objective("scaled_ga", scaled_ga, retain="nll")
+        objective = get_objective("scaled_ga", scale=0.25)
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"register_objective: name must be a non-empty str, got {name!r}")
+    if name in _SPECS:
+        raise ValueError(
+            f"register_objective: an objective named '{name}' is already registered; pick another name "
+            "(built-in names cannot be replaced)"
+        )
+    if not callable(factory):
+        raise ValueError(f"register_objective('{name}'): factory must be callable, got {type(factory).__name__}")
+    if retain not in RETAIN_TERMS:
+        known = ", ".join(RETAIN_TERMS)
+        raise ValueError(f"register_objective('{name}'): retain must be one of {known}, got {retain!r}")
+
+    def build(**params: Any) -> Term:
+        made = factory(**params)
+        if isinstance(made, Term):
+            return made
+        if not callable(made):
+            raise ValueError(
+                f"objective '{name}': its factory returned a {type(made).__name__}; return a Term or a callable "
+                "fn(ctx) -> scalar loss"
+            )
+        return Term(made, needs if needs is not None else DataNeeds())
+
+    build.__signature__ = _factory_signature(factory)  # type: ignore[attr-defined]
+    _SPECS[name] = (build, retain)
+
+
+def _factory_signature(factory: Callable[..., Any]) -> inspect.Signature:
+    """The keyword parameters of ``factory`` (a class: of its ``__init__``), used to check method parameters."""
+    signature = inspect.signature(factory)
+    return signature.replace(parameters=[p for p in signature.parameters.values() if p.kind != p.VAR_POSITIONAL])
 
 
 def accepted_params(name: str) -> frozenset[str]:
