@@ -43,8 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_driver(cfg)
     from dist_unlearn.engine.preemption import Preempted, clear_stop_request, install_signal_handlers
     from dist_unlearn.engine.prepare import resolve_model_assets
-    from dist_unlearn.engine.worker import write_json_atomic
     from dist_unlearn.eval.tables import before_after_table, retrieval_table
+    from dist_unlearn.io import write_json_atomic
 
     if cfg.failure.handle_signals:  # SIGUSR1/SIGTERM: checkpoint at the next step, exit 75
         install_signal_handlers(cfg.output.dir)

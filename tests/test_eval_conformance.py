@@ -153,9 +153,9 @@ def test_tofu_layout_evaluation_scores_the_nine_numbers(tmp_path):
 
     from dist_unlearn.data import QADataset, collate_qa
     from dist_unlearn.data.formats import load_formatted
-    from dist_unlearn.engine.finetune import finetune
     from dist_unlearn.eval.suite import EvalSettings, evaluate_model
     from dist_unlearn.models import build_embedded_model
+    from dist_unlearn.models.finetune import finetune
     from dist_unlearn.models.logprobs import sequence_stats
 
     _write_tofu_layout(tmp_path)

@@ -335,7 +335,7 @@ def _tiny_setup(num_layers: int = 4, finetune_steps: int = 0):
     }
     batch = UnlearnBatch(**{k: collate_qa(list(QADataset(v, tok, 48)), tok.pad_token_id) for k, v in items.items()})
     if finetune_steps:  # a model that knows its forget and retain facts, as unlearning assumes
-        from dist_unlearn.engine.finetune import finetune
+        from dist_unlearn.models.finetune import finetune
 
         train = QADataset(facts.split("forget") + facts.split("retain"), tok, 48)
         finetune(model, train, tok.pad_token_id, finetune_steps, 8, 3e-3, seed=0, desc="tiny")

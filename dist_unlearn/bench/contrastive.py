@@ -23,7 +23,6 @@ The JSON is rewritten (temp file, then rename) after every part.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,8 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from dist_unlearn.io import write_json_atomic
 
 PARTS = ("a", "b", "c", "d")
 GIB = 1024**3
@@ -312,11 +313,7 @@ PART_FUNCTIONS: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically (``path.tmp``, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data)
 
 
 def _mib(entry: dict[str, Any]) -> str:

@@ -54,8 +54,8 @@ def run(
 
     ``load(config, overrides)`` is the CLI's validating config loader."""
     from dist_unlearn.engine.eval_job import run_eval_without_ray
-    from dist_unlearn.engine.worker import write_json_atomic
     from dist_unlearn.eval.report import write_report
+    from dist_unlearn.io import write_json_atomic
 
     base = list(overrides) + ([] if use_ray else list(DEFAULT_OVERRIDES))
     record: dict[str, Any] = {"config": config, "overrides": base, "methods": {}}

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dist_unlearn.io import atomic_path
+
 SPLITS: tuple[str, ...] = ("forget", "retain", "holdout")
 
 
@@ -168,15 +170,11 @@ class FactsBenchmark:
 
     def to_jsonl(self, path: str | os.PathLike[str]) -> None:
         """Write one JSON object per item; atomic (writes ``PATH.tmp`` then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
             for item in self.items:
                 record = asdict(item)
                 record["perturbed_answers"] = list(item.perturbed_answers)
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike[str]) -> FactsBenchmark:

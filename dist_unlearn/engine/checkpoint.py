@@ -4,13 +4,13 @@ directory, which loading ignores, so the previous checkpoint stays intact and re
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from dist_unlearn.distributed.env import barrier, get_rank
+from dist_unlearn.io import move_into_place, staging_path
 
 CHECKPOINT_TAG = "state"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -27,7 +27,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
     """
     root = Path(root)
     final = root / checkpoint_dir_name(step)
-    staging = root / (final.name + ".tmp")
+    staging = staging_path(final)
     if get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -35,8 +35,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, client_state: dict
     engine.save_checkpoint(str(staging), tag=CHECKPOINT_TAG, client_state=client_state, save_latest=False)
     barrier()
     if get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+        move_into_place(staging, final)
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

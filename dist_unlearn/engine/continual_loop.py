@@ -18,8 +18,6 @@ with all adapters merged under ``model/``. A run is not resumable mid-way: it st
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,9 @@ from dist_unlearn.engine.ds_config import torch_dtype
 from dist_unlearn.engine.job import Job, LocalReporter, Reporter
 from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
 from dist_unlearn.engine.prepare import load_benchmark
-from dist_unlearn.engine.worker import initialize_engine, progress_bar, start_worker, write_json_atomic
+from dist_unlearn.engine.worker import initialize_engine, progress_bar, start_worker
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset
+from dist_unlearn.io import atomic_path, write_json_atomic
 from dist_unlearn.models.loading import load_tokenizer, model_for_config
 from dist_unlearn.unlearning import objective_from_config
 from dist_unlearn.unlearning.continual import (
@@ -56,14 +55,6 @@ def _check_objective(objective: Any) -> None:
             f"method '{objective.name}' needs data the continual loop does not provide (only forget, retain "
             "and cached reference log-probs). Fix: use e.g. method.names=npo_gd, grad_diff or simnpo_gd"
         )
-
-
-def _save_atomic(out_dir: Path, write) -> None:
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    write(staging)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
 
 
 def run_continual(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -157,23 +148,19 @@ def run_continual(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
         }
         history.append(entry)
         if is_main_process():
-            _save_atomic(
-                run_dir / "adapters" / name,
-                lambda d, n=name: model.save_pretrained(d, selected_adapters=[n]),
-            )
+            with atomic_path(run_dir / "adapters" / name) as staging:
+                model.save_pretrained(staging, selected_adapters=[name])
             write_json_atomic(run_dir / METRICS_FILE, history)
         engine.destroy()
         barrier()
     log.close()
 
     if is_main_process():  # every adapter merged into the base: one plain HF model
-
-        def write_merged(out: Path) -> None:
-            merged = copy.deepcopy(model).merge_and_unload(adapter_names=names)
-            merged.to(torch_dtype(cfg.output.save_dtype)).save_pretrained(out)
-            tokenizer.save_pretrained(out)
-
-        _save_atomic(run_dir / "model", write_merged)
+        merged = copy.deepcopy(model).merge_and_unload(adapter_names=names)
+        with atomic_path(run_dir / "model") as staging:
+            merged.to(torch_dtype(cfg.output.save_dtype)).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        del merged
     first, last = history[0]["eval"], history[-1]["eval"]
     summary = {
         "method": job.name,

@@ -54,8 +54,9 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     """Evaluate every target of ``job`` on this rank's share (collective); rank 0 writes the eval.json files."""
     from dist_unlearn.distributed.env import is_main_process
     from dist_unlearn.engine.prepare import load_benchmark
-    from dist_unlearn.engine.worker import start_worker, write_json_atomic
+    from dist_unlearn.engine.worker import start_worker
     from dist_unlearn.eval.suite import evaluate_directory
+    from dist_unlearn.io import write_json_atomic
 
     cfg = config_from_dict(job["config"])
     ctx = start_worker(cfg)

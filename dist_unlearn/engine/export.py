@@ -15,14 +15,13 @@ adapters were trained against (the usual QLoRA practice); the difference is the 
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dist_unlearn.distributed.env import barrier, get_rank
+from dist_unlearn.io import atomic_path
 from dist_unlearn.models.lora import is_peft_model
 
 
@@ -82,19 +81,16 @@ def export_hf_model(engine: Any, tokenizer: Any, out_dir: str | Path, dtype: tor
     lora = is_peft_model(module)
     state = gather_trainable_state_dict(engine) if lora else gather_full_state_dict(engine)
     if state is not None:
-        staging = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        if lora:
-            merged, adapter_model = merged_lora_model(module, state, dtype)
-            merged.save_pretrained(staging)
-            adapter_model.save_pretrained(staging / "adapter")
-        else:
-            state = {k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in state.items()}
-            module.config.dtype = dtype
-            module.save_pretrained(staging, state_dict=state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(staging, out_dir)
+        with atomic_path(out_dir) as staging:
+            if lora:
+                merged, adapter_model = merged_lora_model(module, state, dtype)
+                merged.save_pretrained(staging)
+                adapter_model.save_pretrained(staging / "adapter")
+            else:
+                state = {k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in state.items()}
+                module.config.dtype = dtype
+                module.save_pretrained(staging, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
     barrier()
     return out_dir

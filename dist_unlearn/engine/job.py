@@ -1,5 +1,5 @@
-"""A job for the workers (plain data that crosses process boundaries), the reporter interface the
-launcher provides, and the dispatch from a job to its train function."""
+"""A job for the workers (plain data that crosses process boundaries) and the reporter interface the
+launcher provides. :mod:`dist_unlearn.engine.dispatch` runs a job."""
 
 from __future__ import annotations
 
@@ -47,20 +47,3 @@ class LocalReporter:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         return None
-
-
-def run_job(job: Job | dict[str, Any], reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run ``job`` on this rank (collective over the process group); returns its summary."""
-    if isinstance(job, dict):
-        job = Job(**job)
-    if job.kind == "contrastive":
-        from dist_unlearn.engine.contrastive_loop import run_contrastive
-
-        return run_contrastive(job, reporter)
-    if job.kind == "continual":
-        from dist_unlearn.engine.continual_loop import run_continual
-
-        return run_continual(job, reporter)
-    from dist_unlearn.engine.unlearn_loop import run_unlearning
-
-    return run_unlearning(job, reporter)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dist_unlearn.distributed.env import get_world_size, is_main_process
+from dist_unlearn.io import write_text_atomic
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
@@ -43,9 +44,7 @@ class MetricsLog:
                 for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", -1) <= resume_from_step
             ]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -28,9 +28,10 @@ from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, DataCo
 from dist_unlearn.data.facts import FactsBenchmark, generate_facts, load_qa_file
 from dist_unlearn.data.formats import is_formatted_source, load_formatted
 from dist_unlearn.data.qa import QADataset
-from dist_unlearn.engine.finetune import finetune
 from dist_unlearn.eval.answers import evaluate_splits
+from dist_unlearn.io import move_into_place
 from dist_unlearn.models.encoders import encoder_path
+from dist_unlearn.models.finetune import finetune
 from dist_unlearn.models.tiny_llama import build_embedded_model
 
 
@@ -125,8 +126,7 @@ def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAss
         tokenizer.save_pretrained(staging / name)
     summary["seconds"] = round(time.time() - started, 1)
     (staging / "prepare.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(staging, root)
+    move_into_place(staging, root)
     return ModelAssets(str(root / "target"), str(root / "oracle"))
 
 

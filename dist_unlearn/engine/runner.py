@@ -16,9 +16,10 @@ from dist_unlearn.distributed.env import (
     init_distributed,
     is_main_process,
 )
-from dist_unlearn.engine.job import Job, run_job
+from dist_unlearn.engine.dispatch import run_job
+from dist_unlearn.engine.job import Job
 from dist_unlearn.engine.prepare import ModelAssets, resolve_model_assets
-from dist_unlearn.engine.worker import write_json_atomic
+from dist_unlearn.io import write_json_atomic
 
 
 def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[Job]:

@@ -4,7 +4,6 @@ contrastive loops use them, so checkpoint and resume behave identically in both 
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,14 +20,7 @@ from dist_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
 from dist_unlearn.engine.ds_config import build_deepspeed_config
 from dist_unlearn.engine.job import Reporter
 from dist_unlearn.engine.preemption import Preempted, agree_to_stop, stop_requested
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` via ``PATH.tmp`` and a rename (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+from dist_unlearn.io import write_json_atomic
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 * ``relearn`` (Hu et al., 2024, "Jogging the memory of unlearned LLMs", arXiv:2406.13356; Lynch et al.,
   2024): ``relearn_steps`` AdamW steps of answer NLL on the first ``relearn_fraction`` of the forget
-  set (:func:`dist_unlearn.engine.finetune.finetune`, seeded, so every rank computes the same
+  set (:func:`dist_unlearn.models.finetune.finetune`, seeded, so every rank computes the same
   weights); the whole forget set is then re-measured, so recovery on the unseen part shows knowledge
   that was hidden rather than removed.
 * ``nf4`` / ``int8`` (Zhang et al., 2024, "Catastrophic failure of LLM unlearning via quantization",
@@ -37,7 +37,7 @@ def relearned_model(
     seed: int = 0,
 ) -> torch.nn.Module:
     """The model of ``model_dir`` after ``steps`` fine-tuning steps on ``⌈fraction·|D_f|⌉`` forget items."""
-    from dist_unlearn.engine.finetune import finetune
+    from dist_unlearn.models.finetune import finetune
 
     forget = facts.split("forget")
     subset = forget[: max(1, math.ceil(fraction * len(forget)))]

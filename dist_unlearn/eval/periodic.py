@@ -24,6 +24,7 @@ import torch
 from dist_unlearn.data.facts import FactsBenchmark
 from dist_unlearn.distributed.env import barrier, is_main_process
 from dist_unlearn.eval.suite import best_score, evaluate_directory, evaluate_model, settings_from_config
+from dist_unlearn.io import write_json_atomic
 
 
 def oracle_dir_for(model_dir: str | Path) -> str | None:
@@ -72,8 +73,6 @@ class RunEvaluator:
             self.best = score
             export(engine, self.run_dir / "best_model")
             if is_main_process():
-                from dist_unlearn.engine.worker import write_json_atomic
-
                 write_json_atomic(
                     self.run_dir / "best.json", {"step": step, "metric": self.cfg.eval.best_metric, "value": score}
                 )
@@ -85,8 +84,6 @@ class RunEvaluator:
             self.cfg, str(model_dir), self.oracle_dir, self.facts, self.device, self._reference()
         )
         if is_main_process():
-            from dist_unlearn.engine.worker import write_json_atomic
-
             evaluation["name"] = self.run_dir.name
             write_json_atomic(self.run_dir / "eval.json", evaluation)
         return evaluation

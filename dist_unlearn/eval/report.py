@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dist_unlearn.eval.suite import headline
+from dist_unlearn.io import atomic_path, write_text_atomic
 
 COLUMNS = (
     ("forget_quality", "forget quality ↑"),
@@ -137,10 +137,9 @@ def tradeoff_plot(evals: dict[str, dict[str, Any]], path: Path, run_dirs: Sequen
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(
@@ -167,8 +166,5 @@ def write_report(
         "fraction of sampled answers containing the whole true answer. Attack columns: forget ROUGE-L "
         "before → after the attack.\n\n" + report_table(evals) + "\n" + notes + "\n![tradeoff](tradeoff.png)\n"
     )
-    md = out / "report.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md)
+    md = write_text_atomic(out / "report.md", text)
     return md, png

@@ -14,10 +14,10 @@ name and renamed, so an interrupted ``init`` leaves no half-written config.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from dist_unlearn.io import write_bytes_atomic
 from dist_unlearn.launch.submit import TEMPLATE_DIR
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -53,12 +53,7 @@ def write_examples(dest: str | Path, force: bool = False) -> list[Path]:
         )
     written = []
     for rel in files:
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes((CONFIG_DIR / rel).read_bytes())
-        os.replace(tmp, target)
-        written.append(target)
+        written.append(write_bytes_atomic(dest / rel, (CONFIG_DIR / rel).read_bytes()))
     return written
 
 

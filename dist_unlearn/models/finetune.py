@@ -1,4 +1,4 @@
-"""Single-process fine-tuning of a causal LM on QA data (used to build the embedded target and oracle).
+"""Single-process fine-tuning of a causal LM on QA data (the embedded target and oracle; the relearning attack).
 
 Loss: retain NLL, ``mean_i NLL(y_i|x_i)/|y_i|`` (the package's per-sequence convention); AdamW with a
 linear decay to 10 % of ``lr``; batches drawn by :class:`~dist_unlearn.data.sampling.StepSampler`.
@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from dist_unlearn.data.qa import QADataset, collate_qa
 from dist_unlearn.data.sampling import StepSampler
 from dist_unlearn.models.logprobs import forward_sequence_stats
-from dist_unlearn.unlearning.terms import nll_term
 
 
 def finetune(
@@ -37,7 +36,7 @@ def finetune(
     bar = tqdm(range(steps), desc=desc, mininterval=2.0, leave=False)
     for step in bar:
         batch = collate_qa([dataset[i] for i in sampler.indices(step)], pad_token_id)
-        loss = nll_term(forward_sequence_stats(model, batch))
+        loss = forward_sequence_stats(model, batch).mean_nll.mean()  # mean_i NLL(y_i|x_i)/|y_i|
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
