@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 from conftest import run_cli, small_run_config, write_config
@@ -60,6 +61,6 @@ def _check_all(out, seconds):
             for key in ("loss", "forget_loss", "forget_nll"):
                 assert math.isfinite(row[key]), (name, key, row)
         assert (out / name / "model").is_dir(), name
-    uld = json.loads((out / "uld" / "uld.json").read_text())
-    assert uld["alpha"] == 0.5 and uld["assistant"].endswith("uld/model")
+    uld = json.loads((out / "uld" / "model" / "inference.json").read_text())  # scored as target − α·assistant
+    assert uld["kind"] == "logit_difference" and uld["alpha"] == 0.5 and (Path(uld["target"]) / "config.json").is_file()
     print(f"\n{len(OBJECTIVES)} methods in {seconds:.0f} s ({seconds / len(OBJECTIVES):.1f} s per method)")

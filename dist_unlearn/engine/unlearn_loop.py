@@ -30,11 +30,11 @@ from dist_unlearn.engine.worker import Checkpointer, initialize_engine, progress
 from dist_unlearn.eval.answers import evaluate_splits
 from dist_unlearn.eval.periodic import RunEvaluator
 from dist_unlearn.eval.suite import headline
+from dist_unlearn.models.combined import write_inference_spec
 from dist_unlearn.models.loading import load_tokenizer, model_for_config
 from dist_unlearn.unlearning import build_reference, objective_from_config
 from dist_unlearn.unlearning.saliency import saliency_mask_for_run
 from dist_unlearn.unlearning.streams import StepBatches, qa_streams
-from dist_unlearn.unlearning.uld import write_uld_artifact
 
 
 def _eval_datasets(facts, tokenizer, cfg: RunConfig) -> dict[str, QADataset]:
@@ -102,7 +102,8 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
 
     log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard, resume_from_step=start_step)
     checkpointer = Checkpointer(engine, reporter, run_dir, cfg, cfg.train.steps, before)
-    evaluator = RunEvaluator(cfg, tokenizer, facts, run_dir, job.model_dir, device)  # eval suite
+    inference = objective.inference_spec(job.model_dir)  # how the trained weights deploy (ULD: target − α·them)
+    evaluator = RunEvaluator(cfg, tokenizer, facts, run_dir, job.model_dir, device, inference)  # eval suite
     save_dtype = torch_dtype(cfg.output.save_dtype)
     progress = progress_bar(cfg.train.steps, start_step, f"unlearn {job.name}")
     engine.train()
@@ -125,10 +126,10 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     progress.close()
     log.close()
 
-    after = evaluate_splits(engine, eval_sets, pad_id, device=device)
+    after = evaluate_splits(evaluator.scored(engine), eval_sets, pad_id, device=device)  # the unlearned model
     export_hf_model(engine, tokenizer, run_dir / "model", torch_dtype(cfg.output.save_dtype))
-    if job.name == "uld" and rank == 0:  # the trained model is ULD's assistant; inference needs both
-        write_uld_artifact(run_dir, job.model_dir, run_dir / "model", float(objective.params.get("alpha", 0.5)))
+    if inference is not None and rank == 0:  # evaluation then scores the model the spec describes
+        write_inference_spec(run_dir / "model", inference)
     summary = {
         "method": job.name,
         "steps": cfg.train.steps,
@@ -138,7 +139,6 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         "before": before,
         "after": after,
     }
-    if job.name != "uld":  # ULD's exported model is its assistant, not an unlearned model
-        summary["eval"] = headline(evaluator.finish(run_dir / "model"))
+    summary["eval"] = headline(evaluator.finish(run_dir / "model")["result"])  # eval.json holds it under "result"
     checkpointer.finish(run_dir, summary)
     return summary

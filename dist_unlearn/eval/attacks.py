@@ -8,6 +8,10 @@
 * ``nf4`` / ``int8`` (Zhang et al., 2024, "Catastrophic failure of LLM unlearning via quantization",
   arXiv:2410.16454): reload the saved model with bitsandbytes 4-bit NF4 or LLM.int8() weights
   (:func:`dist_unlearn.models.quantization.bnb_config`) and re-measure.
+
+A saved directory with an ``inference.json`` (ULD) is attacked as the model it describes
+(:func:`dist_unlearn.models.combined.load_scoring_model`): relearning fine-tunes target and assistant
+through the combined logits, the quantization attacks quantize both.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 
 from dist_unlearn.data.facts import FactsBenchmark
 from dist_unlearn.data.qa import QADataset
-from dist_unlearn.models.loading import choose_attn_implementation, load_causal_lm
+from dist_unlearn.models.combined import load_scoring_model
+from dist_unlearn.models.loading import choose_attn_implementation
 
 ATTACKS = ("relearn", "nf4", "int8")
 
@@ -41,7 +46,7 @@ def relearned_model(
 
     forget = facts.split("forget")
     subset = forget[: max(1, math.ceil(fraction * len(forget)))]
-    model = load_causal_lm(model_dir, torch.float32, "eager")
+    model = load_scoring_model(model_dir)  # ULD: target − α·assistant, both fine-tuned through the combination
     finetune(
         model,
         QADataset(subset, tokenizer, max_length),
@@ -56,15 +61,19 @@ def relearned_model(
 
 
 def quantized_model(model_dir: str | Path, quantization: str) -> torch.nn.Module:
-    """The model of ``model_dir`` loaded with bitsandbytes ``nf4`` or ``int8`` weights (inference only)."""
+    """The model of ``model_dir`` loaded with bitsandbytes ``nf4`` or ``int8`` weights (inference only); a
+    combined model (``inference.json``, e.g. ULD's) with each of its members quantized."""
     from transformers import AutoModelForCausalLM
 
     from dist_unlearn.models.quantization import load_quantized
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16" per matmul
-    return load_quantized(
-        AutoModelForCausalLM, model_dir, quantization, torch.float32, choose_attn_implementation("auto")
-    ).eval()
+
+    def load(path: str) -> torch.nn.Module:
+        attn = choose_attn_implementation("auto")
+        return load_quantized(AutoModelForCausalLM, path, quantization, torch.float32, attn).eval()
+
+    return load_scoring_model(model_dir, load)
 
 
 def attacked_model(

@@ -11,6 +11,11 @@
 
 The oracle (for forget quality and PrivLeak) is the embedded benchmark's ``oracle`` next to the target
 model directory, when it exists; it is scored once.
+
+When the trained weights are not themselves the unlearned model (``inference``: the objective's
+``inference.json`` spec, e.g. ULD's assistant), every evaluation scores the model the spec describes
+(:func:`dist_unlearn.models.combined.combine`: the starting model − α·the live engine) and the spec is
+saved next to ``RUN/best_model`` (the loop saves it next to ``RUN/model``).
 """
 
 from __future__ import annotations
@@ -37,9 +42,20 @@ def oracle_dir_for(model_dir: str | Path) -> str | None:
 class RunEvaluator:
     """Periodic and final evaluation of one unlearning run (all methods are collective)."""
 
-    def __init__(self, cfg: Any, tokenizer: Any, facts: FactsBenchmark, run_dir: Path, model_dir: str, device: Any):
+    def __init__(
+        self,
+        cfg: Any,
+        tokenizer: Any,
+        facts: FactsBenchmark,
+        run_dir: Path,
+        model_dir: str,
+        device: Any,
+        inference: dict[str, Any] | None = None,
+    ):
         self.cfg, self.tokenizer, self.facts, self.run_dir, self.device = cfg, tokenizer, facts, Path(run_dir), device
         self.oracle_dir = oracle_dir_for(model_dir)
+        self.inference = inference
+        self._members: dict[str, torch.nn.Module] = {}  # frozen models the spec adds (ULD: the target)
         self.oracle_result: dict[str, Any] | None = None
         self.best = float("-inf")
         best_file = self.run_dir / "best.json"
@@ -55,6 +71,20 @@ class RunEvaluator:
             self.oracle_result = evaluate_model(oracle, self.tokenizer, self.facts, settings, device=self.device)
         return self.oracle_result
 
+    def scored(self, engine: Any) -> torch.nn.Module:
+        """The model to score for the live ``engine``: the engine itself, or the combination of
+        ``inference`` (the models it adds loaded once, frozen, in eval mode on this rank's device)."""
+        from dist_unlearn.models.combined import combine
+        from dist_unlearn.models.loading import load_causal_lm
+
+        def load(path: str) -> torch.nn.Module:
+            if path not in self._members:
+                member = load_causal_lm(path, torch.float32, "eager").requires_grad_(False).eval()
+                self._members[path] = member.to(self.device)
+            return self._members[path]
+
+        return engine if self.inference is None else combine(engine, self.inference, load).eval()
+
     def after_step(self, engine: Any, step: int, export) -> None:
         """Evaluate at multiples of ``eval.every_steps``; ``export(engine, out_dir)`` saves a best model."""
         every = self.cfg.eval.every_steps
@@ -63,7 +93,9 @@ class RunEvaluator:
         settings = settings_from_config(
             self.cfg, generate=self.cfg.eval.generate and self.cfg.deepspeed.zero_stage < 3, sampled_generations=0
         )
-        result = evaluate_model(engine, self.tokenizer, self.facts, settings, self._reference(), self.device)
+        result = evaluate_model(
+            self.scored(engine), self.tokenizer, self.facts, settings, self._reference(), self.device
+        )
         engine.train()
         score = best_score(result, self.cfg.eval.best_metric)
         if is_main_process():
@@ -76,6 +108,10 @@ class RunEvaluator:
                 write_json_atomic(
                     self.run_dir / "best.json", {"step": step, "metric": self.cfg.eval.best_metric, "value": score}
                 )
+            if self.inference is not None and is_main_process():  # best_model is deployed as RUN/model is
+                from dist_unlearn.models.combined import write_inference_spec
+
+                write_inference_spec(self.run_dir / "best_model", self.inference)
 
     def finish(self, model_dir: Path) -> dict[str, Any]:
         """Full suite (and attacks) on the exported model; rank 0 writes ``eval.json``. Returns the result."""

@@ -328,8 +328,12 @@ def evaluate_directory(
     The oracle (when given) is evaluated without generation first and serves as the reference of
     forget quality and PrivLeak for the model and for every attacked copy. Returns the content of
     ``eval.json``: ``model_dir``, ``result``, ``attacks`` (name → result) and ``oracle`` (its result).
+
+    The scored model is :func:`~dist_unlearn.models.combined.load_scoring_model` of ``model_dir``: the saved
+    model, or the model its ``inference.json`` describes (ULD: target − α·assistant, not the assistant).
     """
     from dist_unlearn.eval.attacks import attacked_model
+    from dist_unlearn.models.combined import load_scoring_model
     from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
 
     settings = settings_from_config(cfg)
@@ -340,7 +344,7 @@ def evaluate_directory(
             oracle, tokenizer, facts, dataclasses.replace(settings, generate=False), device=device
         )
         del oracle
-    model = load_causal_lm(model_dir, torch.float32, "eager")
+    model = load_scoring_model(model_dir)  # the saved model, or what its inference.json says (ULD: combined)
     out: dict[str, Any] = {
         "model_dir": str(model_dir),
         "result": evaluate_model(model, tokenizer, facts, settings, oracle_result, device),

@@ -166,7 +166,10 @@ def token_values(
     if chunk_size is None:
         chunk_size = chunk_size_for(int(getattr(head, "out_features", 0) or _vocab_of(head, hidden)))
 
-    frozen_partitioned = _is_partitioned(head) and not any(p.requires_grad for p in head.parameters())
+    # (a composite head without its own ``weight``, e.g. a logit difference of two heads, applies its parts itself)
+    frozen_partitioned = (
+        hasattr(head, "weight") and _is_partitioned(head) and not any(p.requires_grad for p in head.parameters())
+    )
 
     def one_chunk(h: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         logits = _gathered_linear(head, h) if frozen_partitioned else head(h)

@@ -239,9 +239,7 @@ def _flat(divergence: str = "kl") -> Term:
 
 def _uld(alpha: float = 0.5) -> Term:
     # alpha is used at inference only: the unlearned model is z_target − α·z_assistant (inference.json)
-    return Term(
-        lambda c: terms.nll_term(c.stats("forget")), inference=lambda target: uld_inference_spec(target, alpha)
-    )
+    return Term(lambda c: terms.nll_term(c.stats("forget")), inference=lambda target: uld_inference_spec(target, alpha))
 
 
 def _contrastive(temperature: float = 0.1) -> Term:

@@ -8,57 +8,57 @@ layers, which is not done here):
 
 ``L_assistant = mean_i NLL_a(y_f,i|x_f,i)/|y_f,i| + α_r · mean_i mean_t CE(uniform, p_a(·|x_r,i, y_<t))``.
 
-At inference the unlearned model's logits are ``z = z_target − α·z_assistant`` (:func:`uld_logits`):
-whatever the assistant knows (the forget set) is subtracted from the target, the retain knowledge it
-has forgotten is left alone. :func:`write_uld_artifact` records what evaluation needs to build it.
+At inference the unlearned model's logits are ``z = z_target − α·z_assistant`` and its distribution
+``softmax(z)`` (the paper's logit subtraction; :func:`uld_logits`): whatever the assistant knows (the forget set) is
+subtracted from the target, the retain knowledge it has forgotten is left alone. That model is
+:class:`ULDModel` (= :class:`dist_unlearn.models.combined.LogitDifferenceLM`), which every metric scores
+like any causal LM. :func:`write_uld_artifact` saves ``inference.json`` in the exported assistant's
+directory, so that evaluation (:func:`dist_unlearn.models.combined.load_scoring_model`) scores the
+combination and not the assistant.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import torch
 
-ULD_ARTIFACT = "uld.json"
+from dist_unlearn.models.combined import (
+    INFERENCE_SPEC,
+    LOGIT_DIFFERENCE,
+    LogitDifferenceLM,
+    load_scoring_model,
+    logit_difference,
+    write_inference_spec,
+)
+
+ULD_ARTIFACT = INFERENCE_SPEC
+ULDModel = LogitDifferenceLM
+"""ULD's unlearned model: ``ULDModel(target, assistant, alpha)``, logits ``z_target − α·z_assistant``."""
 
 
 def uld_logits(target_logits: torch.Tensor, assistant_logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``z_target − α·z_assistant`` (any matching shapes, e.g. ``[b, T, V]``)."""
-    return target_logits - alpha * assistant_logits.to(target_logits.dtype)
+    """``z_target − α·z_assistant`` (any matching shapes, e.g. ``[b, T, V]``; at least fp32)."""
+    return logit_difference(target_logits, assistant_logits, alpha)
 
 
-class ULDModel(torch.nn.Module):
-    """Inference-time combination: ``forward(input_ids, attention_mask)`` returns ``.logits`` =
-    :func:`uld_logits` of the two models' logits (both run under the caller's grad mode)."""
-
-    def __init__(self, target: torch.nn.Module, assistant: torch.nn.Module, alpha: float) -> None:
-        super().__init__()
-        self.target, self.assistant, self.alpha = target, assistant, float(alpha)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object
-    ) -> SimpleNamespace:
-        zt = self.target(input_ids=input_ids, attention_mask=attention_mask).logits
-        za = self.assistant(input_ids=input_ids, attention_mask=attention_mask).logits
-        return SimpleNamespace(logits=uld_logits(zt, za, self.alpha))
+def uld_inference_spec(target_dir: str | Path, alpha: float) -> dict[str, Any]:
+    """The ``inference.json`` content of a ULD assistant: target − α·(this directory's model)."""
+    return {
+        "kind": LOGIT_DIFFERENCE,
+        "method": "uld",
+        "target": str(Path(target_dir).resolve()) if Path(target_dir).exists() else str(target_dir),
+        "alpha": float(alpha),
+        "source": "Ji et al. 2024, arXiv:2406.08607: logit subtraction, z_target - alpha * z_assistant",
+    }
 
 
-def write_uld_artifact(run_dir: str | Path, target_dir: str | Path, assistant_dir: str | Path, alpha: float) -> Path:
-    """Write ``RUN_DIR/uld.json`` = ``{"target": ..., "assistant": ..., "alpha": ...}`` (temp file + rename)."""
-    path = Path(run_dir) / ULD_ARTIFACT
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"target": str(target_dir), "assistant": str(assistant_dir), "alpha": alpha}, indent=2))
-    os.replace(tmp, path)
-    return path
+def write_uld_artifact(assistant_dir: str | Path, target_dir: str | Path, alpha: float) -> Path:
+    """Write ``ASSISTANT_DIR/inference.json`` (:func:`uld_inference_spec`; temp file + rename)."""
+    return write_inference_spec(assistant_dir, uld_inference_spec(target_dir, alpha))
 
 
-def load_uld_model(run_dir: str | Path) -> ULDModel:
-    """Build the :class:`ULDModel` described by ``RUN_DIR/uld.json`` (both models from disk, eval mode)."""
-    from dist_unlearn.models.loading import load_causal_lm
-
-    spec = json.loads((Path(run_dir) / ULD_ARTIFACT).read_text())
-    model = ULDModel(load_causal_lm(spec["target"]), load_causal_lm(spec["assistant"]), spec["alpha"])
-    return model.eval()
+def load_uld_model(assistant_dir: str | Path) -> torch.nn.Module:
+    """The :class:`ULDModel` described by ``ASSISTANT_DIR/inference.json`` (both models from disk, eval mode)."""
+    return load_scoring_model(assistant_dir)
