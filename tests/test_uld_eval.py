@@ -119,3 +119,31 @@ def test_uld_run_and_eval_score_the_combined_model(tmp_path, small_target):
 
     loaded = load_scoring_model(model_dir)
     assert isinstance(loaded, LogitDifferenceLM) and loaded.alpha == ALPHA
+
+
+def test_attacks_attack_the_combined_model(tmp_path):
+    """Relearning fine-tunes target and assistant through the combined logits; nf4 quantizes both members."""
+    from dist_unlearn.data import generate_facts
+    from dist_unlearn.eval.attacks import quantized_model, relearned_model
+    from dist_unlearn.models import build_embedded_model
+    from dist_unlearn.unlearning.uld import write_uld_artifact
+
+    facts = generate_facts(num_people=4, questions_per_person=2, seed=1)
+    model, tok = build_embedded_model(facts.corpus(), vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
+    for name, seed in (("target", 0), ("assistant", 1)):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    write_uld_artifact(tmp_path / "assistant", tmp_path / "target", ALPHA)
+    before = load_scoring_model(tmp_path / "assistant")
+    relearned = relearned_model(tmp_path / "assistant", tok, facts, 2, 0.5, 1e-2, 48)
+    assert isinstance(relearned, LogitDifferenceLM) and relearned.alpha == ALPHA
+    for member in ("target", "assistant"):
+        old, new = getattr(before, member).lm_head.weight, getattr(relearned, member).lm_head.weight
+        assert not torch.equal(old, new), member
+    quantized = quantized_model(tmp_path / "assistant", "nf4")
+    assert isinstance(quantized, LogitDifferenceLM)
+    assert quantized.target.is_loaded_in_4bit and quantized.assistant.is_loaded_in_4bit
