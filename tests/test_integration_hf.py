@@ -1,0 +1,184 @@
+"""``UnlearningTrainer`` (a Hugging Face ``Trainer``) against the CLI's own loop.
+
+One ``torchrun`` launch on 2 CPU ranks under DeepSpeed ZeRO-3 runs, for ``npo_gd`` (cached reference),
+``npo_kl`` (sharded reference) and ``rmu`` (hidden states, cached reference), first the CLI's loop
+(``run_unlearning``, which writes ``metrics.jsonl``) and then ``UnlearningTrainer`` with the same model,
+data, seed, batch sizes and the CLI's own DeepSpeed config: the per-step losses agree (rel 1e-4). The
+same launch resumes the ``npo_gd`` Trainer run from its step-2 checkpoint (the cached π_ref comes from
+the checkpoint) and checks the TensorBoard events hold the forget/retain terms. A 1-rank launch runs
+the Trainer alone: 1 rank equals 2 ranks. The bad-input checks construct the Trainer in this process.
+
+This file is also the worker: ``torchrun tests/test_integration_hf.py compare|trainer MODEL_DIR OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import BIN, REPO, SMALL_DATA, small_run_config  # noqa: E402
+
+OBJECTIVES = {"npo_gd": {}, "npo_kl": {}, "rmu": {"steering": 20.0}}
+REFERENCES = {"npo_gd": "cached", "npo_kl": "sharded", "rmu": "cached"}
+STEPS, BATCH = 3, 4
+TERMS = ("loss", "forget_loss", "retain_loss")
+
+
+# --- worker (runs under torchrun) ------------------------------------------------------------------
+
+
+def _cli_config(out: Path, model_dir: str, world: int) -> dict:
+    from dist_unlearn.config import config_from_dict, config_to_dict
+
+    cfg = small_run_config(
+        out,
+        model_dir,
+        method={"names": list(OBJECTIVES), "params": {"rmu": OBJECTIVES["rmu"]}},
+        train={"steps": STEPS, "forget_batch_size": BATCH, "retain_batch_size": BATCH, "lr": 1e-3},
+        ray={"enabled": False, "num_workers": world},
+        checkpoint={"every_steps": 0},
+        eval={"max_examples": 4},
+        output={"dir": str(out), "save_dtype": "fp32", "tensorboard": False},
+    )
+    return config_to_dict(config_from_dict(cfg))
+
+
+def _trainer_run(name: str, model_dir: str, out: Path, world: int, resume: str | None = None, **extra) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from dist_unlearn.data import QADataset, generate_facts
+    from dist_unlearn.engine.ds_config import build_deepspeed_config
+    from dist_unlearn.integrations.hf import UnlearningTrainer
+
+    ds = build_deepspeed_config(zero_stage=3, micro_batch_size=BATCH // world, world_size=world, lr=1e-3)
+    settings = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": BATCH // world,
+        "max_steps": STEPS,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "deepspeed": ds,
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+    args = TrainingArguments(**{**settings, **extra})
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # ZeRO-3: zero.Init shards
+    facts = generate_facts(**SMALL_DATA, seed=0)
+    trainer = UnlearningTrainer(
+        model,
+        args,
+        forget_dataset=QADataset(facts.split("forget"), tokenizer, 64),
+        retain_dataset=QADataset(facts.split("retain"), tokenizer, 64),
+        objective=name,
+        objective_params=OBJECTIVES[name],
+        processing_class=tokenizer,
+    )
+    assert trainer.reference_mode == REFERENCES[name]
+    trainer.train(resume_from_checkpoint=resume)
+    return [row for row in trainer.state.log_history if "unlearn_loss" in row]
+
+
+def _worker(mode: str, model_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    out = Path(out_dir)
+    result: dict = {"world": world, "trainer": {}, "cli": {}}
+    if mode == "compare":
+        from dist_unlearn.engine.job import Job
+        from dist_unlearn.engine.metrics_log import read_metrics
+        from dist_unlearn.engine.unlearn_loop import run_unlearning
+
+        cfg = _cli_config(out / "cli", model_dir, world)
+        for name in OBJECTIVES:
+            run_unlearning(Job(cfg, "unlearn", name, model_dir, str(out / "cli" / name)))
+            result["cli"][name] = read_metrics(out / "cli" / name)
+    for name in OBJECTIVES:
+        extra = {}
+        if mode == "compare" and name == "npo_gd":  # checkpoints for the resume check, TensorBoard events
+            extra = {"save_strategy": "steps", "save_steps": 2, "report_to": ["tensorboard"]}
+        result["trainer"][name] = _trainer_run(name, model_dir, out / f"hf-{name}", world, **extra)
+    if mode == "compare":
+        resumed = _trainer_run("npo_gd", model_dir, out / "hf-npo_gd", world, str(out / "hf-npo_gd" / "checkpoint-2"))
+        result["resumed"] = resumed
+    if dist.get_rank() == 0:
+        (out / f"{mode}.json").write_text(json.dumps(result))
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def _launch(mode: str, nproc: int, model_dir: str, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", __file__, mode, model_dir, str(out)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return json.loads((out / f"{mode}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny real Llama (2 layers, H=32) with its tokenizer, saved like a prepared model."""
+    from dist_unlearn.data import generate_facts
+    from dist_unlearn.models import build_embedded_model
+
+    facts = generate_facts(**SMALL_DATA, seed=0)
+    model, tok = build_embedded_model(facts.corpus(), vocab_size=400, hidden_size=32, num_layers=2, num_heads=2)
+    out = tmp_path_factory.mktemp("tiny") / "target"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_trainer_equals_cli_loop_and_one_rank_equals_two_under_zero3(tmp_path, tiny_dir):
+    two = _launch("compare", 2, tiny_dir, tmp_path / "w2")
+    one = _launch("trainer", 1, tiny_dir, tmp_path / "w1")
+    assert two["world"] == 2 and one["world"] == 1
+    for name in OBJECTIVES:
+        cli, hf2, hf1 = two["cli"][name], two["trainer"][name], one["trainer"][name]
+        assert [r["step"] for r in cli] == [r["step"] for r in hf2] == [r["step"] for r in hf1] == [1, 2, 3], name
+        for term in TERMS:
+            key = "unlearn_loss" if term == "loss" else term
+            expected = [r[term] for r in cli]
+            assert [r[key] for r in hf2] == pytest.approx(expected, rel=1e-4), (name, term)
+            assert [r[key] for r in hf1] == pytest.approx(expected, rel=1e-4), (name, term)
+        assert hf2[-1]["unlearn_loss"] < hf2[0]["unlearn_loss"], name  # it trains
+        assert [r["loss"] for r in hf2] == pytest.approx([r["unlearn_loss"] for r in hf2], rel=1e-3)  # Trainer's own
+    # resumed from checkpoint-2 (π_ref table from the checkpoint): step 3 as in the uninterrupted run
+    resumed = two["resumed"]  # its log history: steps 1-2 read from the checkpoint, step 3 trained now
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert resumed[-1]["unlearn_loss"] == pytest.approx(two["trainer"]["npo_gd"][2]["unlearn_loss"], rel=1e-5)
+    assert (tmp_path / "w2" / "hf-npo_gd" / "checkpoint-2" / "unlearning_state" / "cached_reference.pt").is_file()
+    # forget/retain terms reach report_to loggers (TensorBoard)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tmp_path / "w2" / "hf-npo_gd").rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        tags |= set(acc.Tags().get("scalars", []))
+    assert {"train/forget_loss", "train/retain_loss"} <= tags, tags
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:4])
