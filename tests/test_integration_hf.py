@@ -180,5 +180,64 @@ def test_trainer_equals_cli_loop_and_one_rank_equals_two_under_zero3(tmp_path, t
     assert {"train/forget_loss", "train/retain_loss"} <= tags, tags
 
 
+@pytest.fixture(scope="module")
+def small_setup(tiny_dir):
+    """A tiny model loaded in this process, its tokenizer and forget/retain QA datasets."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dist_unlearn.data import QADataset, generate_facts
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    facts = generate_facts(**SMALL_DATA, seed=0)
+    forget = QADataset(facts.split("forget"), tok, 64)
+    retain = QADataset(facts.split("retain"), tok, 64)
+    return AutoModelForCausalLM.from_pretrained(tiny_dir), tok, forget, retain
+
+
+def _bad_inputs(forget, retain):
+    """(TrainingArguments overrides, UnlearningTrainer keyword arguments, expected message) per case."""
+    unlabeled = [{"input_ids": row["input_ids"]} for row in forget]
+    return [
+        ({"gradient_accumulation_steps": 2}, {}, r"args.gradient_accumulation_steps=2: .* Fix: gradient_accumul"),
+        ({}, {"objective": "npo", "reference": "none"}, r"reference: 'npo' needs a reference model but reference=none"),
+        (
+            {},
+            {"objective": "grad_diff", "retain_dataset": None},
+            r"retain_dataset: objective 'grad_diff' reads it.*Fix",
+        ),
+        ({}, {"reference": "adapter_disabled"}, r"adapter_disabled needs LoRA adapters. Fix: pass a peft LoRA model"),
+        ({}, {"objective": "npo_kl", "reference": "cached"}, r"needs π_ref logits.*Fix: reference=sharded"),
+        (
+            {},
+            {"objective": "forget_it"},
+            r"objective: unknown unlearning method 'forget_it'. Fix: one of ga, grad_diff",
+        ),
+        ({}, {"objective_params": {"betta": 1}}, r"objective_params: method 'npo_gd' does not take .*betta"),
+        ({}, {"forget_dataset": unlabeled}, r"forget_dataset: items need input_ids, labels .* lacks labels"),
+        ({}, {"objective": "dpo", "processing_class": None}, r"idk_dataset: objective 'dpo' reads it"),
+        ({}, {"objective": "grad_diff", "retain_batch_size": 0}, r"retain_batch_size: 'grad_diff' has a retain term"),
+        (
+            {},
+            {"objective": "npo_kl", "reference_model_path": "/nonexistent"},
+            r"reference_model_path: reference=sharded",
+        ),
+    ]
+
+
+def test_bad_input_fails_at_construction_naming_the_argument(tmp_path, small_setup):
+    """Each bad input raises one ValueError naming the argument and the fix, before any work (no output)."""
+    from transformers import TrainingArguments
+
+    from dist_unlearn.integrations.hf import UnlearningTrainer
+
+    model, tok, forget, retain = small_setup
+    for overrides, kwargs, message in _bad_inputs(forget, retain):
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], **overrides)
+        given = {"forget_dataset": forget, "retain_dataset": retain, "processing_class": tok, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            UnlearningTrainer(model, args, **given)
+        assert not (tmp_path / "out").exists()
+
+
 if __name__ == "__main__":
     _worker(*sys.argv[1:4])
