@@ -94,9 +94,9 @@ def test_uld_run_and_eval_score_the_combined_model(tmp_path, small_target):
         method={"names": ["uld"], "params": {"uld": {"alpha": ALPHA}}},
         train={"steps": 3, "forget_batch_size": 4, "retain_batch_size": 4, "lr": 5.0e-3},
         ray={"enabled": False, "num_workers": 1},
-        deepspeed={"zero_stage": 2},
+        deepspeed={"zero_stage": 3},
         checkpoint={"every_steps": 0},
-        eval={"max_examples": 4, "generate": False},
+        eval={"max_examples": 4, "generate": False, "every_steps": 3},  # periodic eval at the last step
         output={"dir": str(tmp_path), "save_dtype": "fp32", "tensorboard": False},
     )
     run_cli(["run", str(write_config(tmp_path / "run.yaml", cfg))], timeout=600)
@@ -111,6 +111,9 @@ def test_uld_run_and_eval_score_the_combined_model(tmp_path, small_target):
     summary = json.loads((tmp_path / "uld" / "metrics.json").read_text())
     assert summary["eval"]["forget_prob"] == pytest.approx(hand, rel=1e-4)
     assert summary["after"]["forget"]["prob"] == pytest.approx(hand, rel=1e-4)
+    periodic = json.loads((tmp_path / "uld" / "eval_steps.jsonl").read_text().splitlines()[-1])  # the live engine
+    assert periodic["step"] == 3 and periodic["result"]["splits"]["forget"]["prob"] == pytest.approx(hand, rel=1e-4)
+    assert json.loads((tmp_path / "uld" / "best_model" / "inference.json").read_text()) == spec
 
     (tmp_path / "uld" / "eval.json").unlink()
     run_cli(["eval", str(write_config(tmp_path / "eval.yaml", cfg)), f"eval.model_dir={model_dir}"], timeout=600)
