@@ -17,7 +17,7 @@ import json
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainingArguments
 
 from dist_unlearn.data import QADataset, generate_facts
 from dist_unlearn.data.facts import load_qa_file
@@ -45,7 +45,11 @@ def main() -> None:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
-        "zero_optimization": {"stage": args.zero_stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {
+            "stage": args.zero_stage,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": True,  # saves a loadable HF model
+        },
     }
     training_args = TrainingArguments(
         output_dir=args.output,
@@ -91,8 +95,10 @@ def main() -> None:
         processing_class=tokenizer,
         callbacks=[evaluation],
     )
+    trainer.remove_callback(PrinterCallback)  # quiet: the summary below instead of every log dict
     trainer.train()
     before, after = evaluation.at_start, trainer.evaluate()
+    trainer.save_model(os.path.join(args.output, "model"))  # a HF model directory (ZeRO-3 weights gathered)
     if trainer.is_world_process_zero():
         for row in trainer.state.log_history:
             if "unlearn_loss" in row:
@@ -101,6 +107,7 @@ def main() -> None:
         for split in ("forget", "retain"):
             key = f"eval_{split}_prob"
             print(f"{split} prob {before[key]:.4f} -> {after[key]:.4f}", flush=True)
+        print(f"model: {os.path.join(args.output, 'model')}", flush=True)
         summary = {"world_size": world, "before": before, "after": after, "log_history": trainer.state.log_history}
         with open(os.path.join(args.output, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=1)
