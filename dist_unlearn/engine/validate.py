@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dist_unlearn.config import ConfigError, RunConfig
+from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE
 from dist_unlearn.data.formats import is_formatted_source, source_problem
+from dist_unlearn.eval.periodic import oracle_dir_for
 from dist_unlearn.unlearning import OBJECTIVES, UnlearningObjective, objective_from_config
 from dist_unlearn.unlearning.reference import choose_reference_mode
 
@@ -63,9 +65,31 @@ def validate_run(cfg: RunConfig) -> None:
                 "train.retain_batch_size: 'contrastive' needs at least one retain negative per forget example. "
                 f"Fix: train.retain_batch_size>={cfg.train.forget_batch_size}"
             )
+    problems += _best_metric_problems(cfg)
     if is_formatted_source(cfg.data.source):  # tofu:DIR / muse:DIR: the subset files are there
         problem = source_problem(cfg.data.source)
         if problem:
             problems.append(problem)
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems), problems)
+
+
+def _best_metric_problems(cfg: RunConfig) -> list[str]:
+    """``eval.best_metric`` that this run's periodic evaluation could never measure (it would keep no best
+    model): forget quality and PrivLeak are measured against the oracle, which only the embedded model
+    comes with; PrivLeak also needs a holdout split. (A metric missing for a reason only the data shows
+    falls back at run time: :class:`dist_unlearn.eval.periodic.RunEvaluator`.)"""
+    metric = cfg.eval.best_metric
+    if not cfg.eval.every_steps or metric not in ("forget_quality", "privleak_abs"):
+        return []
+    fix = "Fix: eval.best_metric=model_utility or eval.best_metric=neg_forget_prob"
+    if cfg.model.path != EMBEDDED_MODEL and oracle_dir_for(cfg.model.path) is None:
+        return [
+            f"eval.best_metric: {metric} is measured against an oracle (a model trained without the forget set), "
+            f"which only the embedded model (model.path={EMBEDDED_MODEL}) comes with; with model.path="
+            f"{cfg.model.path} the periodic evaluation (eval.every_steps={cfg.eval.every_steps}) could never "
+            f"keep a best model. {fix}"
+        ]
+    if metric == "privleak_abs" and cfg.data.source == FICTITIOUS_SOURCE and cfg.data.holdout_fraction == 0:
+        return [f"eval.best_metric: privleak_abs needs held-out examples but data.holdout_fraction=0. {fix}"]
+    return []

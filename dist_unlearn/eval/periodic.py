@@ -5,7 +5,12 @@
   ``generate`` needs whole weights on each rank; no sampled generations), appended to
   ``RUN/eval_steps.jsonl``. When ``eval.best_metric`` improves, the weights are exported to
   ``RUN/best_model`` (HF format, written to a temporary directory and renamed by the exporter) and
-  ``RUN/best.json`` records the step and value.
+  ``RUN/best.json`` records the step and value. A metric the run cannot measure is refused before the
+  run starts where the config shows it (forget quality or PrivLeak without an oracle,
+  :func:`dist_unlearn.engine.validate.validate_run`); one that turns out to have no value in the first
+  periodic evaluation (e.g. no perturbed answers in the data) is replaced, with a warning, by
+  :data:`~dist_unlearn.eval.suite.BEST_METRIC_FALLBACK` (−forget probability) for the whole run, and
+  ``best.json`` says so (``metric`` used, ``requested``).
 * Final: the exported ``RUN/model`` is evaluated with the full suite and the ``eval.attacks``
   (:func:`~dist_unlearn.eval.suite.evaluate_directory`), written to ``RUN/eval.json``.
 
@@ -21,6 +26,7 @@ saved next to ``RUN/best_model`` (the loop saves it next to ``RUN/model``).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,14 @@ import torch
 
 from dist_unlearn.data.facts import FactsBenchmark
 from dist_unlearn.distributed.env import barrier, is_main_process
-from dist_unlearn.eval.suite import best_score, evaluate_directory, evaluate_model, settings_from_config
+from dist_unlearn.eval.suite import (
+    BEST_METRIC_FALLBACK,
+    BEST_METRIC_NEEDS,
+    best_score,
+    evaluate_directory,
+    evaluate_model,
+    settings_from_config,
+)
 from dist_unlearn.io import write_json_atomic
 
 
@@ -58,9 +71,11 @@ class RunEvaluator:
         self._members: dict[str, torch.nn.Module] = {}  # frozen models the spec adds (ULD: the target)
         self.oracle_result: dict[str, Any] | None = None
         self.best = float("-inf")
+        self.metric = cfg.eval.best_metric  # the metric that picks best_model (the fallback when it has no value)
         best_file = self.run_dir / "best.json"
-        if best_file.is_file():  # resumed run: keep the best so far
-            self.best = float(json.loads(best_file.read_text())["value"])
+        if best_file.is_file():  # resumed run: keep the best so far, by the metric it was picked by
+            kept = json.loads(best_file.read_text())
+            self.best, self.metric = float(kept["value"]), kept.get("metric", self.metric)
 
     def _reference(self) -> dict[str, Any] | None:
         if self.oracle_result is None and self.oracle_dir is not None:
@@ -97,7 +112,18 @@ class RunEvaluator:
             self.scored(engine), self.tokenizer, self.facts, settings, self._reference(), self.device
         )
         engine.train()
-        score = best_score(result, self.cfg.eval.best_metric)
+        score = best_score(result, self.metric)
+        if score == float("-inf") and self.metric != BEST_METRIC_FALLBACK:
+            if is_main_process():
+                warnings.warn(
+                    f"eval.best_metric={self.metric} has no value in this run's evaluation (it needs "
+                    f"{BEST_METRIC_NEEDS[self.metric]}); RUN/best_model is picked by {BEST_METRIC_FALLBACK} "
+                    f"(−forget probability) instead. Fix: set eval.best_metric={BEST_METRIC_FALLBACK} or a metric "
+                    "the data has.",
+                    stacklevel=2,
+                )
+            self.metric = BEST_METRIC_FALLBACK
+            score = best_score(result, self.metric)
         if is_main_process():
             with open(self.run_dir / "eval_steps.jsonl", "a") as handle:
                 handle.write(json.dumps({"step": step, "result": _lean(result)}) + "\n")
@@ -105,9 +131,10 @@ class RunEvaluator:
             self.best = score
             export(engine, self.run_dir / "best_model")
             if is_main_process():
-                write_json_atomic(
-                    self.run_dir / "best.json", {"step": step, "metric": self.cfg.eval.best_metric, "value": score}
-                )
+                record = {"step": step, "metric": self.metric, "value": score}
+                if self.metric != self.cfg.eval.best_metric:
+                    record["requested"] = self.cfg.eval.best_metric
+                write_json_atomic(self.run_dir / "best.json", record)
             if self.inference is not None and is_main_process():  # best_model is deployed as RUN/model is
                 from dist_unlearn.models.combined import write_inference_spec
 

@@ -300,6 +300,19 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+BEST_METRIC_FALLBACK = "neg_forget_prob"
+"""The ``eval.best_metric`` used when the requested one has no value in a run's evaluations: −forget
+probability exists in every evaluation (the forget split is always scored)."""
+
+BEST_METRIC_NEEDS = {
+    "forget_quality": "an oracle (a model trained without the forget set) and perturbed answers on the forget split",
+    "privleak_abs": "an oracle (a model trained without the forget set) and a holdout split",
+    "model_utility": "perturbed answers on the retain split (truth ratio)",
+    "neg_forget_prob": "nothing beyond the forget split",
+}
+"""What each ``eval.best_metric`` needs to have a value."""
+
+
 def best_score(result: dict[str, Any], metric: str) -> float:
     """The value (higher = better) of ``eval.best_metric`` in a result; ``-inf`` when it is missing.
 
