@@ -14,6 +14,7 @@ This file is also the worker: ``torchrun tests/test_integration_hf.py compare|tr
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -237,6 +238,58 @@ def test_bad_input_fails_at_construction_naming_the_argument(tmp_path, small_set
         with pytest.raises(ValueError, match=message):
             UnlearningTrainer(model, args, **given)
         assert not (tmp_path / "out").exists()
+
+
+def _first_step_loss_one_process(model_dir: str, batch: int) -> float:
+    """npo_gd's loss at step 1 of the Ray example's job, computed in this one process on the whole global
+    batch: π_θ = π_ref there, so NPO's term is 2/β·log 2 and the retain term is the retain NLL/|y| at θ₀."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dist_unlearn.data import QADataset, collate_qa, generate_facts
+    from dist_unlearn.data.sampling import StepSampler
+    from dist_unlearn.models.logprobs import forward_sequence_stats
+    from dist_unlearn.unlearning import UnlearnBatch, get_objective
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    facts = generate_facts(num_people=12, questions_per_person=3)  # the example's default data
+    rows = {}
+    for split in ("forget", "retain"):
+        data = QADataset(facts.split(split), tok, 64)
+        indices = StepSampler(len(data), batch, 0, 1, 0, split).global_indices(0)
+        rows[split] = collate_qa([data[i] for i in indices], tok.pad_token_id)
+    with torch.no_grad():
+        reference = forward_sequence_stats(model, rows["forget"]).logprob
+        out = get_objective("npo_gd", beta=0.1)(model, UnlearnBatch(**rows), reference=reference)
+    assert out.logs["forget_loss"] == pytest.approx(20 * math.log(2), rel=1e-6)
+    return float(out.loss)
+
+
+@pytest.mark.slow
+def test_ray_train_example_runs_on_two_workers(tmp_path, tiny_dir):
+    """examples/ray_train_unlearn.py on 2 Ray Train workers (ZeRO-3): Ray gets the reports and checkpoint,
+    and step 1's loss equals one process's on the same global batch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable,
+        "examples/ray_train_unlearn.py",
+        "--model",
+        tiny_dir,
+        "--steps",
+        "3",
+        "--output",
+        str(tmp_path),
+    ]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert losses["world_size"] == 2 and [row["step"] for row in losses["steps"]] == [1, 2, 3]
+    assert losses["steps"][0]["unlearn_loss"] == pytest.approx(_first_step_loss_one_process(tiny_dir, 4), rel=1e-5)
+    assert losses["steps"][-1]["forget_loss"] < losses["steps"][0]["forget_loss"]
+    checkpoints = list((tmp_path / "ray_results" / "unlearn").glob("checkpoint_*/checkpoint"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "model.safetensors").is_file()  # Ray's copy of the Trainer's
+    assert f"step 3: loss {losses['steps'][-1]['unlearn_loss']:.4f}" in result.stdout
 
 
 if __name__ == "__main__":
