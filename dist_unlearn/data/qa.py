@@ -2,7 +2,8 @@
 
 An example is ``[bos] + prompt + " " + answer + [eos]`` where the prompt is :data:`PROMPT_TEMPLATE`
 filled with the question. Labels are ``-100`` over ``bos`` and the prompt, so the loss (and any
-per-token answer probability) covers only the answer tokens and ``eos``.
+per-token answer probability) covers only the answer tokens and ``eos``. A tokenizer without a BOS
+token (Qwen-style) gets no ``[bos]``: the example starts with the prompt (:func:`prefix_ids`).
 """
 
 from __future__ import annotations
@@ -21,32 +22,41 @@ _ANSWER_FIELDS = ("answer", "paraphrased_answer")
 
 
 def _special_id(tokenizer: Any, name: str) -> int:
-    """The id of the tokenizer's ``name`` special token (e.g. "bos_token_id"); ValueError if unset."""
+    """The id of the tokenizer's ``name`` special token (e.g. "eos_token_id"); ValueError if unset."""
     token_id = getattr(tokenizer, name, None)
     if token_id is None:
-        raise ValueError(f"tokenizer has no {name}; encode_qa needs bos and eos tokens")
+        raise ValueError(f"tokenizer has no {name}; encode_qa needs an eos token to end the answer")
     return int(token_id)
+
+
+def prefix_ids(tokenizer: Any) -> list[int]:
+    """What precedes the prompt: ``[bos_token_id]``, or ``[]`` for a tokenizer without a BOS token (Qwen-style
+    tokenizers have none; their models start from the first text token). Training, scoring and generation
+    all use it, so the prompt a model answers is the one it was trained on."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [] if bos is None else [int(bos)]
 
 
 def encode_qa(tokenizer: Any, question: str, answer: str, max_length: int) -> dict[str, list[int]]:
     """Tokenize one QA pair.
 
     Returns ``{"input_ids": [L], "labels": [L]}`` with ``L <= max_length``: ``input_ids`` is
-    ``[bos] + prompt + answer + [eos]`` (answer text prefixed with a space), ``labels`` is ``-100`` over
-    ``bos`` + prompt and equal to ``input_ids`` elsewhere. Truncation is from the right and always keeps
-    at least one answer token; ValueError if ``bos`` + prompt alone exceed ``max_length - 1``.
+    ``[bos] + prompt + answer + [eos]`` (answer text prefixed with a space; no ``bos`` when the tokenizer
+    has none, :func:`prefix_ids`), ``labels`` is ``-100`` over ``bos`` + prompt and equal to ``input_ids``
+    elsewhere. Truncation is from the right and always keeps at least one answer token; ValueError if
+    ``bos`` + prompt alone exceed ``max_length - 1``, or if the tokenizer has no eos token.
     """
-    bos = _special_id(tokenizer, "bos_token_id")
     eos = _special_id(tokenizer, "eos_token_id")
-    prompt_ids = tokenizer(PROMPT_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(PROMPT_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
+    prompt_ids = [*prefix_ids(tokenizer), *prompt]
     answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    prefix_len = 1 + len(prompt_ids)
+    prefix_len = len(prompt_ids)
     if prefix_len > max_length - 1:
         raise ValueError(
-            f"prompt needs {prefix_len} tokens (with bos) but max_length={max_length} leaves no room for "
+            f"prompt needs {prefix_len} tokens (with bos, if any) but max_length={max_length} leaves no room for "
             f"an answer token; question: {question!r}"
         )
-    input_ids = [bos, *prompt_ids, *answer_ids, eos][:max_length]
+    input_ids = [*prompt_ids, *answer_ids, eos][:max_length]
     labels = ([IGNORE_INDEX] * prefix_len + [*answer_ids, eos])[:max_length]
     return {"input_ids": input_ids, "labels": labels}
 

@@ -1,6 +1,7 @@
 """Greedy and sampled answers to QA prompts, generated sharded over ranks, scored by ROUGE-L recall.
 
-The prompt is exactly the training prefix (``[bos] + PROMPT_TEMPLATE``, :mod:`dist_unlearn.data.qa`).
+The prompt is exactly the training prefix (``[bos] + PROMPT_TEMPLATE``, without ``bos`` for a tokenizer
+that has none; :mod:`dist_unlearn.data.qa`).
 Each question is generated on its own (no padding, so the text does not depend on how questions are
 batched or sharded), with ``model.generate`` of the plain ``transformers`` model: generation needs the
 whole weights on every rank, i.e. a plain/exported model or a ZeRO ≤ 2 engine (not a ZeRO-3 engine).
@@ -20,7 +21,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from dist_unlearn.data.facts import QAItem
-from dist_unlearn.data.qa import PROMPT_TEMPLATE
+from dist_unlearn.data.qa import PROMPT_TEMPLATE, prefix_ids
 from dist_unlearn.distributed.seeding import derive_seed
 from dist_unlearn.distributed.sharded import sharded_map
 from dist_unlearn.eval.modes import eval_mode
@@ -36,7 +37,7 @@ def rouge_l_recall(reference: str, prediction: str) -> float:
 
 def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
     ids = tokenizer(PROMPT_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
-    return [int(tokenizer.bos_token_id), *ids]
+    return [*prefix_ids(tokenizer), *ids]
 
 
 @torch.no_grad()
