@@ -411,6 +411,44 @@ class GradCache:
         Returns:
             the loss, detached (a 0-dim tensor).
         """
+        loss, _ = self._step(inputs, loss_kwargs, defer_last=False)
+        return loss
+
+    def step_deferred(self, *inputs: Batch, **loss_kwargs: Any) -> tuple[Tensor, Tensor]:
+        """:meth:`step` without the last chunk's backward, for a framework that calls ``backward`` itself.
+
+        Runs the representation pass, the gradient cache and the replay of every chunk but the last; the last
+        chunk is re-forwarded with grad and its surrogate ``Σ r_last ⊙ G_last`` (a 0-dim tensor with a graph to
+        the parameters) is returned for the caller to backpropagate **exactly once, right away**: ``backward()``
+        (plain module, DDP), ``engine.backward(s)`` or ``accelerator.backward(s)`` (which, under DeepSpeed, calls
+        ``engine.backward`` and ``engine.step``). That backward completes the full-batch gradient and, under DDP
+        and DeepSpeed, is the one that reduces it across ranks:
+
+        - DDP: every earlier chunk runs inside ``no_sync()``; the last forward runs outside it, so its backward
+          all-reduces everything once.
+        - DeepSpeed ZeRO-3: earlier chunks go through ``engine.backward`` as in :meth:`step` (each partition adds
+          up); the caller's ``engine.backward`` adds the last (``gradient_accumulation_steps`` is 1, so its
+          ``1/gas`` divisor is 1).
+        - DeepSpeed ZeRO-0/1/2: accumulation boundaries (``coalesce_grad_reduction`` cannot stay open across the
+          caller's backward): earlier chunks with the boundary off, then the boundary is set on before the last
+          chunk, whose backward reduces once (accelerate's ``backward`` sets it on too).
+
+        The loss's own parameters get their gradient in the gradient-cache phase, as in :meth:`step`. The
+        surrogate's value is not the loss; use the returned loss for logging. Everything else (inputs, refusals,
+        ghost chunks, ``check_replay``) is as in :meth:`step`; in particular the DeepSpeed engine needs
+        ``gradient_accumulation_steps: 1`` and the caller's backward must not be scaled by anything but 1 (no
+        extra division by a gradient-accumulation count; DeepSpeed's fp16 loss scale is fine, as every chunk's
+        ``engine.backward`` applies it).
+
+        Returns:
+            ``(loss, surrogate)``: the loss, detached, and the last chunk's surrogate to backpropagate.
+        """
+        loss, surrogate = self._step(inputs, loss_kwargs, defer_last=True)
+        assert surrogate is not None
+        return loss, surrogate
+
+    def _step(self, inputs: tuple[Batch, ...], loss_kwargs: dict[str, Any], defer_last: bool) -> tuple[Tensor, Any]:
+        """:meth:`step` (``defer_last=False``) or :meth:`step_deferred` (True): ``(loss, last surrogate or None)``."""
         if not inputs:
             raise ValueError("GradCache.step needs at least one input batch")
         if self.kind == "deepspeed":
@@ -430,10 +468,10 @@ class GradCache:
             chunks = [c + [ghost_chunk(c[0])] * (n - len(c)) for c, n in zip(chunks, agreed, strict=True)]
         reps, states = self._representation_pass(chunks, real, device.type)
         loss, grads = self._cache_gradients(reps, loss_kwargs)
-        self._replay(chunks, real, states, reps, grads, device.type)
+        surrogate = self._replay(chunks, real, states, reps, grads, device.type, defer_last)
         if self.kind == "deepspeed":
             _LAST_STEP_AT[self.model] = self.model.micro_steps
-        return loss.detach()
+        return loss.detach(), surrogate
 
     def _refuse_repeated_step(self) -> None:
         """Raise if this engine has not run ``engine.step()`` since the last :meth:`step` (see the class doc)."""
@@ -575,14 +613,16 @@ class GradCache:
         reps: list[list[Tensor]],
         grads: list[list[Tensor]],
         device_type: str,
-    ) -> None:
+        defer_last: bool = False,
+    ) -> Tensor | None:
         """Phase 3: re-forward every chunk with grad from its saved RNG state and backpropagate the surrogate.
 
         The surrogate of chunk ``c`` is ``Σ r_c ⊙ G_c`` (``G_c`` = cached ∂L/∂r_c, a constant), whose
         parameter gradient is chunk ``c``'s share of ∂L/∂θ; a ghost chunk's surrogate is ``0 · Σ r``.
+        With ``defer_last`` the last chunk's surrogate is returned instead of backpropagated.
         """
         order = [(i, j) for i, input_chunks in enumerate(chunks) for j in range(len(input_chunks))]
-        with self._accumulation() as before_chunk:
+        with self._accumulation(coalesce=not defer_last) as before_chunk:
             for position, (i, j) in enumerate(order):
                 last = position == len(order) - 1
                 with before_chunk(last), states[i][j].restored():
@@ -593,23 +633,30 @@ class GradCache:
                         if self.check_replay:
                             self._verify_replay(new_reps, reps[i][j], i, j)
                         surrogate = (new_reps * grads[i][j]).sum()
+                    if last and defer_last:
+                        return surrogate
                     self._backward(surrogate)
+        return None
 
     # -- gradient accumulation per model kind --------------------------------------------------
 
     @contextlib.contextmanager
-    def _accumulation(self) -> Iterator[Callable[[bool], contextlib.AbstractContextManager]]:
-        """Context for the whole replay; yields ``before_chunk(last)``, the context for one chunk."""
+    def _accumulation(self, coalesce: bool = True) -> Iterator[Callable[[bool], contextlib.AbstractContextManager]]:
+        """Context for the whole replay; yields ``before_chunk(last)``, the context for one chunk.
+
+        ``coalesce=False``: never use DeepSpeed's ``coalesce_grad_reduction`` (boundaries instead)."""
         if self.kind == "ddp":
             yield lambda last: contextlib.nullcontext() if last else self.model.no_sync()
         elif self.kind == "deepspeed":
-            with self._deepspeed_accumulation() as before_chunk:
+            with self._deepspeed_accumulation(coalesce) as before_chunk:
                 yield before_chunk
         else:
             yield lambda last: contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _deepspeed_accumulation(self) -> Iterator[Callable[[bool], contextlib.AbstractContextManager]]:
+    def _deepspeed_accumulation(
+        self, allow_coalesce: bool = True
+    ) -> Iterator[Callable[[bool], contextlib.AbstractContextManager]]:
         """ZeRO-3: plain ``engine.backward`` per chunk; ZeRO-1/2: ``coalesce_grad_reduction`` where DeepSpeed
         supports it; else accumulation boundaries."""
         engine = self.model
@@ -621,7 +668,7 @@ class GradCache:
             self.ds_accumulation = "direct"
             yield lambda last: contextlib.nullcontext()
             return
-        coalesce = getattr(engine, "coalesce_grad_reduction", None)
+        coalesce = getattr(engine, "coalesce_grad_reduction", None) if allow_coalesce else None
         context = None
         if coalesce is not None:
             try:
