@@ -62,6 +62,7 @@ def main() -> None:
         report_to=[],
         deepspeed=deepspeed,
         use_cpu=not torch.cuda.is_available(),
+        seed=0,  # also the seed of the forget/retain sampling
         disable_tqdm=True,
     )
     if training_args.use_cpu:  # accelerate joins DeepSpeed's comm to the process group only on GPUs
