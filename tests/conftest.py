@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray (2.5x+) enables token authentication for the clusters it starts; a process that joins one by
+# address needs the mode and the token in its environment. Every Ray cluster of the suite (the shared one
+# below, the ones the CLI starts, the Slurm ones) uses this session's own token, not ~/.ray/auth_token.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 # Every process of the suite runs as on a CPU with AVX512-BF16, where bitsandbytes takes a different
 # 4-bit path (tests/force_bnb_cpu_fastpath/sitecustomize.py): the suite then fails on any machine when
@@ -99,6 +105,48 @@ def run_cli(args: list[str], nproc: int | None = None, timeout: int = 600, check
             f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """One Ray cluster for the session (a head node with 4 CPUs, started with ``ray start``) that the
+    end-to-end runs whose subject is not the cluster's start or stop join with ``ray.address=...``: the
+    cluster start-up is paid once. Its own temp dir keeps stray ``ray.init()`` calls from finding it; at
+    the end every process naming that dir is stopped (nothing else on the machine is touched)."""
+    import shutil
+    import tempfile
+
+    from dist_unlearn.ray.trainer import stop_processes_naming
+
+    temp_dir = tempfile.mkdtemp(prefix="du-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    address = f"127.0.0.1:{_free_port()}"
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={address.rsplit(':', 1)[1]}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=4",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=180)
+    try:
+        yield address
+    finally:
+        stop_processes_naming(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -45,10 +45,10 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.fixture(scope="module")
-def ray_run(tmp_path_factory, small_target):
-    """2 Ray workers, ZeRO-3, GradDiff and NPO: the reference run of this module."""
+def ray_run(tmp_path_factory, small_target, ray_address):
+    """2 Ray workers (on the session's cluster), ZeRO-3, GradDiff and NPO: the reference run of this module."""
     out = tmp_path_factory.mktemp("ray_run")
-    cfg = small_run_config(out, small_target, method={"names": ["grad_diff", "npo"]})
+    cfg = small_run_config(out, small_target, method={"names": ["grad_diff", "npo"]}, ray={"address": ray_address})
     result = run_cli(["run", str(write_config(out / "run.yaml", cfg))])
     return out, result
 

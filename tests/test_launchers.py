@@ -103,3 +103,14 @@ def test_every_rendered_sbatch_script_passes_bash_n(layout, tmp_path, capsys):
     broken = tmp_path / "broken.sbatch"
     broken.write_text(script[: script.rindex("\nfi\n")] + script[script.rindex("\nfi\n") + 3 :])
     assert subprocess.run(["bash", "-n", str(broken)], capture_output=True).returncode != 0
+
+
+def test_an_unset_ray_address_starts_a_cluster_and_never_joins_a_stray_one():
+    """Ray's own default (``address=None``) joins the cluster the last ``ray start`` on the machine left;
+    the CLI asks for a new local one unless told otherwise."""
+    from dist_unlearn.ray.trainer import cluster_address
+
+    assert cluster_address(None, {}) == "local"
+    assert cluster_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"}) == "10.0.0.1:6379"  # Ray job entrypoints
+    assert cluster_address("auto", {"RAY_ADDRESS": "10.0.0.1:6379"}) == "auto"
+    assert cluster_address("", {"RAY_ADDRESS": ""}) == "local"

@@ -24,10 +24,11 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY = 8, 2
 
 
-def _config(out: Path, target: str) -> dict:
+def _config(out: Path, target: str, ray_address: str) -> dict:
     return small_run_config(
         out,
         target,
+        ray={"address": ray_address},  # the session's Ray cluster: its start-up is not under test here
         model={"quantization": "nf4", "lora": {"r": 8, "alpha": 16}},
         train={"steps": STEPS, "lr": 2.0e-3},
         checkpoint={"every_steps": EVERY},
@@ -35,12 +36,14 @@ def _config(out: Path, target: str) -> dict:
     )
 
 
-def test_nf4_lora_run_on_ray_stopped_and_resumed_equals_an_uninterrupted_run(tmp_path, small_target) -> None:
+def test_nf4_lora_run_on_ray_stopped_and_resumed_equals_an_uninterrupted_run(
+    tmp_path, small_target, ray_address
+) -> None:
     whole = tmp_path / "whole"
-    run_cli(["run", str(write_config(whole / "run.yaml", _config(whole, small_target)))])
+    run_cli(["run", str(write_config(whole / "run.yaml", _config(whole, small_target, ray_address)))])
 
     parted = tmp_path / "parted"
-    config = write_config(parted / "run.yaml", _config(parted, small_target))
+    config = write_config(parted / "run.yaml", _config(parted, small_target, ray_address))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     log = tmp_path / "stopped.log"
     with log.open("w") as out:

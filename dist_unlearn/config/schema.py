@@ -139,7 +139,8 @@ class RayConfig:
     enabled: bool = True
     """False = run in this process / under torchrun without Ray."""
     address: str | None = _opt(None, example="auto")
-    """None = start a local cluster; ``auto``, ``ray://...`` or ``host:port`` joins one."""
+    """None = the cluster named by ``RAY_ADDRESS`` if set, else start a local one (never a stray cluster
+    left by ``ray start``); ``auto``, ``ray://...`` or ``host:port`` joins one."""
     num_workers: int = _opt(2, ge=1)
     use_gpu: str = _opt("auto", choices=USE_GPU_MODES)
     cpus_per_worker: int = _opt(1, ge=0)

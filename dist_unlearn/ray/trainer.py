@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from dist_unlearn.config import ConfigError
 from dist_unlearn.config import RunConfig as DistUnlearnConfig
 from dist_unlearn.engine.chatter import VERBOSE_ENV, is_verbose
 from dist_unlearn.engine.checkpoint import latest_checkpoint
@@ -97,22 +99,45 @@ def ray_log_level() -> str:
     return "INFO" if is_verbose() else "ERROR"
 
 
+def cluster_address(configured: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """What ``ray.init(address=...)`` gets: ``ray.address`` when set, else ``RAY_ADDRESS`` (set by Ray's job
+    submission for its entrypoints), else ``"local"``: start a new cluster. Never ``None``, with which
+    Ray would silently join whatever cluster the last ``ray start`` on this machine left behind."""
+    return configured or environ.get("RAY_ADDRESS") or "local"
+
+
 def connect(cfg: DistUnlearnConfig) -> bool:
-    """Join ``ray.address`` or start a local cluster sized for the workers; True if we started it."""
+    """Join ``ray.address`` (or ``RAY_ADDRESS``) or start a local cluster sized for the workers; True if we
+    started it."""
     if ray.is_initialized():
         return False
     runtime_env: dict[str, Any] = {"env_vars": worker_env(cfg)}
     if not is_verbose():  # before a worker imports the libraries (engine/chatter.py)
         runtime_env["worker_process_setup_hook"] = "dist_unlearn.engine.chatter.quiet_console"
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True, "logging_level": ray_log_level()}
-    if cfg.ray.address:
-        kwargs["address"] = cfg.ray.address
-    else:
+    address = cluster_address(cfg.ray.address)
+    kwargs: dict[str, Any] = {
+        "address": address,
+        "runtime_env": runtime_env,
+        "log_to_driver": True,
+        "logging_level": ray_log_level(),
+    }
+    if address == "local":
         kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.ray.num_workers * max(1, cfg.ray.cpus_per_worker))
         kwargs.update(num_gpus=torch.cuda.device_count(), include_dashboard=False)
-    ray.init(**kwargs)
+    if address == "local":
+        ray.init(**kwargs)
+    else:
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError) as exc:  # wrong address, cluster down, or missing auth token
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"ray.address: could not join the Ray cluster at {address} ({first_line}). Fix: check that the "
+                "cluster is up and the address is its GCS HOST:PORT (or 'auto' on one of its nodes); a cluster "
+                "with token authentication also needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN in the environment"
+            ) from exc
     reinstall_signal_handlers()  # ray.init replaced SIGTERM's handler with one that aborts the driver
-    return not cfg.ray.address
+    return address == "local"
 
 
 def _session_dir() -> str | None:
