@@ -1,14 +1,16 @@
-"""``UnlearningTrainer`` (a Hugging Face ``Trainer``) against the CLI's own loop.
+"""``UnlearningTrainer`` (a Hugging Face ``Trainer``) against the CLI's own loop, and its examples.
 
 One ``torchrun`` launch on 2 CPU ranks under DeepSpeed ZeRO-3 runs, for ``npo_gd`` (cached reference),
 ``npo_kl`` (sharded reference) and ``rmu`` (hidden states, cached reference), first the CLI's loop
 (``run_unlearning``, which writes ``metrics.jsonl``) and then ``UnlearningTrainer`` with the same model,
 data, seed, batch sizes and the CLI's own DeepSpeed config: the per-step losses agree (rel 1e-4). The
 same launch resumes the ``npo_gd`` Trainer run from its step-2 checkpoint (the cached π_ref comes from
-the checkpoint) and checks the TensorBoard events hold the forget/retain terms. A 1-rank launch runs
-the Trainer alone: 1 rank equals 2 ranks. The bad-input checks construct the Trainer in this process.
+the checkpoint), checks the TensorBoard events hold the forget/retain terms, and runs nf4 + LoRA
+(QLoRA, reference ``adapter_disabled``), whose saved adapter the test reloads. A 1-rank launch runs the
+Trainer alone: 1 rank equals 2 ranks. The bad-input checks construct the Trainer in this process; the
+two examples (``torchrun`` and Ray Train on 2 workers) are checked against one process's step-1 loss.
 
-This file is also the worker: ``torchrun tests/test_integration_hf.py compare|trainer MODEL_DIR OUT_DIR``.
+This file is also the worker: ``torchrun tests/test_integration_hf.py compare|trainer|qlora MODEL_DIR OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _cli_config(out: Path, model_dir: str, world: int) -> dict:
         train={"steps": STEPS, "forget_batch_size": BATCH, "retain_batch_size": BATCH, "lr": 1e-3},
         ray={"enabled": False, "num_workers": world},
         checkpoint={"every_steps": 0},
-        eval={"max_examples": 4},
+        eval={"max_examples": 4, "generate": False, "sampled_generations": 0},  # the loss curve is compared
         output={"dir": str(out), "save_dtype": "fp32", "tensorboard": False},
     )
     return config_to_dict(config_from_dict(cfg))
@@ -96,6 +98,57 @@ def _trainer_run(name: str, model_dir: str, out: Path, world: int, resume: str |
     return [row for row in trainer.state.log_history if "unlearn_loss" in row]
 
 
+def _qlora_run(model_dir: str, out: Path, world: int) -> dict:
+    """npo_gd on an nf4 base with LoRA adapters under ZeRO-3 (reference: adapter_disabled); saves the adapter."""
+    import deepspeed
+    from transformers import AutoTokenizer, TrainingArguments
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from dist_unlearn.config.schema import LoraSettings
+    from dist_unlearn.data import QADataset, generate_facts
+    from dist_unlearn.engine.ds_config import build_deepspeed_config
+    from dist_unlearn.integrations.hf import UnlearningEvalCallback, UnlearningTrainer
+    from dist_unlearn.models.loading import load_model_for_training
+
+    unset_hf_deepspeed_config()  # earlier TrainingArguments: no zero.Init for a bitsandbytes model
+    model = load_model_for_training(model_dir, quantization="nf4", lora=LoraSettings(r=8, alpha=16))
+    ds = build_deepspeed_config(zero_stage=3, micro_batch_size=BATCH // world, world_size=world, lr=1e-2)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH // world,
+        max_steps=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        deepspeed=ds,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    deepspeed.init_distributed(dist_backend="gloo")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    facts = generate_facts(**SMALL_DATA, seed=0)
+    forget = QADataset(facts.split("forget"), tokenizer, 64)
+    evaluation = UnlearningEvalCallback({"forget": forget}, at_start=True)
+    trainer = UnlearningTrainer(
+        model,
+        args,
+        forget_dataset=forget,
+        retain_dataset=QADataset(facts.split("retain"), tokenizer, 64),
+        objective="npo_gd",
+        processing_class=tokenizer,
+        callbacks=[evaluation],
+    )
+    assert trainer.reference_mode == "adapter_disabled"
+    trainer.train()
+    after = trainer.evaluate()
+    trainer.save_model(str(out / "adapter"))
+    steps = [row for row in trainer.state.log_history if "unlearn_loss" in row]
+    return {"before": evaluation.at_start, "after": after, "steps": steps}
+
+
 def _worker(mode: str, model_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -111,7 +164,7 @@ def _worker(mode: str, model_dir: str, out_dir: str) -> None:
         for name in OBJECTIVES:
             run_unlearning(Job(cfg, "unlearn", name, model_dir, str(out / "cli" / name)))
             result["cli"][name] = read_metrics(out / "cli" / name)
-    for name in OBJECTIVES:
+    for name in OBJECTIVES if mode in ("compare", "trainer") else ():
         extra = {}
         if mode == "compare" and name == "npo_gd":  # checkpoints for the resume check, TensorBoard events
             extra = {"save_strategy": "steps", "save_steps": 2, "report_to": ["tensorboard"]}
@@ -119,6 +172,8 @@ def _worker(mode: str, model_dir: str, out_dir: str) -> None:
     if mode == "compare":
         resumed = _trainer_run("npo_gd", model_dir, out / "hf-npo_gd", world, str(out / "hf-npo_gd" / "checkpoint-2"))
         result["resumed"] = resumed
+    if mode in ("compare", "qlora"):
+        result["qlora"] = _qlora_run(model_dir, out / "qlora", world)
     if dist.get_rank() == 0:
         (out / f"{mode}.json").write_text(json.dumps(result))
 
@@ -148,10 +203,16 @@ def tiny_dir(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory, tiny_dir) -> tuple[dict, dict, Path]:
+    """The 2-rank launch (CLI loop, Trainer, resume, nf4 + LoRA) and the 1-rank launch (Trainer), once."""
+    root = tmp_path_factory.mktemp("launches")
+    return _launch("compare", 2, tiny_dir, root / "w2"), _launch("trainer", 1, tiny_dir, root / "w1"), root
+
+
 @pytest.mark.slow
-def test_trainer_equals_cli_loop_and_one_rank_equals_two_under_zero3(tmp_path, tiny_dir):
-    two = _launch("compare", 2, tiny_dir, tmp_path / "w2")
-    one = _launch("trainer", 1, tiny_dir, tmp_path / "w1")
+def test_trainer_equals_cli_loop_and_one_rank_equals_two_under_zero3(launches):
+    two, one, tmp_path = launches
     assert two["world"] == 2 and one["world"] == 1
     for name in OBJECTIVES:
         cli, hf2, hf1 = two["cli"][name], two["trainer"][name], one["trainer"][name]
@@ -179,6 +240,43 @@ def test_trainer_equals_cli_loop_and_one_rank_equals_two_under_zero3(tmp_path, t
         acc.Reload()
         tags |= set(acc.Tags().get("scalars", []))
     assert {"train/forget_loss", "train/retain_loss"} <= tags, tags
+
+
+@pytest.mark.slow
+def test_nf4_lora_under_zero3_lowers_forget_probability_and_saves_a_loadable_adapter(launches, tiny_dir):
+    """QLoRA on 2 ZeRO-3 ranks (reference: the base with adapters off): forget probability falls; the saved
+    adapter, loaded in this process on the nf4 base, scores what the trained engine scored; merged into
+    the fp32 base it is a plain HF model that loads, with lower forget probability than the base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dist_unlearn.data import QADataset, generate_facts
+    from dist_unlearn.eval.answers import evaluate_splits
+    from dist_unlearn.models.quantization import load_quantized
+
+    two, _, root = launches
+    run = two["qlora"]
+    assert run["steps"][0]["forget_loss"] == pytest.approx(20 * math.log(2), rel=1e-6)  # adapters start at 0
+    assert run["after"]["eval_forget_prob"] < run["before"]["eval_forget_prob"]
+    adapter = root / "w2" / "qlora" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    forget = {"forget": QADataset(generate_facts(**SMALL_DATA, seed=0).split("forget"), tok, 64)}
+
+    def forget_prob(model) -> float:
+        return evaluate_splits(model.eval(), forget, tok.pad_token_id, collective=False)["forget"]["prob"]
+
+    quantized = PeftModel.from_pretrained(
+        load_quantized(AutoModelForCausalLM, tiny_dir, "nf4", torch.float32, "sdpa"), adapter
+    )
+    assert forget_prob(quantized) == pytest.approx(run["after"]["eval_forget_prob"], rel=1e-4)
+    merged_dir = root / "merged"
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), adapter).merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    loaded = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert not any("lora" in name for name, _ in loaded.named_parameters())
+    assert forget_prob(loaded) < forget_prob(AutoModelForCausalLM.from_pretrained(tiny_dir))
 
 
 @pytest.fixture(scope="module")
