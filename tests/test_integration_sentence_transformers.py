@@ -153,8 +153,10 @@ def ds_config(stage: int) -> dict[str, Any]:
     }
 
 
-def train_one_step(setup: str, model_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """sentence-transformers' Trainer, our loss, one SGD step on this rank's 4 rows; the weights afterwards."""
+def train_one_step(
+    setup: str, model_dir: Path, out_dir: Path, per_device: int = PER_RANK, accumulation: int = 1
+) -> dict[str, Any]:
+    """sentence-transformers' Trainer, our loss, one SGD step on this rank's rows; the weights afterwards."""
     from accelerate.state import AcceleratorState, PartialState
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -171,7 +173,8 @@ def train_one_step(setup: str, model_dir: Path, out_dir: Path) -> dict[str, Any]
     data = Dataset.from_dict({"anchor": ANCHORS, "positive": POSITIVES, "negative": NEGATIVES})
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out_dir / setup),
-        per_device_train_batch_size=PER_RANK,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
         max_steps=1,
         learning_rate=LR,
         optim="sgd",
@@ -191,6 +194,8 @@ def train_one_step(setup: str, model_dir: Path, out_dir: Path) -> dict[str, Any]
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
     engine = trainer.model_wrapped if setup.startswith("zero") else None
     weights = full_weights(model, engine)
     kind = type(trainer.model_wrapped).__name__
@@ -262,6 +267,40 @@ def test_one_trainer_step_on_two_ranks_equals_one_process(two_ranks, setup):
         assert err < UPDATE_TOL, f"{setup} rank {rank}: update relative error {err:.2e}"
         # the Trainer logs the true global-batch loss (the mean of the ranks' scaled losses)
         assert got["logged_loss"][0] == pytest.approx(want["__loss__"].item(), rel=1e-4)
+
+
+# --- one process (no launcher) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny_bert") / "model")
+
+
+def test_one_process_trainer_equals_the_formula(model_dir, tmp_path):
+    """No wrapper (the Trainer's plain module): the same step as the formula on the whole batch."""
+    got = train_one_step("plain", model_dir, tmp_path, per_device=len(ANCHORS))
+    assert got["wrapper"] == "SentenceTransformer"
+    want = reference(model_dir)
+    weights = {n: w for n, w in want.items() if n != "__loss__"}
+    assert rel_error(got["weights"], weights) < TOL
+    key = got["key"]
+    assert abs(got["weights"][key] - weights[key]).item() / abs(weights[key]).item() < TOL
+
+
+def test_bad_input_is_refused_with_the_argument_and_the_fix(model_dir, tmp_path):
+    from dist_unlearn.integrations.sentence_transformers import GradCacheInfoNCELoss
+
+    model = load_model(model_dir)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="mini_batch_size must be a positive int"):
+            GradCacheInfoNCELoss(model, mini_batch_size=bad)
+    GradCacheInfoNCELoss(model, learnable_temperature=True)
+    with pytest.raises(ValueError, match="already carries the learnable temperature"):
+        GradCacheInfoNCELoss(model, learnable_temperature=True)
+    # gradient accumulation: refused at the first training step, before any gradient exists
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2: .* Fix: gradient_accumulation_steps=1"):
+        train_one_step("plain", model_dir, tmp_path, per_device=4, accumulation=2)
 
 
 if __name__ == "__main__":
