@@ -1,4 +1,4 @@
-"""``dist-unlearn`` command line: ``run``, ``prepare``, ``bench``, ``submit``.
+"""``dist-unlearn`` command line: run, eval, report, prepare, bench, submit, init, config.
 
 Every command validates its config fully (schema, method names and parameters) before Ray or
 DeepSpeed start; a bad config prints one message naming the field and the fix and exits with 2.
@@ -80,6 +80,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     assets = prepare_embedded(cfg, force=args.force)
     print(f"target: {assets.target_dir}\noracle: {assets.oracle_dir}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved config (defaults filled in, overrides applied, validated) as YAML: what ``run``
+    would use. The output is itself a valid config file."""
+    import yaml
+
+    from dist_unlearn.config import config_to_dict
+
+    cfg = _load(args.config, args.overrides)
+    sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return 0
 
 
@@ -218,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="write the example configs (quickstart, bench) into DIR (default: configs)")
     add_init_arguments(init)
     init.set_defaults(func=run_init)
+    show = sub.add_parser("config", help="print the resolved CONFIG (defaults, overrides, validated) as YAML")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=cmd_config)
     return parser
 
 

@@ -296,6 +296,17 @@ def test_batch_size_divisibility_names_both_fields(tmp_path: Path) -> None:
     assert "train.retain_batch_size" not in message  # 8 is divisible by 4
 
 
+def test_a_contrastive_job_checks_only_its_own_batch(tmp_path: Path) -> None:
+    """The contrastive job reads contrastive.global_batch_size, never the unlearning batches."""
+    contrastive = {"job": {"kind": "contrastive"}, "ray": {"num_workers": 3}, "train": {"forget_batch_size": 8}}
+    cfg = load_config(write_yaml(tmp_path, {**contrastive, "contrastive": {"global_batch_size": 6}}))
+    assert cfg.ray.num_workers == 3
+    message = load_error(tmp_path, {**contrastive, "contrastive": {"global_batch_size": 8}})
+    line = problem_line(message, "contrastive.global_batch_size")
+    assert "ray.num_workers (3)" in line and "Fix: set contrastive.global_batch_size to 6 or 9" in line
+    assert "forget_batch_size" not in message
+
+
 def test_retain_batch_zero_allowed_and_checked(tmp_path: Path) -> None:
     cfg = load_config(write_yaml(tmp_path, {"train": {"retain_batch_size": 0}}))
     assert cfg.train.retain_batch_size == 0
@@ -410,3 +421,21 @@ def test_shipped_config_loads_and_validates(path: Path, tmp_path: Path, monkeypa
         assert cfg.train.steps == raw["train"]["steps"]
     else:
         assert cfg.contrastive.steps == raw["contrastive"]["steps"]
+
+
+def test_config_command_prints_the_resolved_config_which_loads_back_unchanged(tmp_path: Path, capsys) -> None:
+    from dist_unlearn.cli import main
+
+    path = write_yaml(tmp_path, {"job": {"kind": "contrastive"}, "contrastive": {"global_batch_size": 6}})
+    assert main(["config", str(path), "ray.num_workers=3", "contrastive.steps=2"]) == 0
+    printed = capsys.readouterr().out
+    shown = yaml.safe_load(printed)
+    assert shown["ray"]["num_workers"] == 3 and shown["contrastive"]["steps"] == 2
+    assert shown["train"]["lr"] == RunConfig().train.lr  # defaults filled in
+    again = tmp_path / "resolved.yaml"
+    again.write_text(printed)
+    assert config_to_dict(load_config(again)) == config_to_dict(
+        load_config(path, ("ray.num_workers=3", "contrastive.steps=2"))
+    )
+    assert main(["config", str(path), "ray.num_workers=4"]) == 2  # 6 does not divide over 4 workers
+    assert "contrastive.global_batch_size (6) must be divisible by ray.num_workers (4)" in capsys.readouterr().err

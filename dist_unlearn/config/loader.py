@@ -477,23 +477,38 @@ def _check_cross_fields(cfg: RunConfig, problems: list[str], bad: set[str]) -> N
             f"prepare.hidden_size ({prep.hidden_size}) must be divisible by prepare.num_heads "
             f"({prep.num_heads}). Fix: e.g. prepare.hidden_size={prep.num_heads * 32}"
         )
-    train, workers = cfg.train, cfg.ray.num_workers
-    needed = {"train", "ray", "train.forget_batch_size", "train.retain_batch_size", "ray.num_workers"}
-    if bad & needed:
+    _check_batches_divide(cfg, problems, bad)
+
+
+def _global_batches(cfg: RunConfig) -> list[tuple[str, int, int]]:
+    """The global batches the job kind splits evenly across workers: ``(field, size, smallest allowed)``."""
+    if cfg.job.kind == "contrastive":
+        return [("contrastive.global_batch_size", cfg.contrastive.global_batch_size, 1)]
+    return [
+        ("train.forget_batch_size", cfg.train.forget_batch_size, 1),
+        ("train.retain_batch_size", cfg.train.retain_batch_size, 0),
+    ]
+
+
+def _check_batches_divide(cfg: RunConfig, problems: list[str], bad: set[str]) -> None:
+    """Each global batch the job reads is split evenly across ``ray.num_workers`` (the settings of other
+    job kinds are not checked: a contrastive job never reads ``train.forget_batch_size``)."""
+    if bad & {"job", "job.kind", "ray", "ray.num_workers", "train", "contrastive"}:
         return
-    shared = math.gcd(train.forget_batch_size, train.retain_batch_size)
-    for name, batch, min_batch in (
-        ("forget_batch_size", train.forget_batch_size, 1),
-        ("retain_batch_size", train.retain_batch_size, 0),
-    ):
+    batches = _global_batches(cfg)
+    if bad & {name for name, _, _ in batches}:
+        return
+    workers = cfg.ray.num_workers
+    shared = math.gcd(*(size for _, size, _ in batches))
+    for name, batch, min_batch in batches:
         if batch % workers == 0:
             continue
         lower = batch // workers * workers
         sizes = [str(size) for size in (lower, lower + workers) if size >= min_batch]
         worker_options = _nearest_divisors(shared, workers)
         problems.append(
-            f"train.{name} ({batch}) must be divisible by ray.num_workers ({workers}): it is the global "
-            f"batch, split evenly across workers. Fix: set train.{name} to {' or '.join(sizes)}, "
+            f"{name} ({batch}) must be divisible by ray.num_workers ({workers}): it is the global "
+            f"batch, split evenly across workers. Fix: set {name} to {' or '.join(sizes)}, "
             f"or set ray.num_workers to {' or '.join(str(w) for w in worker_options)}"
         )
 

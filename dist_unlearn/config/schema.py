@@ -18,11 +18,14 @@ from typing import Any
 DTYPES = ("fp32", "bf16", "fp16")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-REFERENCE_MODES = ("auto", "none", "adapter_disabled", "cached", "sharded", "quantized")
+REFERENCE_STRATEGIES = ("none", "adapter_disabled", "cached", "sharded", "quantized")
+"""How π_ref is provided (``dist_unlearn.unlearning.reference``); ``auto`` picks one per method."""
+REFERENCE_MODES = ("auto", *REFERENCE_STRATEGIES)
 USE_GPU_MODES = ("auto", "true", "false")
 ZERO_STAGES = (0, 1, 2, 3)
 EVAL_BEST_METRICS = ("forget_quality", "model_utility", "privleak_abs", "neg_forget_prob")
 EVAL_ATTACKS = ("relearn", "nf4", "int8")
+"""Robustness attacks (``dist_unlearn.eval.attacks``)."""
 
 EMBEDDED_MODEL = "embedded"
 FICTITIOUS_SOURCE = "fictitious"

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
+from dist_unlearn.config.schema import EVAL_ATTACKS
 from dist_unlearn.data.facts import FactsBenchmark
 from dist_unlearn.data.qa import QADataset
 from dist_unlearn.models.combined import load_scoring_model
 from dist_unlearn.models.loading import choose_attn_implementation
 
-ATTACKS = ("relearn", "nf4", "int8")
+ATTACKS = EVAL_ATTACKS  # the config lists them (config/schema.py): one source
 
 
 def relearned_model(

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from dist_unlearn.config.schema import REFERENCE_STRATEGIES
 from dist_unlearn.data.qa import QADataset, collate_qa
 from dist_unlearn.distributed.sharded import sharded_map
 from dist_unlearn.eval.answers import score_dataset
@@ -44,7 +45,7 @@ from dist_unlearn.models.chunked_lm import HiddenStates, forward_hidden, output_
 from dist_unlearn.models.logprobs import forward_sequence_stats
 from dist_unlearn.unlearning.batch import Batch
 
-REFERENCE_MODES = ("none", "adapter_disabled", "cached", "sharded", "quantized")
+REFERENCE_MODES = REFERENCE_STRATEGIES  # the config lists them (config/schema.py): one source
 SERVES: dict[str, frozenset[str]] = {
     "none": frozenset(),
     "adapter_disabled": frozenset({"seq", "logits", "hidden"}),
