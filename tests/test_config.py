@@ -439,3 +439,24 @@ def test_config_command_prints_the_resolved_config_which_loads_back_unchanged(tm
     )
     assert main(["config", str(path), "ray.num_workers=4"]) == 2  # 6 does not divide over 4 workers
     assert "contrastive.global_batch_size (6) must be divisible by ray.num_workers (4)" in capsys.readouterr().err
+
+
+def test_a_finished_run_may_be_extended_but_not_changed(tmp_path: Path) -> None:
+    """Resuming keeps every setting a checkpoint depends on; the step count of the job kind may grow."""
+    from dist_unlearn.engine.job import Job
+    from dist_unlearn.engine.runner import RUN_SETTINGS_FILE, check_resumable, run_settings
+
+    def job(kind: str, *overrides: str) -> Job:
+        base = {"job": {"kind": kind}, "contrastive": {"global_batch_size": 8}}
+        cfg = config_to_dict(load_config(write_yaml(tmp_path, base), overrides))
+        return Job(cfg, kind, kind, "/models/target", str(tmp_path / kind))
+
+    for kind, steps in (("contrastive", "contrastive.steps"), ("unlearn", "train.steps")):
+        first = job(kind, f"{steps}=3")
+        (tmp_path / kind / "checkpoints").mkdir(parents=True)
+        (tmp_path / kind / RUN_SETTINGS_FILE).write_text(json.dumps(run_settings(first, 2)))
+        check_resumable([job(kind, f"{steps}=5", "checkpoint.every_steps=1")], 2)  # extended: allowed
+        with pytest.raises(ConfigError, match=r"other settings \(.*lr: 5e-05 -> 0.001"):
+            check_resumable([job(kind, f"{steps}=5", "contrastive.lr=1e-3", "train.lr=1e-3")], 2)
+        with pytest.raises(ConfigError, match="world_size: 2 -> 4"):
+            check_resumable([first], 4)

@@ -35,7 +35,8 @@ def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[Job]:
 
 # settings that may change between a run and its resumption
 _RESUMABLE_CHANGES = {
-    "train": {"steps"},
+    "train": {"steps"},  # an unlearning or continual run is extended
+    "contrastive": {"steps"},  # a contrastive run is extended
     "checkpoint": None,
     "eval": None,
     "ray": {"address", "max_failures", "enabled"},
