@@ -37,13 +37,14 @@ TERMS = ("loss", "forget_loss", "retain_loss")
 # --- worker (runs under torchrun) ------------------------------------------------------------------
 
 
-def _cli_config(out: Path, model_dir: str, world: int) -> dict:
+def _cli_config(out: Path, model_dir: str, world: int, saliency: float = 1.0) -> dict:
     from dist_unlearn.config import config_from_dict, config_to_dict
 
+    names = list(OBJECTIVES) if saliency == 1.0 else ["npo_gd"]
     cfg = small_run_config(
         out,
         model_dir,
-        method={"names": list(OBJECTIVES), "params": {"rmu": OBJECTIVES["rmu"]}},
+        method={"names": names, "params": {"rmu": OBJECTIVES["rmu"]}, "saliency": saliency},
         train={"steps": STEPS, "forget_batch_size": BATCH, "retain_batch_size": BATCH, "lr": 1e-3},
         ray={"enabled": False, "num_workers": world},
         checkpoint={"every_steps": 0},
@@ -53,7 +54,10 @@ def _cli_config(out: Path, model_dir: str, world: int) -> dict:
     return config_to_dict(config_from_dict(cfg))
 
 
-def _trainer_run(name: str, model_dir: str, out: Path, world: int, resume: str | None = None, **extra) -> list[dict]:
+def _trainer_run(
+    name: str, model_dir: str, out: Path, world: int, resume: str | None = None, callbacks=(), **extra
+) -> dict:
+    """One UnlearningTrainer run; its per-step rows, evaluations and best checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
@@ -92,10 +96,24 @@ def _trainer_run(name: str, model_dir: str, out: Path, world: int, resume: str |
         objective=name,
         objective_params=OBJECTIVES[name],
         processing_class=tokenizer,
+        callbacks=list(callbacks),
     )
     assert trainer.reference_mode == REFERENCES[name]
     trainer.train(resume_from_checkpoint=resume)
-    return [row for row in trainer.state.log_history if "unlearn_loss" in row]
+    history = trainer.state.log_history
+    return {
+        "steps": [row for row in history if "unlearn_loss" in row],
+        "evals": [row for row in history if "eval_forget_prob" in row],
+        "best": trainer.state.best_model_checkpoint,
+    }
+
+
+def _forget_set(model_dir: str):
+    from transformers import AutoTokenizer
+
+    from dist_unlearn.data import QADataset, generate_facts
+
+    return QADataset(generate_facts(**SMALL_DATA, seed=0).split("forget"), AutoTokenizer.from_pretrained(model_dir), 64)
 
 
 def _qlora_run(model_dir: str, out: Path, world: int) -> dict:
@@ -152,6 +170,8 @@ def _qlora_run(model_dir: str, out: Path, world: int) -> dict:
 def _worker(mode: str, model_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from dist_unlearn.integrations.hf import SaliencyCallback, UnlearningEvalCallback
+
     world = int(os.environ["WORLD_SIZE"])
     out = Path(out_dir)
     result: dict = {"world": world, "trainer": {}, "cli": {}}
@@ -164,14 +184,25 @@ def _worker(mode: str, model_dir: str, out_dir: str) -> None:
         for name in OBJECTIVES:
             run_unlearning(Job(cfg, "unlearn", name, model_dir, str(out / "cli" / name)))
             result["cli"][name] = read_metrics(out / "cli" / name)
+        cfg = _cli_config(out / "cli-saliency", model_dir, world, saliency=0.5)
+        run_unlearning(Job(cfg, "unlearn", "npo_gd", model_dir, str(out / "cli-saliency" / "npo_gd")))
+        result["cli"]["saliency"] = read_metrics(out / "cli-saliency" / "npo_gd")
     for name in OBJECTIVES if mode in ("compare", "trainer") else ():
         extra = {}
         if mode == "compare" and name == "npo_gd":  # checkpoints for the resume check, TensorBoard events
             extra = {"save_strategy": "steps", "save_steps": 2, "report_to": ["tensorboard"]}
-        result["trainer"][name] = _trainer_run(name, model_dir, out / f"hf-{name}", world, **extra)
+        result["trainer"][name] = _trainer_run(name, model_dir, out / f"hf-{name}", world, **extra)["steps"]
+    if mode == "compare":  # SalUn mask (half the weights) applied between the engine's backward and step
+        mask = SaliencyCallback(0.5)
+        run = _trainer_run("npo_gd", model_dir, out / "hf-saliency", world, callbacks=[mask])
+        result["trainer"]["saliency"] = run["steps"]
+    if mode == "trainer":  # forget evaluation every step; the Trainer keeps the lowest forget probability
+        evaluation = UnlearningEvalCallback({"forget": _forget_set(model_dir)}, every_steps=1)
+        best = {"save_strategy": "best", "metric_for_best_model": "forget_prob", "greater_is_better": False}
+        result["best"] = _trainer_run("npo_gd", model_dir, out / "hf-best", world, callbacks=[evaluation], **best)
     if mode == "compare":
-        resumed = _trainer_run("npo_gd", model_dir, out / "hf-npo_gd", world, str(out / "hf-npo_gd" / "checkpoint-2"))
-        result["resumed"] = resumed
+        checkpoint = str(out / "hf-npo_gd" / "checkpoint-2")
+        result["resumed"] = _trainer_run("npo_gd", model_dir, out / "hf-npo_gd", world, checkpoint)["steps"]
     if mode in ("compare", "qlora"):
         result["qlora"] = _qlora_run(model_dir, out / "qlora", world)
     if dist.get_rank() == 0:
@@ -214,6 +245,7 @@ def launches(tmp_path_factory, tiny_dir) -> tuple[dict, dict, Path]:
 def test_trainer_equals_cli_loop_and_one_rank_equals_two_under_zero3(launches):
     two, one, tmp_path = launches
     assert two["world"] == 2 and one["world"] == 1
+    hf1_gd = one["trainer"]["npo_gd"]
     for name in OBJECTIVES:
         cli, hf2, hf1 = two["cli"][name], two["trainer"][name], one["trainer"][name]
         assert [r["step"] for r in cli] == [r["step"] for r in hf2] == [r["step"] for r in hf1] == [1, 2, 3], name
@@ -224,6 +256,16 @@ def test_trainer_equals_cli_loop_and_one_rank_equals_two_under_zero3(launches):
             assert [r[key] for r in hf1] == pytest.approx(expected, rel=1e-4), (name, term)
         assert hf2[-1]["unlearn_loss"] < hf2[0]["unlearn_loss"], name  # it trains
         assert [r["loss"] for r in hf2] == pytest.approx([r["unlearn_loss"] for r in hf2], rel=1e-3)  # Trainer's own
+    # SalUn mask under ZeRO-3: the CLI's method.saliency=0.5 and SaliencyCallback(0.5) give the same curve
+    expected = [r["loss"] for r in two["cli"]["saliency"]]
+    assert [r["unlearn_loss"] for r in two["trainer"]["saliency"]] == pytest.approx(expected, rel=1e-4)
+    assert expected != pytest.approx([r["loss"] for r in two["cli"]["npo_gd"]], rel=1e-6)  # the mask matters
+    # periodic evaluation every step; the Trainer's best checkpoint is the one with the lowest forget prob
+    best = one["best"]
+    evals = {row["step"]: row["eval_forget_prob"] for row in best["evals"]}
+    assert sorted(evals) == [1, 2, 3]
+    assert best["best"].endswith(f"checkpoint-{min(evals, key=evals.get)}")
+    assert [r["unlearn_loss"] for r in best["steps"]] == pytest.approx([r["unlearn_loss"] for r in hf1_gd], rel=1e-6)
     # resumed from checkpoint-2 (π_ref table from the checkpoint): step 3 as in the uninterrupted run
     resumed = two["resumed"]  # its log history: steps 1-2 read from the checkpoint, step 3 trained now
     assert [r["step"] for r in resumed] == [1, 2, 3]

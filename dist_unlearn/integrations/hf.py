@@ -497,7 +497,10 @@ class UnlearningTrainerMixin:
         return DataLoader(_StepPlaceholders(steps), batch_size=1, shuffle=False, collate_fn=_collate_steps)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The objective's loss on this rank's batch of step ``state.global_step`` (``inputs`` only pace)."""
+        """The objective's loss on this rank's batch of step ``state.global_step`` (``inputs`` only pace);
+        on other inputs (e.g. a user's ``eval_dataset``) the Trainer's own loss."""
+        if "unlearn_step" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not self._unlearn_ready:  # a transformers version without _prepare_for_training: build now
             self._setup_unlearning(model, None)
         batch = self.unlearn_batches.batch(self.state.global_step, self.args.device)
