@@ -303,5 +303,32 @@ def test_bad_input_is_refused_with_the_argument_and_the_fix(model_dir, tmp_path)
         train_one_step("plain", model_dir, tmp_path, per_device=4, accumulation=2)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_exported_encoder_loads_in_sentence_transformers_with_the_same_embeddings(model_dir, tmp_path, pooling):
+    """The contrastive job's export (HF model + tokenizer, then write_sentence_transformers_files) is a
+    sentence-transformers model whose embeddings are the project's encoder's (encode_batch)."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from dist_unlearn.models.encoders import encode_batch, tokenize
+    from dist_unlearn.models.st_format import write_sentence_transformers_files
+
+    exported = tmp_path / "model"
+    shutil.copytree(model_dir, exported)  # what export_hf_model writes: save_pretrained output and the tokenizer
+    written = write_sentence_transformers_files(exported, HIDDEN, pooling, max_seq_length=32)
+    assert {p.name for p in written} >= {"modules.json", "sentence_bert_config.json"}
+    loaded = SentenceTransformer(str(exported), device="cpu")
+    got = loaded.encode(ANCHORS + NEGATIVES, convert_to_tensor=True, batch_size=5)
+    encoder, tokenizer = AutoModel.from_pretrained(exported).eval(), AutoTokenizer.from_pretrained(exported)
+    with torch.no_grad():
+        want = encode_batch(encoder, tokenize(tokenizer, ANCHORS + NEGATIVES, 32), pooling)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert loaded.similarity_fn_name == "cosine"
+    with pytest.raises(ValueError, match="pooling must be 'mean' or 'cls'"):
+        write_sentence_transformers_files(exported, HIDDEN, "max")
+
+
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -30,6 +30,7 @@ from dist_unlearn.engine.worker import Checkpointer, initialize_engine, progress
 from dist_unlearn.eval.retrieval import evaluate_retrieval
 from dist_unlearn.models.encoders import encode_batch, tokenize
 from dist_unlearn.models.loading import model_for_config
+from dist_unlearn.models.st_format import write_sentence_transformers_files
 
 TRAIN_SPLITS = ("retain", "forget")
 EVAL_SPLIT = "holdout"
@@ -110,7 +111,12 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
     log.close()
 
     after = evaluate_retrieval(engine, tokenizer, eval_set, c.max_length, c.pooling, device)
-    export_hf_model(engine, tokenizer, run_dir / "model", torch_dtype(cfg.output.save_dtype))
+    hidden = int(engine.module.config.hidden_size)  # the model directory is also a sentence-transformers model
+
+    def st_files(directory: Path) -> None:
+        write_sentence_transformers_files(directory, hidden, c.pooling, c.max_length)
+
+    export_hf_model(engine, tokenizer, run_dir / "model", torch_dtype(cfg.output.save_dtype), extra_files=st_files)
     summary = {
         "job": "contrastive",
         "steps": c.steps,

@@ -15,6 +15,7 @@ adapters were trained against (the usual QLoRA practice); the difference is the 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,18 @@ def merged_lora_model(peft_model: Any, adapter_state: dict[str, torch.Tensor], d
     return merged, fresh
 
 
-def export_hf_model(engine: Any, tokenizer: Any, out_dir: str | Path, dtype: torch.dtype) -> Path:
+def export_hf_model(
+    engine: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    dtype: torch.dtype,
+    extra_files: Callable[[Path], Any] | None = None,
+) -> Path:
     """Write ``engine.module`` (weights cast to ``dtype``) and ``tokenizer`` to ``out_dir`` atomically.
 
     A LoRA (``peft``) module is written merged into its base, plus ``adapter/`` (see the module doc).
-    Collective: every rank calls it.
+    ``extra_files(directory)``, when given, adds files to the model directory before it is renamed into place
+    (e.g. the sentence-transformers module files). Collective: every rank calls it.
     """
     out_dir = Path(out_dir)
     module = engine.module
@@ -92,5 +100,7 @@ def export_hf_model(engine: Any, tokenizer: Any, out_dir: str | Path, dtype: tor
                 module.save_pretrained(staging, state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
+            if extra_files is not None:
+                extra_files(staging)
     barrier()
     return out_dir
