@@ -7,7 +7,8 @@ data, seed, batch sizes and the CLI's own DeepSpeed config: the per-step losses 
 same launch resumes the ``npo_gd`` Trainer run from its step-2 checkpoint (the cached π_ref comes from
 the checkpoint), checks the TensorBoard events hold the forget/retain terms, and runs nf4 + LoRA
 (QLoRA, reference ``adapter_disabled``), whose saved adapter the test reloads. A 1-rank launch runs the
-Trainer alone: 1 rank equals 2 ranks. The bad-input checks construct the Trainer in this process; the
+Trainer alone: 1 rank equals 2 ranks, and the Trainer without DeepSpeed in this process equals both. The
+bad-input checks construct the Trainer in this process; the
 two examples (``torchrun`` and Ray Train on 2 workers) are checked against one process's step-1 loss.
 
 This file is also the worker: ``torchrun tests/test_integration_hf.py compare|trainer|qlora MODEL_DIR OUT_DIR``.
@@ -319,6 +320,47 @@ def test_nf4_lora_under_zero3_lowers_forget_probability_and_saves_a_loadable_ada
     loaded = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any("lora" in name for name, _ in loaded.named_parameters())
     assert forget_prob(loaded) < forget_prob(AutoModelForCausalLM.from_pretrained(tiny_dir))
+
+
+@pytest.mark.slow
+def test_one_process_without_deepspeed_matches_zero3(tmp_path, launches, tiny_dir):
+    """The Trainer's plain path (accelerate backward, torch AdamW, its own clipping) in this one process gives
+    the per-step losses of the ZeRO-3 runs (1 rank here, equal to 2 ranks above)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from dist_unlearn.data import QADataset, generate_facts
+    from dist_unlearn.integrations.hf import UnlearningTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    facts = generate_facts(**SMALL_DATA, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        max_steps=STEPS,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = UnlearningTrainer(
+        AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+        args,
+        forget_dataset=QADataset(facts.split("forget"), tok, 64),
+        retain_dataset=QADataset(facts.split("retain"), tok, 64),
+        objective="npo_gd",
+        processing_class=tok,
+    )
+    trainer.train()
+    losses = [row["unlearn_loss"] for row in trainer.state.log_history if "unlearn_loss" in row]
+    _, one, _ = launches
+    assert losses == pytest.approx([row["unlearn_loss"] for row in one["trainer"]["npo_gd"]], rel=1e-4)
 
 
 @pytest.fixture(scope="module")
