@@ -8,8 +8,8 @@ same launch resumes the ``npo_gd`` Trainer run from its step-2 checkpoint (the c
 the checkpoint), checks the TensorBoard events hold the forget/retain terms, and runs nf4 + LoRA
 (QLoRA, reference ``adapter_disabled``), whose saved adapter the test reloads. A 1-rank launch runs the
 Trainer alone: 1 rank equals 2 ranks, and the Trainer without DeepSpeed in this process equals both. The
-bad-input checks construct the Trainer in this process; the
-two examples (``torchrun`` and Ray Train on 2 workers) are checked against one process's step-1 loss.
+bad-input checks construct the Trainer in this process; the two examples (``torchrun`` and Ray Train on
+2 workers) are checked against one process's step-1 loss.
 
 This file is also the worker: ``torchrun tests/test_integration_hf.py compare|trainer|qlora MODEL_DIR OUT_DIR``.
 """
