@@ -129,11 +129,17 @@ def test_tofu_without_matching_retain_split_names_it(tmp_path):
         load_formatted(f"tofu:{tmp_path}@forget07")
 
 
-def test_muse_knowmem(tmp_path):
+def test_muse_raw_text_and_knowmem(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "forget.txt").write_text("The forget corpus.")
+    (tmp_path / "raw" / "retain1.jsonl").write_text(json.dumps({"text": "The retain corpus."}) + "\n")
     (tmp_path / "forget_qa.json").write_text(json.dumps([{"question": "Who?", "answer": "Her."}]))
     (tmp_path / "retain_qa.jsonl").write_text(json.dumps({"question": "When?", "answer": "Then."}) + "\n")
     facts = load_formatted(f"muse:{tmp_path}")
-    assert facts.split("forget")[0].answer == "Her." and facts.split("retain")[0].question == "When?"
+    # training is on the raw corpora (empty question); the QA pairs are KnowMem's evaluation questions
+    assert facts.split("forget")[0].answer == "The forget corpus." and facts.split("forget")[0].question == ""
+    assert facts.split("retain")[0].answer == "The retain corpus."
+    assert facts.knowmem_set("forget")[0][0].answer == "Her." and facts.knowmem_set("retain")[0][0].question == "When?"
     assert is_formatted_source(f"muse:{tmp_path}") and not is_formatted_source("data/qa.jsonl")
 
 
@@ -142,7 +148,7 @@ def test_bad_files_name_the_problem(tmp_path):
     (tmp_path / "retain90.json").write_text(json.dumps([{"question": "q", "answer": "a"}]))
     with pytest.raises(ValueError, match="record 0 needs string fields 'question' and 'answer'"):
         load_formatted(f"tofu:{tmp_path}")
-    with pytest.raises(ValueError, match="lacks forget_qa or retain_qa"):
+    with pytest.raises(ValueError, match="lacks the raw forget or retain corpus"):
         load_formatted(f"muse:{tmp_path}")
 
 

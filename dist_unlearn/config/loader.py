@@ -649,7 +649,7 @@ def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[s
 
 _FORMAT_HINTS = {
     "tofu": ("TOFU subset files such as forget10_perturbed.json and retain90.json", "locuslab/TOFU"),
-    "muse": ("MUSE subset files such as forget_qa.json and retain_qa.json", "muse-bench/MUSE-News"),
+    "muse": ("MUSE subset files such as raw/forget.txt and raw/retain1.txt", "muse-bench/MUSE-News"),
 }
 
 

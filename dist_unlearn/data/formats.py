@@ -15,10 +15,27 @@ package and a network; the records then go through the same conversion).
   as in TOFU, and ``real_authors(_perturbed)`` / ``world_facts(_perturbed)`` are loaded as evaluation
   sets when present. Holdout (non-members for the attacks) from ``holdoutNN``. Fields ``question``,
   ``answer``, optional ``paraphrased_answer`` and ``perturbed_answer`` (a list).
-* **MUSE** knowledge-memorisation QA (Shi et al., 2024, arXiv:2407.06460; hub ``muse-bench/MUSE-News``,
-  config ``knowmem``): ``forget_qa`` → forget, ``retain_qa`` → retain, optional ``holdout_qa`` →
-  holdout. Fields ``question``, ``answer`` (MUSE has no paraphrased/perturbed answers, so truth ratio
-  and forget quality are not defined on it).
+* **MUSE** (Shi et al., 2024, "MUSE: Machine Unlearning Six-Way Evaluation for Language Models",
+  arXiv:2407.06460; hub ``muse-bench/MUSE-News`` / ``MUSE-Books``, whose subsets are the folders below).
+  Training is on the *raw* corpora, as in MUSE: ``raw/forget`` → forget, ``raw/retain1`` → retain (MUSE's
+  retain set for the retain term; ``raw/retain2`` is only evaluated), ``raw/holdout`` → holdout. A raw
+  file is ``.txt`` (the whole file is one document) or ``.json/.jsonl/.parquet`` records that are strings
+  or objects with a ``text`` field (one document each). Each document is an item with an empty
+  ``question``, which :class:`~dist_unlearn.data.qa.QADataset` cuts into ``data.max_length`` token
+  windows that are trained on in full (no prompt). Evaluation files (:class:`MuseBenchmark`), each
+  optional: ``verbmem/forget`` (records ``prompt``, ``gt``: VerbMem's excerpts; without it VerbMem is
+  built from the raw forget documents), ``knowmem/forget_qa``, ``knowmem/retain_qa`` (``question``,
+  ``answer``; KnowMem) with their few-shot examples ``knowmem/forget_qa_icl``, ``knowmem/retain_qa_icl``,
+  and ``privleak/forget``, ``privleak/retain``, ``privleak/holdout`` (texts scored by the Min-K% attack
+  of PrivLeak; without them the raw forget / holdout documents). Layout of ``muse:DIR``::
+
+      DIR/raw/forget.txt  raw/retain1.txt  [raw/retain2.txt  raw/holdout.txt]
+      DIR/verbmem/forget.json               [{"prompt": ..., "gt": ...}, ...]
+      DIR/knowmem/forget_qa.json  forget_qa_icl.json  retain_qa.json  retain_qa_icl.json
+      DIR/privleak/forget.json  retain.json  holdout.json      ["text", ...]
+
+  (any of ``.txt/.json/.jsonl/.parquet``; the knowmem files may also sit at the top level, as
+  ``DIR/forget_qa.json``). A hub name reads subset ``raw`` split ``forget`` for ``raw/forget``, etc.
 """
 
 from __future__ import annotations
@@ -55,7 +72,7 @@ class TofuBenchmark(FactsBenchmark):
         return self.split(name) if name in ("forget", "retain", "holdout") else []
 
 
-_SUFFIXES = (".json", ".jsonl", ".parquet")
+_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 
 
 def is_formatted_source(source: str) -> bool:
@@ -69,6 +86,8 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 
         return pq.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return [{"text": text}]
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     data = json.loads(text)
@@ -96,7 +115,7 @@ def _subset_reader(location: str, hub_config_of: dict[str, str]):
         ) from exc
 
     def hub(name: str) -> list[dict[str, Any]] | None:
-        config, split = hub_config_of.get(name, name), "train"
+        config, split = hub_config_of.get(name, name.replace("/", ":")), "train"
         if ":" in config:
             config, split = config.split(":", 1)
         try:
@@ -169,17 +188,102 @@ def load_tofu(location: str, forget: str = "forget10") -> TofuBenchmark:
     return TofuBenchmark(items=tuple(items + _items(holdout_recs, "holdout", source)), evaluation=tuple(evaluation))
 
 
-def load_muse(location: str) -> FactsBenchmark:
-    """MUSE knowmem QA subsets at ``location`` (directory or hub name, config ``knowmem``)."""
-    read = _subset_reader(location, {"forget_qa": "knowmem:forget_qa", "retain_qa": "knowmem:retain_qa"})
+MUSE_NEEDED = (("raw/forget", "forget"), ("raw/retain1", "raw/retain", "retain1"))
+"""Subset files a ``muse:DIR`` must hold (any one name of each group): the raw forget and retain corpora."""
+
+
+@dataclass(frozen=True)
+class MuseBenchmark(FactsBenchmark):
+    """MUSE data: raw-text training items (``items``: forget, retain = ``retain1``, holdout; empty
+    ``question``, the document in ``answer``) and MUSE's evaluation sets (see the module doc):
+
+    * ``evaluation``: ``(name, items)`` for PrivLeak's texts (``forget`` / ``retain`` / ``holdout`` from
+      ``privleak/*`` when present) and ``retain2`` (the raw retain2 corpus);
+    * ``verbmem``: ``(prompt, gt)`` pairs of ``verbmem/forget`` (``()`` → built from the raw forget texts);
+    * ``knowmem``: ``(name, qa_items, icl_items)`` for ``forget`` and ``retain`` (QA pairs and few-shot
+      examples).
+    """
+
+    evaluation: tuple[tuple[str, tuple[QAItem, ...]], ...] = ()
+    verbmem: tuple[tuple[str, str], ...] = ()
+    knowmem: tuple[tuple[str, tuple[QAItem, ...], tuple[QAItem, ...]], ...] = ()
+
+    def evaluation_split(self, name: str) -> list[QAItem]:
+        """The items evaluation scores for ``name``: PrivLeak's texts when loaded, else the training split."""
+        for key, items in self.evaluation:
+            if key == name:
+                return list(items)
+        return self.split(name) if name in ("forget", "retain", "holdout") else []
+
+    def verbmem_pairs(self) -> list[tuple[str, str]]:
+        """``verbmem/forget``'s ``(prompt, gt)`` pairs (``[]`` when the directory has none)."""
+        return list(self.verbmem)
+
+    def knowmem_set(self, name: str) -> tuple[list[QAItem], list[QAItem]]:
+        """KnowMem's ``(questions, few-shot examples)`` of ``forget`` or ``retain`` (``([], [])`` if absent)."""
+        for key, qa, icl in self.knowmem:
+            if key == name:
+                return list(qa), list(icl)
+        return [], []
+
+
+def _texts(records: list[Any], split: str, source: str) -> list[QAItem]:
+    """Raw-text records (strings, or objects with ``text``) as items with an empty question."""
+    out = []
+    for i, rec in enumerate(records):
+        text = rec if isinstance(rec, str) else rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{source}: {split} text record {i} must be a string or have a string field 'text'")
+        if text.strip():
+            out.append(
+                QAItem(
+                    person="",
+                    attribute="",
+                    question="",
+                    answer=text,
+                    paraphrased_answer=text,
+                    perturbed_answers=(),
+                    split=split,
+                )
+            )
+    return out
+
+
+def load_muse(location: str) -> MuseBenchmark:
+    """MUSE subsets at ``location`` (directory or hub name) as a :class:`MuseBenchmark` (see module doc)."""
+    read = _subset_reader(location, {})
     source = f"muse:{location}"
-    forget_recs, retain_recs = read("forget_qa"), read("retain_qa")
+    forget_recs, retain_recs = (_first(read, list(names)) for names in MUSE_NEEDED)
     if forget_recs is None or retain_recs is None:
         raise ValueError(
-            f"data.source: {source} lacks forget_qa or retain_qa. Fix: add forget_qa.json and retain_qa.json"
+            f"data.source: {source} lacks the raw forget or retain corpus (MUSE trains on raw/forget and "
+            "raw/retain1). Fix: add raw/forget.txt and raw/retain1.txt (or .json/.jsonl/.parquet texts)"
         )
-    items = _items(forget_recs, "forget", source) + _items(retain_recs, "retain", source)
-    return FactsBenchmark(items=tuple(items + _items(read("holdout_qa") or [], "holdout", source)))
+    holdout_recs = _first(read, ["raw/holdout", "holdout"]) or []
+    items = _texts(forget_recs, "forget", source) + _texts(retain_recs, "retain", source)
+    items += _texts(holdout_recs, "holdout", source)
+    evaluation = []
+    for name in ("forget", "retain", "holdout"):
+        records = read(f"privleak/{name}")
+        if records is not None:
+            evaluation.append((name, tuple(_texts(records, name, source))))
+    retain2 = _first(read, ["raw/retain2", "retain2"])
+    if retain2 is not None:
+        evaluation.append(("retain2", tuple(_texts(retain2, "retain", source))))
+    verbmem = []
+    for i, rec in enumerate(_first(read, ["verbmem/forget", "verbmem_forget"]) or []):
+        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("gt"), str):
+            raise ValueError(f"{source}: verbmem/forget record {i} needs string fields 'prompt' and 'gt'")
+        verbmem.append((rec["prompt"], rec["gt"]))
+    knowmem = []
+    for name in ("forget", "retain"):
+        qa = _first(read, [f"knowmem/{name}_qa", f"knowmem/{name}2_qa", f"{name}_qa"])
+        if qa is not None:
+            icl = _first(read, [f"knowmem/{name}_qa_icl", f"knowmem/{name}2_qa_icl", f"{name}_qa_icl"]) or []
+            knowmem.append((name, tuple(_items(qa, name, source)), tuple(_items(icl, name, source))))
+    return MuseBenchmark(
+        items=tuple(items), evaluation=tuple(evaluation), verbmem=tuple(verbmem), knowmem=tuple(knowmem)
+    )
 
 
 def source_problem(source: str) -> str | None:
@@ -198,7 +302,7 @@ def source_problem(source: str) -> str | None:
         retain = f"retain{100 - int(forget[len('forget') :])}"
         needed = [[f"{forget}_perturbed", forget], [retain]]
     elif kind == "muse":
-        needed = [["forget_qa"], ["retain_qa"]]
+        needed = [list(names) for names in MUSE_NEEDED]
     else:
         return f"data.source: unknown format {kind!r}. Fix: use tofu:PATH or muse:PATH"
     root = Path(location).expanduser()
@@ -210,7 +314,7 @@ def source_problem(source: str) -> str | None:
             )
         return None
     missing = [
-        names[-1]
+        names[0] if kind == "muse" else names[-1]
         for names in needed
         if not any((root / f"{n}{suffix}").is_file() for n in names for suffix in _SUFFIXES)
     ]

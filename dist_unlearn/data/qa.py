@@ -4,6 +4,12 @@ An example is ``[bos] + prompt + " " + answer + [eos]`` where the prompt is :dat
 filled with the question. Labels are ``-100`` over ``bos`` and the prompt, so the loss (and any
 per-token answer probability) covers only the answer tokens and ``eos``. A tokenizer without a BOS
 token (Qwen-style) gets no ``[bos]``: the example starts with the prompt (:func:`prefix_ids`).
+
+A *raw-text* item (empty ``question``, the text in ``answer``; e.g. MUSE's forget / retain corpora, see
+:mod:`dist_unlearn.data.formats`) has no prompt: :func:`encode_text_windows` cuts its tokens into
+consecutive windows of ``max_length`` tokens (``[bos]`` included), each one example whose labels are the
+whole window (only ``bos`` is ``-100``). :class:`QADataset` turns such an item into as many examples
+as it has windows, so the objectives train on raw text through the same batches.
 """
 
 from __future__ import annotations
@@ -61,22 +67,49 @@ def encode_qa(tokenizer: Any, question: str, answer: str, max_length: int) -> di
     return {"input_ids": input_ids, "labels": labels}
 
 
+def encode_text_windows(tokenizer: Any, text: str, max_length: int) -> list[dict[str, list[int]]]:
+    """Raw text as training windows (no prompt, no eos: the text goes on in the next window).
+
+    The text's tokens (no special tokens) are cut into consecutive, non-overlapping pieces of
+    ``w = max_length − len(prefix)`` tokens (``prefix`` = ``[bos]`` or ``[]``, :func:`prefix_ids`; the
+    last piece may be shorter); window ``j`` is ``{"input_ids": prefix + piece_j, "labels": [-100]·len(prefix)
+    + piece_j}``, so every text token is a target exactly once. ``[]`` for a text without tokens.
+    """
+    prefix = prefix_ids(tokenizer)
+    width = max_length - len(prefix)
+    if width < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for a text token after bos")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [
+        {"input_ids": [*prefix, *ids[i : i + width]], "labels": [IGNORE_INDEX] * len(prefix) + ids[i : i + width]}
+        for i in range(0, len(ids), width)
+    ]
+
+
 class QADataset(Dataset):
     """Map-style dataset of tokenized QA items (tokenized once, at construction).
 
     ``answer_field`` selects the target text: "answer" (default) or "paraphrased_answer".
     ``__getitem__(i)`` returns ``{"input_ids": list[int], "labels": list[int], "index": i}``.
+    A raw-text item (empty ``question``) gives one example per :func:`encode_text_windows` window;
+    ``items[i]`` is then the item example ``i`` came from (repeated per window).
     """
 
     def __init__(self, items: Sequence[QAItem], tokenizer: Any, max_length: int, answer_field: str = "answer") -> None:
         if answer_field not in _ANSWER_FIELDS:
             raise ValueError(f"answer_field must be one of {_ANSWER_FIELDS}, got {answer_field!r}")
-        self.items = list(items)
         self.answer_field = answer_field
         self.max_length = max_length
-        self._encoded = [
-            encode_qa(tokenizer, item.question, getattr(item, answer_field), max_length) for item in self.items
-        ]
+        self.items, self._encoded = [], []
+        for item in items:
+            text = getattr(item, answer_field)
+            encoded = (
+                encode_text_windows(tokenizer, text, max_length)
+                if item.question == ""
+                else [encode_qa(tokenizer, item.question, text, max_length)]
+            )
+            self.items.extend([item] * len(encoded))
+            self._encoded.extend(encoded)
 
     def __len__(self) -> int:
         return len(self._encoded)
