@@ -35,6 +35,12 @@ def rouge_l_recall(reference: str, prediction: str) -> float:
     return float(_SCORER.score(reference, prediction)["rougeL"].recall)
 
 
+def rouge_l_f1(reference: str, prediction: str) -> float:
+    """ROUGE-L F1 ``2PR/(P+R)`` with ``P = LCS/|prediction|``, ``R = LCS/|reference|`` (``rouge-score``
+    tokens, no stemming; Lin, 2004); MUSE's VerbMem / KnowMem score."""
+    return float(_SCORER.score(reference, prediction)["rougeL"].fmeasure)
+
+
 def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
     ids = tokenizer(PROMPT_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
     return [*prefix_ids(tokenizer), *ids]
@@ -50,19 +56,24 @@ def generate_token_ids(
     seed: int = 0,
     temperature: float = 1.0,
     device: torch.device | str = "cpu",
+    prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """New token ids per question, sharded over ranks (collective), ``-1``-padded.
 
-    Returns ``[N, max_new_tokens]`` greedy continuations when ``num_samples == 0``, else
+    ``prompt_ids`` (one token-id list per row, ``questions`` then unused) replaces the QA prompt, e.g.
+    MUSE's text prefixes and few-shot prompts. Returns ``[N, max_new_tokens]`` greedy continuations when
+    ``num_samples == 0``, else
     ``[N, num_samples · max_new_tokens]`` (sample ``s`` in columns ``s·max_new_tokens ...``).
     """
     lm = unwrap_model(model)
     copies = max(1, num_samples)
+    count = len(questions) if prompt_ids is None else len(prompt_ids)
 
     def generate(indices: Sequence[int]) -> torch.Tensor:
         out = torch.full((len(indices), copies * max_new_tokens), -1.0)
         for row, i in enumerate(indices):
-            prompt = torch.tensor([_prompt_ids(tokenizer, questions[i])], device=device)
+            ids = _prompt_ids(tokenizer, questions[i]) if prompt_ids is None else list(prompt_ids[i])
+            prompt = torch.tensor([ids], device=device)
             kwargs: dict[str, Any] = {"do_sample": False}
             if num_samples:
                 torch.manual_seed(derive_seed(seed, "sample", i))
@@ -82,7 +93,7 @@ def generate_token_ids(
         return out
 
     with eval_mode(model):
-        return sharded_map(len(questions), 1, generate, device=device)
+        return sharded_map(count, 1, generate, device=device)
 
 
 def decode(tokenizer: Any, ids: torch.Tensor, max_new_tokens: int) -> list[list[str]]:

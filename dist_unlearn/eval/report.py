@@ -30,6 +30,12 @@ COLUMNS = (
     ("sampled_leak", "sampled leak ↓"),
 )
 ATTACK_COLUMNS = ("relearn", "nf4", "int8")
+MUSE_COLUMNS = (
+    ("verbmem_forget", "VerbMem forget (MUSE) ↓"),
+    ("knowmem_forget", "KnowMem forget (MUSE) ↓"),
+    ("knowmem_retain", "KnowMem retain (MUSE) ↑"),
+)
+"""Added to the table when some result has them (a MUSE benchmark, ``data.source=muse:DIR``)."""
 
 
 def find_evals(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
@@ -69,12 +75,16 @@ def _attack_cell(evaluation: dict[str, Any], name: str) -> str:
 
 
 def report_table(evals: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: one row per model, :data:`COLUMNS` and forget ROUGE-L before → after each attack."""
-    header = ["model", *(label for _, label in COLUMNS), *(f"{a}: forget ROUGE" for a in ATTACK_COLUMNS)]
+    """Markdown table: one row per model, :data:`COLUMNS` (plus :data:`MUSE_COLUMNS` when some result has
+    them) and forget ROUGE-L before → after each attack."""
+    heads = {name: headline(evaluation["result"]) for name, evaluation in evals.items()}
+    muse = [col for col in MUSE_COLUMNS if any(h[col[0]] is not None for h in heads.values())]
+    columns = (*COLUMNS, *muse)
+    header = ["model", *(label for _, label in columns), *(f"{a}: forget ROUGE" for a in ATTACK_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, evaluation in evals.items():
-        h = headline(evaluation["result"])
-        cells = [name, *(_fmt(h[key]) for key, _ in COLUMNS), *(_attack_cell(evaluation, a) for a in ATTACK_COLUMNS)]
+        h = heads[name]
+        cells = [name, *(_fmt(h[key]) for key, _ in columns), *(_attack_cell(evaluation, a) for a in ATTACK_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

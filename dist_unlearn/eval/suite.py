@@ -19,7 +19,12 @@ module, PEFT model or DeepSpeed engine; collective: every rank calls it, each sc
   quality (KS p-value of the forget truth ratios), ``privleak`` = MUSE's PrivLeak (Shi et al., 2024:
   relative change of the Min-40% ``privleak_auc``; target ≈ −100, retrained model 0), and
   ``mia_auc_gap`` = our relative gap of each attack's ``mia_auc`` (headline: Min-K%++ at
-  ``eval.min_k``; positive = under-unlearned), which is not MUSE's PrivLeak.
+  ``eval.min_k``; positive = under-unlearned), which is not MUSE's PrivLeak;
+* MUSE (a :class:`~dist_unlearn.data.formats.MuseBenchmark`, ``data.source=muse:DIR``): the splits are raw
+  texts (scored per token window: probability, memorisation, the attacks; no QA generation), PrivLeak's
+  Min-40% AUC is on MUSE's ``privleak`` forget vs holdout texts, and with generation
+  ``verbmem_forget``, ``knowmem_forget`` and ``knowmem_retain`` (MUSE's VerbMem / KnowMem, 0-100,
+  ROUGE-L F1; :mod:`dist_unlearn.eval.muse`).
 
 Formulas: :mod:`dist_unlearn.eval.metrics`, :mod:`dist_unlearn.eval.mia`, :mod:`dist_unlearn.eval.generation`.
 """
@@ -35,11 +40,13 @@ import numpy as np
 import torch
 
 from dist_unlearn.data.facts import FactsBenchmark, QAItem
-from dist_unlearn.data.qa import QADataset
+from dist_unlearn.data.formats import MuseBenchmark
+from dist_unlearn.data.qa import IGNORE_INDEX, QADataset
 from dist_unlearn.eval import metrics
 from dist_unlearn.eval.answers import score_dataset
 from dist_unlearn.eval.generation import generation_metrics
 from dist_unlearn.eval.mia import mia_scores, score_answers
+from dist_unlearn.eval.muse import KNOWMEM_MAX_NEW_TOKENS, VERBMEM_MAX_NEW_TOKENS, VERBMEM_PROMPT_TOKENS, muse_metrics
 
 SPLITS = ("forget", "retain", "holdout")
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
@@ -67,6 +74,10 @@ class EvalSettings:
     batch_size: int = 32
     splits: tuple[str, ...] = SPLITS
     """Splits to score (attacked models: forget and holdout only)."""
+    verbmem_prompt_tokens: int = VERBMEM_PROMPT_TOKENS
+    verbmem_max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS
+    knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW_TOKENS
+    """MUSE's lengths (:mod:`dist_unlearn.eval.muse`); used only on a MUSE benchmark."""
 
 
 def settings_from_config(cfg: Any, **changes: Any) -> EvalSettings:
@@ -176,6 +187,14 @@ def split_items(facts: FactsBenchmark, split: str, max_examples: int = 0) -> lis
     return items[:max_examples] if max_examples else items
 
 
+def _scored_texts(dataset: QADataset, tokenizer: Any) -> list[str]:
+    """The text each row of ``dataset`` scores: the answer of a QA item, the window's text of a raw item."""
+    return [
+        item.answer if item.question else tokenizer.decode([t for t in dataset[i]["labels"] if t != IGNORE_INDEX])
+        for i, item in enumerate(dataset.items)
+    ]
+
+
 @torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
@@ -200,9 +219,8 @@ def evaluate_model(
         items = split_items(facts, split, settings.max_examples)
         if not items:
             continue
-        rows = score_answers(
-            model, QADataset(items, tokenizer, settings.max_length), pad, settings.min_k, settings.batch_size, device
-        )
+        dataset = QADataset(items, tokenizer, settings.max_length)  # raw text (MUSE): one row per token window
+        rows = score_answers(model, dataset, pad, settings.min_k, settings.batch_size, device)
         num_tokens = rows[:, 1].clamp(min=1)
         res: dict[str, Any] = {
             "count": len(items),
@@ -210,13 +228,13 @@ def evaluate_model(
             "exact_memorization": float((rows[:, 2] / num_tokens).mean()),
             "extraction_strength": float(rows[:, 5].mean()),
         }
-        mia[split] = mia_scores(rows, [item.answer for item in items])
+        mia[split] = mia_scores(rows, _scored_texts(dataset, tokenizer))
         tr = truth_ratios(model, tokenizer, items, settings, device)
         if tr is not None:
             res["truth_ratio"] = metrics.truth_ratio_stat(tr, forget=split == "forget")
             if split == "forget":
                 out["per_example"]["forget_truth_ratio"] = tr.tolist()
-        if settings.generate:
+        if settings.generate and any(item.question for item in items):  # raw text (MUSE) has no question
             samples = settings.sampled_generations if split == "forget" else 0
             gen = generation_metrics(
                 model, tokenizer, items, settings.max_new_tokens, samples, settings.leak_rouge, settings.seed, device
@@ -239,6 +257,20 @@ def evaluate_model(
             if res is not None:
                 out["splits"][name] = res
     out.update(utilities(out["splits"]))
+    if isinstance(facts, MuseBenchmark) and settings.generate:  # VerbMem, KnowMem (MUSE)
+        muse = muse_metrics(
+            model,
+            tokenizer,
+            facts,
+            settings.max_examples,
+            tuple(name for name in ("forget", "retain") if name in settings.splits),
+            settings.verbmem_prompt_tokens,
+            settings.verbmem_max_new_tokens,
+            settings.knowmem_max_new_tokens,
+            device,
+        )
+        out["per_example"]["muse"] = muse.pop("muse")
+        out.update(muse)
     if reference is not None:
         out.update(compare_to_reference(out, reference))
     return out
@@ -274,6 +306,10 @@ def compare_to_reference(result: dict[str, Any], reference: dict[str, Any]) -> d
     return out
 
 
+MUSE_HEADLINE = ("verbmem_forget", "knowmem_forget", "knowmem_retain")
+"""MUSE's VerbMem / KnowMem numbers in a result (only on a MUSE benchmark, with generation)."""
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
@@ -297,6 +333,7 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
         "mia_auc_gap": result.get("mia_auc_gap", {}).get(HEADLINE_MIA),
         "sampled_leak": splits.get("forget", {}).get("sampled_leak"),
         "greedy_leak": splits.get("forget", {}).get("greedy_leak"),
+        **{key: _number(result.get(key)) for key in MUSE_HEADLINE},
     }
 
 
