@@ -138,12 +138,12 @@ def muse_setup(tmp_path_factory):
         q for n in ("forget", "retain") for it in facts.knowmem_set(n)[0] for q in (it.question, it.answer)
     ]
     model, tok = build_embedded_model(corpus, vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, seed=0)
-    yield facts, model, tok
+    yield facts, model, tok, root
     torch.set_num_threads(threads)
 
 
 def test_raw_text_windows_cover_every_token_once(muse_setup):
-    facts, _, tok = muse_setup
+    facts, _, tok, _ = muse_setup
     text = facts.split("forget")[0].answer
     ids = tok(text, add_special_tokens=False)["input_ids"]
     bos = prefix_ids(tok)
@@ -162,7 +162,7 @@ def test_raw_text_windows_cover_every_token_once(muse_setup):
 
 
 def test_verbmem_excerpts(muse_setup):
-    _, _, tok = muse_setup
+    _, _, tok, _ = muse_setup
     text = _doc(0)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     examples = verbmem_examples_from_texts(tok, [text], prompt_tokens=8, continuation_tokens=16)
@@ -176,7 +176,7 @@ def test_verbmem_excerpts(muse_setup):
 
 
 # ---- end to end: target → GA on raw forget text → MUSE evaluation with the retrained model's PrivLeak ----
-def test_ga_on_raw_forget_text_lowers_verbmem_and_reports_muse(muse_setup):
+def test_ga_on_raw_forget_text_lowers_verbmem_and_reports_muse(muse_setup, tmp_path):
     import copy
     import dataclasses
 
@@ -185,7 +185,7 @@ def test_ga_on_raw_forget_text_lowers_verbmem_and_reports_muse(muse_setup):
     from dist_unlearn.unlearning import get_objective
     from dist_unlearn.unlearning.streams import StepBatches, qa_streams
 
-    facts, base, tok = muse_setup
+    facts, base, tok, root = muse_setup
     length, pad = 24, tok.pad_token_id
     train = QADataset(facts.split("forget") + facts.split("retain"), tok, length)
     target, retrained = copy.deepcopy(base), copy.deepcopy(base)
@@ -247,3 +247,23 @@ def test_ga_on_raw_forget_text_lowers_verbmem_and_reports_muse(muse_setup):
     assert evaluate_model(retrained, tok, facts, dataclasses.replace(settings, generate=False), reference)[
         "privleak"
     ] == pytest.approx(0.0)
+
+    # the same through saved directories: dist-unlearn eval's evaluate_directory with the retrained model by
+    # path (MUSE's default lengths: 32-token prompts, 128 / 32 new tokens)
+    from dist_unlearn.config import load_config
+    from dist_unlearn.eval.suite import evaluate_directory
+
+    for name, model in (("target", target), ("retrained", retrained)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "run.yaml").write_text("model: {path: embedded}\n")
+    overrides = [f"data.source=muse:{root}", f"data.max_length={length}", "eval.sampled_generations=0"]
+    cfg = load_config(tmp_path / "run.yaml", overrides)
+    evaluation = evaluate_directory(cfg, str(tmp_path / "target"), str(tmp_path / "retrained"), facts)
+    result = evaluation["result"]
+    assert result["privleak"] == pytest.approx(before["privleak"], abs=1e-6)
+    assert evaluation["oracle"]["privleak_auc"] == pytest.approx(reference["privleak_auc"], abs=1e-6)
+    assert {"verbmem_forget", "knowmem_forget", "knowmem_retain"} <= set(result)
+    assert result["per_example"]["muse"]["verbmem_forget"]["count"] == len(
+        facts.split("forget")
+    )  # one 32+128 excerpt each
