@@ -51,9 +51,8 @@ def test_penalty_and_adapter_switching_on_a_tiny_llama(tiny_lm) -> None:
         assert not torch.allclose(peft_model(input_ids=forget["input_ids"]).logits, base, atol=1e-3)
 
 
-def _run(tmp_path: Path, target: str, weight: float) -> list[dict]:
-    out = tmp_path / f"lambda{weight:g}"
-    cfg = small_run_config(
+def _config(out: Path, target: str, weight: float) -> dict:
+    return small_run_config(
         out,
         target,
         job={"kind": "continual"},
@@ -65,7 +64,11 @@ def _run(tmp_path: Path, target: str, weight: float) -> list[dict]:
         continual={"num_requests": 2, "orthogonal_weight": weight},
         eval={"max_examples": 0},
     )
-    run_cli(["run", str(write_config(out / "config.yaml", cfg))])
+
+
+def _run(tmp_path: Path, target: str, weight: float) -> tuple[list[dict], Path]:
+    out = tmp_path / f"lambda{weight:g}"
+    run_cli(["run", str(write_config(out / "config.yaml", _config(out, target, weight)))])
     run_dir = out / "npo_gd"
     assert (run_dir / "adapters" / "request1").is_dir() and (run_dir / "adapters" / "request2").is_dir()
     assert (run_dir / "model" / "config.json").is_file()
@@ -80,8 +83,14 @@ def _saved_a(run_dir: Path, adapter: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(files[0]).items() if "lora_A" in k}
 
 
-def test_two_requests_orthogonal_adapters_and_metrics(tmp_path, small_target) -> None:
-    history, run_dir = _run(tmp_path, small_target, 1.0)
+@pytest.fixture(scope="module")
+def penalised(tmp_path_factory, small_target) -> tuple[list[dict], Path]:
+    """The 2-request run with the orthogonality penalty (λ = 1), uninterrupted."""
+    return _run(tmp_path_factory.mktemp("continual"), small_target, 1.0)
+
+
+def test_two_requests_orthogonal_adapters_and_metrics(tmp_path, small_target, penalised) -> None:
+    history, run_dir = penalised
     free, _ = _run(tmp_path, small_target, 0.0)
     assert [e["request"] for e in history] == [0, 1, 2]
     base, first, second = (e["eval"] for e in history)
@@ -112,3 +121,53 @@ def test_config_refuses_continual_without_lora_or_under_zero3_and_saliency_with_
         config_from_dict({"method": {"saliency": 0.5}, "train": {"weight_decay": 0.1}})
     with pytest.raises(ConfigError, match=r"method.saliency: must be > 0.0 and <= 1.0, got 1.5"):
         config_from_dict({"method": {"saliency": 1.5}})
+
+
+def test_a_stop_during_the_second_request_resumes_to_the_uninterrupted_result(tmp_path, small_target, penalised):
+    """STOP once request 1's adapter is saved: exit 75 with request 2 dropped; the same command loads
+    adapter 1 and redoes request 2. Metrics and both adapters equal the uninterrupted run's."""
+    import os
+    import subprocess
+    import time
+
+    from conftest import BIN, REPO
+    from safetensors.torch import load_file
+
+    from dist_unlearn.engine.preemption import REQUEUE_EXIT_CODE, stop_file
+
+    reference, reference_dir = penalised
+    out = tmp_path / "stopped"
+    config = write_config(out / "config.yaml", _config(out, small_target, 1.0))
+    run_dir = out / "npo_gd"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    with (tmp_path / "stopped.log").open("w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "dist-unlearn"), "run", str(config)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "adapters" / "request1").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stopped.log").read_text()[-3000:]
+            time.sleep(0.05)
+        stop_file(out).touch()
+        assert proc.wait(timeout=300) == REQUEUE_EXIT_CODE, (tmp_path / "stopped.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (run_dir / "adapters" / "request2").exists() and not (run_dir / "model").exists()
+    assert [e["request"] for e in json.loads((run_dir / "continual.json").read_text())] == [0, 1]
+
+    resumed = run_cli(["run", str(config)])
+    assert "[npo_gd] resumed after request 1 of 2" in resumed.stdout + resumed.stderr
+    history = json.loads((run_dir / "continual.json").read_text())
+    assert [e["request"] for e in history] == [0, 1, 2]
+    for ours, theirs in zip(history, reference):
+        for split, values in theirs["eval"].items():
+            assert ours["eval"][split]["prob"] == pytest.approx(values["prob"], rel=1e-5), (ours["request"], split)
+    for adapter in ("request1", "request2"):
+        (mine,), (straight,) = ((d / "adapters" / adapter).rglob("*.safetensors") for d in (run_dir, reference_dir))
+        a, b = load_file(mine), load_file(straight)
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))

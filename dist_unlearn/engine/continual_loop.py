@@ -12,12 +12,18 @@ its log-probs cached once. After each request the model with adapters ``1..k`` i
 request's forget set, on all forget people so far, on the forget people still to come and on retain;
 ``continual.json`` (rank 0, rewritten atomically after each request) holds one entry per request
 (request 0 = the base model). Adapters are saved one by one under ``adapters/request{k}`` and the model
-with all adapters merged under ``model/``. A run is not resumable mid-way: it starts over.
+with all adapters merged under ``model/``.
+
+Stop and resume work per request: a stop request (``OUTPUT/STOP``, SIGUSR1/SIGTERM) is honoured at the
+next step; the request in progress is dropped and the run exits with 75. The same command then loads the
+saved adapters of the finished requests (those ``continual.json`` lists) and redoes the dropped one from its
+start, so the result equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from dist_unlearn.distributed.env import barrier, is_main_process
 from dist_unlearn.engine.ds_config import torch_dtype
 from dist_unlearn.engine.job import Job, LocalReporter, Reporter
 from dist_unlearn.engine.metrics_log import MetricsLog, mean_over_ranks
+from dist_unlearn.engine.preemption import Preempted, agree_to_stop, stop_requested
 from dist_unlearn.engine.prepare import load_benchmark
 from dist_unlearn.engine.worker import initialize_engine, progress_bar, start_worker
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset
@@ -55,6 +62,25 @@ def _check_objective(objective: Any) -> None:
             f"method '{objective.name}' needs data the continual loop does not provide (only forget, retain "
             "and cached reference log-probs). Fix: use e.g. method.names=npo_gd, grad_diff or simnpo_gd"
         )
+
+
+def finished_requests(run_dir: Path) -> list[dict[str, Any]]:
+    """``continual.json`` of an earlier run of this directory (entry 0 = the base model, then one per finished
+    request), or ``[]`` when there is none or an adapter it lists is missing (the run then starts over).
+    An adapter saved without its ``continual.json`` entry (a stop in between) is redone."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    history = json.loads(path.read_text())
+    if any(not (run_dir / "adapters" / f"request{k}").is_dir() for k in range(1, len(history))):
+        return []
+    return history
+
+
+def _load_request_adapter(model: Any, run_dir: Path, name: str) -> None:
+    """Load the saved adapter ``name`` (``adapters/NAME``, as written by ``save_pretrained``) into ``model``."""
+    config = next((run_dir / "adapters" / name).rglob("adapter_config.json"))
+    model.load_adapter(str(config.parent), adapter_name=name, is_trainable=False)
 
 
 def run_continual(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -93,12 +119,21 @@ def run_continual(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
         return sets
 
     names: list[str] = []
+    history = finished_requests(run_dir)[: len(groups) + 1]
+    for k in range(1, len(history)):  # resume: the finished requests' adapters, as they were saved
+        _load_request_adapter(model, run_dir, f"request{k}")
+        names.append(f"request{k}")
+    if history and is_main_process():
+        print(f"[{job.name}] resumed after request {len(history) - 1} of {len(groups)}", flush=True)
     activate_adapters(model, names)
-    history = [{"request": 0, "people": [], "eval": evaluate_splits(model, eval_sets(0), pad_id, device=device)}]
-    log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard)
-    global_step = 0
+    if not history:
+        history = [{"request": 0, "people": [], "eval": evaluate_splits(model, eval_sets(0), pad_id, device=device)}]
+    global_step = (len(history) - 1) * cfg.train.steps
+    log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard, resume_from_step=global_step)
     for k, group in enumerate(groups, start=1):
         name = f"request{k}"
+        if k < len(history):
+            continue
         add_request_adapter(model, name, like="default")
         earlier = list(names)
         names.append(name)
@@ -137,6 +172,11 @@ def run_continual(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
             values["step_seconds"] = time.perf_counter() - started
             log.log(global_step, values)
             progress.update(1)
+            if step + 1 < cfg.train.steps and agree_to_stop(stop_requested(cfg.output.dir)):
+                progress.close()  # the request in progress is dropped; a rerun redoes it from its start
+                done = (k - 1) * cfg.train.steps
+                reporter.report({"step": done, "request": k - 1, "preempted": 1}, None)
+                raise Preempted(done, run_dir / "adapters", job.name)
         progress.close()
         activate_adapters(model, names)  # all adapters so far, none trainable
         entry = {

@@ -66,7 +66,8 @@ def check_resumable(jobs: list[Job], world_size: int) -> None:
     problems = []
     for job in jobs:
         path = Path(job.run_dir) / RUN_SETTINGS_FILE
-        if not path.is_file() or not (Path(job.run_dir) / "checkpoints").is_dir():
+        progress = [Path(job.run_dir) / d for d in ("checkpoints", "adapters")]  # adapters: continual requests
+        if not path.is_file() or not any(d.is_dir() for d in progress):
             continue
         old, new = json.loads(path.read_text()), run_settings(job, world_size)
         changed = _diff(old, new)
