@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output", default="runs/ray_train")
+    parser.add_argument("--address", default=None, help="join this Ray cluster (HOST:PORT); default: start one")
     args = parser.parse_args()
     output = os.path.abspath(args.output)
     model_dir = args.model and os.path.abspath(args.model)
@@ -104,9 +105,15 @@ def main() -> None:
             model.save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
 
-    ray.init(  # quiet: the workers' output stays in Ray's session logs
-        num_cpus=max(os.cpu_count() or 1, args.workers), include_dashboard=False, log_to_driver=False
-    )
+    if args.address:  # quiet: the workers' output stays in Ray's session logs
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, args.workers),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     trainer = TorchTrainer(
         train_func,
         train_loop_config={

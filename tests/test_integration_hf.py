@@ -468,7 +468,7 @@ def test_hf_trainer_example_runs_under_torchrun(tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
-def test_ray_train_example_runs_on_two_workers(tmp_path, tiny_dir):
+def test_ray_train_example_runs_on_two_workers(tmp_path, tiny_dir, ray_address):
     """examples/ray_train_unlearn.py on 2 Ray Train workers (ZeRO-3): Ray gets the reports and checkpoint,
     and step 1's loss equals one process's on the same global batch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -481,6 +481,8 @@ def test_ray_train_example_runs_on_two_workers(tmp_path, tiny_dir):
         "3",
         "--output",
         str(tmp_path),
+        "--address",
+        ray_address,  # the session's cluster: Ray's start-up is not what this test is about
     ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
