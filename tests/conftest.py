@@ -150,6 +150,20 @@ def ray_address() -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny real Llama (2 layers, H=32) with its tokenizer, saved like a prepared model (not fine-tuned)."""
+    from dist_unlearn.data import generate_facts
+    from dist_unlearn.models import build_embedded_model
+
+    facts = generate_facts(**SMALL_DATA, seed=0)
+    model, tok = build_embedded_model(facts.corpus(), vocab_size=400, hidden_size=32, num_layers=2, num_heads=2)
+    out = tmp_path_factory.mktemp("tiny") / "target"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def small_target(tmp_path_factory) -> str:
     """The small embedded target model, prepared once per session (single process)."""
     from dist_unlearn.config import config_from_dict

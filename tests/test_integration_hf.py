@@ -222,20 +222,6 @@ def _launch(mode: str, nproc: int, model_dir: str, out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    """A tiny real Llama (2 layers, H=32) with its tokenizer, saved like a prepared model."""
-    from dist_unlearn.data import generate_facts
-    from dist_unlearn.models import build_embedded_model
-
-    facts = generate_facts(**SMALL_DATA, seed=0)
-    model, tok = build_embedded_model(facts.corpus(), vocab_size=400, hidden_size=32, num_layers=2, num_heads=2)
-    out = tmp_path_factory.mktemp("tiny") / "target"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def launches(tmp_path_factory, tiny_dir) -> tuple[dict, dict, Path]:
     """The 2-rank launch (CLI loop, Trainer, resume, nf4 + LoRA) and the 1-rank launch (Trainer), once."""
     root = tmp_path_factory.mktemp("launches")

@@ -18,20 +18,6 @@ from multiproc import run_on_ranks
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    """A tiny real Llama (2 layers, H=32) with its tokenizer, saved like a prepared model (not fine-tuned)."""
-    from dist_unlearn.data import generate_facts
-    from dist_unlearn.models import build_embedded_model
-
-    facts = generate_facts(**SMALL_DATA, seed=0)
-    model, tok = build_embedded_model(facts.corpus(), vocab_size=400, hidden_size=32, num_layers=2, num_heads=2)
-    out = tmp_path_factory.mktemp("tiny") / "target"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
 def _equivalence(rank: int, world: int, model_dir: str, only: tuple = (), loras: tuple = (0, 4)) -> dict:
     """Per LoRA setting: build every reference on a ZeRO-3 engine, take one GA step, then score NPO with each."""
     os.environ["LOCAL_RANK"] = str(rank)
