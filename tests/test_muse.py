@@ -172,7 +172,7 @@ def test_verbmem_excerpts(muse_setup):
     assert gt == tok.decode(ids[8:24], skip_special_tokens=True)
     ((prompt, gt),) = verbmem_examples_from_pairs(tok, [("amber brook", text)], max_new_tokens=5)
     assert prompt == [tok.bos_token_id, *tok("amber brook", add_special_tokens=False)["input_ids"]]
-    assert gt == tok.decode(ids[:5], skip_special_tokens=True)
+    assert gt == tok.decode(ids[:4], skip_special_tokens=True)  # MUSE's gt_short: [bos] + 4 tokens
 
 
 # ---- end to end: target → GA on raw forget text → MUSE evaluation with the retrained model's PrivLeak ----

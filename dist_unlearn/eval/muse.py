@@ -4,7 +4,8 @@ Models", arXiv:2407.06460; reference code ``muse_bench``: ``eval.py`` and ``metr
 * **VerbMem** (criterion C1, no verbatim memorisation), on the forget set:
   ``VerbMem = 100 · mean_x ROUGE-L-F1(x[l+1:], f(x[:l]))``: the model greedily continues the first ``l``
   tokens of each forget excerpt for ``128`` new tokens (``verbmem_max_new_tokens = 128`` in MUSE's code)
-  and the continuation is scored against the true one, cut to its first 128 tokens. MUSE ships the
+  and the continuation is scored against the true one, cut to its first 128 tokens (MUSE counts its
+  ``[bos]`` among them: :func:`verbmem_examples_from_pairs`). MUSE ships the
   excerpts as ``verbmem/forget`` (``prompt``, ``gt``), used as given; without that file the excerpts are
   built from the raw forget texts: consecutive pieces of ``l + 128`` tokens, prompt = the first
   ``l = 32`` tokens (the prompt length stated for MUSE in our brief; MUSE's code takes the prompt from
@@ -110,11 +111,14 @@ def verbmem_examples_from_pairs(
     tokenizer: Any, pairs: Sequence[tuple[str, str]], max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS
 ) -> list[tuple[list[int], str]]:
     """VerbMem excerpts from MUSE's ``verbmem/forget`` ``(prompt, gt)`` records: the prompt encoded after
-    ``[bos]``, the true continuation cut to its first ``max_new_tokens`` tokens (as MUSE's ``gt_short``)."""
+    ``[bos]``, the true continuation cut as MUSE's ``gt_short``: ``gt`` encoded *with* ``[bos]``, cut to
+    ``max_new_tokens`` ids, decoded without special tokens (so ``max_new_tokens − 1`` text tokens for a
+    tokenizer with a BOS token, e.g. LLaMA's 127)."""
+    prefix = prefix_ids(tokenizer)
     return [
         (
-            [*prefix_ids(tokenizer), *_ids(tokenizer, prompt)],
-            tokenizer.decode(_ids(tokenizer, gt)[:max_new_tokens], skip_special_tokens=True),
+            [*prefix, *_ids(tokenizer, prompt)],
+            tokenizer.decode(_ids(tokenizer, gt)[: max_new_tokens - len(prefix)], skip_special_tokens=True),
         )
         for prompt, gt in pairs
     ]
