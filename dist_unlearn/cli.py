@@ -119,9 +119,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from dist_unlearn.ray.evaluate import run_eval_with_ray
 
         assets = resolve_model_assets(cfg)
-        targets = eval_targets(cfg, assets.target_dir, assets.oracle_dir)
+        oracle_dir = cfg.eval.oracle_dir or assets.oracle_dir
+        targets = eval_targets(cfg, assets.target_dir, oracle_dir)
         check_targets(targets)
-        run_eval_with_ray(cfg, targets, assets.oracle_dir)
+        run_eval_with_ray(cfg, targets, oracle_dir)
     else:  # one process, or every torchrun rank: the embedded models are prepared inside the group
         targets = run_eval_without_ray(cfg)
     if os.environ.get("RANK", "0") == "0":

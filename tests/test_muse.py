@@ -248,22 +248,31 @@ def test_ga_on_raw_forget_text_lowers_verbmem_and_reports_muse(muse_setup, tmp_p
         "privleak"
     ] == pytest.approx(0.0)
 
-    # the same through saved directories: dist-unlearn eval's evaluate_directory with the retrained model by
-    # path (MUSE's default lengths: 32-token prompts, 128 / 32 new tokens)
-    from dist_unlearn.config import load_config
-    from dist_unlearn.eval.suite import evaluate_directory
+    # the same through saved directories and the config: dist-unlearn eval's one-process path with the
+    # retrained model by path (eval.oracle_dir) and MUSE's default lengths (32-token prompts, 128 / 32 new tokens)
+    from dist_unlearn.config import ConfigError, load_config
+    from dist_unlearn.engine.eval_job import run_eval_without_ray
 
     for name, model in (("target", target), ("retrained", retrained)):
         model.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     (tmp_path / "run.yaml").write_text("model: {path: embedded}\n")
-    overrides = [f"data.source=muse:{root}", f"data.max_length={length}", "eval.sampled_generations=0"]
-    cfg = load_config(tmp_path / "run.yaml", overrides)
-    evaluation = evaluate_directory(cfg, str(tmp_path / "target"), str(tmp_path / "retrained"), facts)
+    overrides = [
+        f"model.path={tmp_path / 'target'}",
+        f"data.source=muse:{root}",
+        f"data.max_length={length}",
+        "eval.sampled_generations=0",
+        f"eval.model_dir={tmp_path / 'target'}",
+        f"eval.oracle_dir={tmp_path / 'retrained'}",
+        f"output.dir={tmp_path / 'out'}",
+        "ray.enabled=false",
+    ]
+    assert run_eval_without_ray(load_config(tmp_path / "run.yaml", overrides)) == {"target": str(tmp_path / "target")}
+    evaluation = json.loads((tmp_path / "out" / "target" / "eval.json").read_text())
     result = evaluation["result"]
     assert result["privleak"] == pytest.approx(before["privleak"], abs=1e-6)
     assert evaluation["oracle"]["privleak_auc"] == pytest.approx(reference["privleak_auc"], abs=1e-6)
     assert {"verbmem_forget", "knowmem_forget", "knowmem_retain"} <= set(result)
-    assert result["per_example"]["muse"]["verbmem_forget"]["count"] == len(
-        facts.split("forget")
-    )  # one 32+128 excerpt each
+    assert result["per_example"]["muse"]["verbmem_forget"]["count"] == len(facts.split("forget"))  # one excerpt each
+    with pytest.raises(ConfigError, match="eval.oracle_dir: .* has no config.json"):
+        load_config(tmp_path / "run.yaml", [*overrides[:-3], f"eval.oracle_dir={tmp_path / 'missing'}"])

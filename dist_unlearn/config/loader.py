@@ -639,6 +639,15 @@ def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[s
             problems.append(problem)
         else:
             cfg.deepspeed.config = resolved
+    if not bad & {"eval", "eval.oracle_dir"} and cfg.eval.oracle_dir:
+        oracle = _resolve(cfg.eval.oracle_dir, base_dir)
+        if (oracle / "config.json").is_file():
+            cfg.eval.oracle_dir = str(oracle)
+        else:
+            problems.append(
+                f"eval.oracle_dir: {oracle} has no config.json. Fix: point it at a saved model directory trained "
+                "without the forget set (the retrained / retain model), or leave it empty"
+            )
     if not bad & {"model", "model.path"} and cfg.model.path != EMBEDDED_MODEL:
         problem, resolved = _check_model_path(cfg.model.path, base_dir)
         if problem:

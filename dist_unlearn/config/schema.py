@@ -196,6 +196,10 @@ class EvalConfig:
     relearn_lr: float = _opt(1e-3, gt=0.0)
     model_dir: str = _opt("", example="runs/x/grad_diff/model")
     """``dist-unlearn eval``: a model directory to evaluate; empty = every method's ``OUTPUT/<method>/model``."""
+    oracle_dir: str = _opt("", example="models/retrained")
+    """A model trained without the forget set (TOFU's retain model, MUSE's retrained model), a saved model
+    directory: the reference of forget quality and PrivLeak in ``run`` and ``eval``; empty = the embedded
+    oracle (only with ``model.path=embedded``)."""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 group (Ray workers, ``torchrun`` ranks, or one process). Never imports Ray.
 
 Which models: ``eval.model_dir`` when set, else every method's ``OUTPUT/<method>/model`` that exists,
-plus the starting model (``original``) and, for the embedded benchmark, the ``oracle``. Each result
+plus the starting model (``original``) and the ``oracle`` (``eval.oracle_dir``, else the embedded
+benchmark's), which is also the reference of forget quality and PrivLeak. Each result
 goes to ``OUTPUT/<name>/eval.json`` (rank 0, temporary name then rename).
 """
 
@@ -85,10 +86,11 @@ def run_eval_without_ray(cfg: RunConfig, only: tuple[str, ...] | None = None) ->
     init_distributed()
     try:
         assets = prepared_assets(cfg)
-        targets = eval_targets(cfg, assets.target_dir, assets.oracle_dir)
+        oracle_dir = cfg.eval.oracle_dir or assets.oracle_dir
+        targets = eval_targets(cfg, assets.target_dir, oracle_dir)
         targets = {name: path for name, path in targets.items() if only is None or name in only}
         check_targets(targets)
-        run_eval_job(eval_job(cfg, targets, assets.oracle_dir))
+        run_eval_job(eval_job(cfg, targets, oracle_dir))
         return targets
     finally:
         destroy_process_group()

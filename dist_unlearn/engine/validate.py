@@ -77,18 +77,18 @@ def validate_run(cfg: RunConfig) -> None:
 def _best_metric_problems(cfg: RunConfig) -> list[str]:
     """``eval.best_metric`` that this run's periodic evaluation could never measure (it would keep no best
     model): forget quality and PrivLeak are measured against the oracle, which only the embedded model
-    comes with; PrivLeak also needs a holdout split. (A metric missing for a reason only the data shows
-    falls back at run time: :class:`dist_unlearn.eval.periodic.RunEvaluator`.)"""
+    comes with unless ``eval.oracle_dir`` names one; PrivLeak also needs a holdout split. (A metric missing
+    for a reason only the data shows falls back at run time: :class:`dist_unlearn.eval.periodic.RunEvaluator`.)"""
     metric = cfg.eval.best_metric
     if not cfg.eval.every_steps or metric not in ("forget_quality", "privleak_abs"):
         return []
     fix = "Fix: eval.best_metric=model_utility or eval.best_metric=neg_forget_prob"
-    if cfg.model.path != EMBEDDED_MODEL and oracle_dir_for(cfg.model.path) is None:
+    if cfg.model.path != EMBEDDED_MODEL and not cfg.eval.oracle_dir and oracle_dir_for(cfg.model.path) is None:
         return [
             f"eval.best_metric: {metric} is measured against an oracle (a model trained without the forget set), "
             f"which only the embedded model (model.path={EMBEDDED_MODEL}) comes with; with model.path="
             f"{cfg.model.path} the periodic evaluation (eval.every_steps={cfg.eval.every_steps}) could never "
-            f"keep a best model. {fix}"
+            f"keep a best model. {fix}, or eval.oracle_dir=DIR (a model trained without the forget set)"
         ]
     if metric == "privleak_abs" and cfg.data.source == FICTITIOUS_SOURCE and cfg.data.holdout_fraction == 0:
         return [f"eval.best_metric: privleak_abs needs held-out examples but data.holdout_fraction=0. {fix}"]

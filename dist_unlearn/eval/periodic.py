@@ -66,7 +66,7 @@ class RunEvaluator:
         inference: dict[str, Any] | None = None,
     ):
         self.cfg, self.tokenizer, self.facts, self.run_dir, self.device = cfg, tokenizer, facts, Path(run_dir), device
-        self.oracle_dir = oracle_dir_for(model_dir)
+        self.oracle_dir = cfg.eval.oracle_dir or oracle_dir_for(model_dir)
         self.inference = inference
         self._members: dict[str, torch.nn.Module] = {}  # frozen models the spec adds (ULD: the target)
         self.oracle_result: dict[str, Any] | None = None
