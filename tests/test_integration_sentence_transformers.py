@@ -12,6 +12,7 @@ The module is also the script that ``torchrun`` runs (``python -m torch.distribu
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ TEMPERATURE = 0.1
 MINI_BATCH = 3
 PER_RANK = 4  # 2 ranks x 4 rows = the 8-row global batch
 TOL = 1e-5
+BOUND = 10.1  # max 1/tau for the clamp case: the start (1/0.1 = 10) is below it, step 1 takes it above
 UPDATE_TOL = 1e-3  # of the update lr * grad itself, in float32 (the weights are compared at TOL)
 SETUPS = ("ddp", "zero2", "zero3")  # DDP first: TrainingArguments(deepspeed=...) leaves process-wide state
 
@@ -112,8 +114,9 @@ def full_weights(model: Any, engine: Any = None) -> dict[str, torch.Tensor]:
 # --- the independent one-process reference ------------------------------------------------------------
 
 
-def reference(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The whole global batch in one process: InfoNCE from its formula, one backward, SGD by hand."""
+def reference(model_dir: Path, steps: int = 1, bound: float | None = None) -> dict[str, torch.Tensor]:
+    """The whole global batch in one process: InfoNCE from its formula, one backward, SGD by hand (per step; with
+    ``bound``, ``log(1/tau)`` is clamped at ``log(bound)`` after every step but the last, as CLIP does)."""
     import torch.nn.functional as F
 
     from dist_unlearn.integrations.sentence_transformers import TEMPERATURE_KEY
@@ -126,15 +129,24 @@ def reference(model_dir: Path) -> dict[str, torch.Tensor]:
         features = model.preprocess(texts)
         return model(features)["sentence_embedding"]
 
-    q, p, n = embed(ANCHORS), embed(POSITIVES), embed(NEGATIVES)
-    docs = torch.stack([p, n], dim=1).reshape(-1, HIDDEN)  # per anchor [positive, negative]
-    scores = F.normalize(q, dim=-1) @ F.normalize(docs, dim=-1).T
-    loss = F.cross_entropy(scores * log_t.exp(), torch.arange(len(ANCHORS)) * 2)
-    loss.backward()
-    # parameters without a gradient (BERT's pooler: mean pooling does not use it) are not moved by SGD
-    out = {n: (w - LR * w.grad if w.grad is not None else w).detach().double() for n, w in model.named_parameters()}
-    out[TEMPERATURE_KEY] = (log_t - LR * log_t.grad).detach().double()
-    out["__loss__"] = loss.detach().double()
+    losses = []
+    for step in range(steps):
+        q, p, n = embed(ANCHORS), embed(POSITIVES), embed(NEGATIVES)
+        docs = torch.stack([p, n], dim=1).reshape(-1, HIDDEN)  # per anchor [positive, negative]
+        scores = F.normalize(q, dim=-1) @ F.normalize(docs, dim=-1).T
+        loss = F.cross_entropy(scores * log_t.exp(), torch.arange(len(ANCHORS)) * 2)
+        loss.backward()
+        losses.append(loss.detach().double())
+        with torch.no_grad():  # parameters without a gradient (BERT's pooler: unused by mean pooling) do not move
+            for w in [*model.parameters(), log_t]:
+                if w.grad is not None:
+                    w -= LR * w.grad
+                    w.grad = None
+            if bound is not None and step < steps - 1:
+                log_t.clamp_(max=math.log(bound))
+    out = {n: w.detach().double().clone() for n, w in model.named_parameters()}
+    out[TEMPERATURE_KEY] = log_t.detach().double().clone()
+    out["__loss__"] = losses[0]
     return out
 
 
@@ -154,7 +166,13 @@ def ds_config(stage: int) -> dict[str, Any]:
 
 
 def train_one_step(
-    setup: str, model_dir: Path, out_dir: Path, per_device: int = PER_RANK, accumulation: int = 1
+    setup: str,
+    model_dir: Path,
+    out_dir: Path,
+    per_device: int = PER_RANK,
+    accumulation: int = 1,
+    steps: int = 1,
+    bound: float = 100.0,
 ) -> dict[str, Any]:
     """sentence-transformers' Trainer, our loss, one SGD step on this rank's rows; the weights afterwards."""
     from accelerate.state import AcceleratorState, PartialState
@@ -168,14 +186,19 @@ def train_one_step(
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     model = load_model(model_dir)
     loss = GradCacheInfoNCELoss(
-        model, mini_batch_size=MINI_BATCH, temperature=TEMPERATURE, learnable_temperature=True, check_replay=True
+        model,
+        mini_batch_size=MINI_BATCH,
+        temperature=TEMPERATURE,
+        learnable_temperature=True,
+        max_inverse_temperature=bound,
+        check_replay=True,
     )
     data = Dataset.from_dict({"anchor": ANCHORS, "positive": POSITIVES, "negative": NEGATIVES})
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out_dir / setup),
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
-        max_steps=1,
+        max_steps=steps,
         learning_rate=LR,
         optim="sgd",
         lr_scheduler_type="constant",
@@ -211,6 +234,10 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     out = Path(out_dir)
     results = {setup: train_one_step(setup, out / "model", out) for setup in SETUPS}
+    # 2 steps with the temperature bound just above its start: after step 1 it is past the bound, and the clamp
+    # at step 2's start must act on ZeRO's fp32 master copy (ZeRO-3: its partitions) and on the working copy
+    for setup in ("zero2", "zero3"):
+        results[f"{setup}-clamp"] = train_one_step(setup, out / "model", out, steps=2, bound=BOUND)
     torch.save(results, out / f"rank{int(os.environ['RANK'])}.pt")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -238,6 +265,7 @@ def two_ranks(tmp_path_factory) -> dict[str, Any]:
     initial = full_weights(load_model(out / "model"))
     initial[ranks[0]["zero2"]["key"]] = -torch.log(torch.tensor(TEMPERATURE, dtype=torch.float64))
     return {
+        "model_dir": out / "model",
         "ranks": ranks,
         "reference": reference(out / "model"),
         "initial": initial,
@@ -267,6 +295,24 @@ def test_one_trainer_step_on_two_ranks_equals_one_process(two_ranks, setup):
         assert err < UPDATE_TOL, f"{setup} rank {rank}: update relative error {err:.2e}"
         # the Trainer logs the true global-batch loss (the mean of the ranks' scaled losses)
         assert got["logged_loss"][0] == pytest.approx(want["__loss__"].item(), rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", ["zero2", "zero3"])
+def test_temperature_clamp_acts_on_the_zero_master_copy(two_ranks, setup):
+    """Two steps with the bound crossed after step 1: the clamp (CLIP's, after the optimizer step) reaches ZeRO's
+    fp32 master copy (ZeRO-3: partitions), so step 2 starts from log(bound), as one process with the clamp does."""
+    want = reference(two_ranks["model_dir"], steps=2, bound=BOUND)
+    without = reference(two_ranks["model_dir"], steps=2)
+    for rank, results in enumerate(two_ranks["ranks"]):
+        got = results[f"{setup}-clamp"]
+        key = got["key"]
+        weights = {n: w for n, w in want.items() if n != "__loss__"}
+        assert rel_error(got["weights"], weights) < TOL, f"rank {rank}"
+        t_err = abs(got["weights"][key] - weights[key]).item() / abs(weights[key]).item()
+        assert t_err < TOL, f"rank {rank}: temperature relative error {t_err:.2e}"
+    # the bound mattered: without the clamp the temperature ends elsewhere
+    assert abs(without[key] - want[key]).item() > 100 * TOL * abs(want[key]).item()
 
 
 # --- one process (no launcher) -------------------------------------------------------------------------------

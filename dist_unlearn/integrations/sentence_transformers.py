@@ -236,11 +236,18 @@ class GradCacheInfoNCELoss(nn.Module):
     def _encode(self, model: Any, chunk: Mapping[str, Any]) -> Tensor:
         """``model(features)["sentence_embedding"]`` ``[n, d]``; keeps the forward's copy of ``log(1/tau)``."""
         out = model(dict(chunk))
-        if self.learnable_temperature:
-            self._temperature_out = out[TEMPERATURE_KEY]
-            if self._seen_temperature is None:
-                self._seen_temperature = out[TEMPERATURE_KEY].detach().clone()
-        return out["sentence_embedding"]
+        embeddings = out["sentence_embedding"]
+        if not self.learnable_temperature:
+            return embeddings
+        temperature = out[TEMPERATURE_KEY]
+        self._temperature_out = temperature
+        if self._seen_temperature is None:
+            self._seen_temperature = temperature.detach().clone()
+        # + 0·log(1/tau): the same values, and every chunk's backward gives the temperature a (zero) gradient. ZeRO-3
+        # overwrites a gradient partition at the step's first backward and adds to it afterwards; a parameter first
+        # reached in a later backward (as the temperature, through the last chunk only) would be added to the
+        # previous step's stale partition.
+        return embeddings + 0.0 * temperature.to(embeddings.dtype)
 
     def _loss(self, *reps: Tensor) -> Tensor:
         """InfoNCE of anchors ``reps[0]`` against ``[positive, negatives...]`` ``[b, 1 + h, d]``."""
@@ -291,13 +298,21 @@ class GradCacheInfoNCELoss(nn.Module):
         if model_kind(self.model) != "deepspeed":
             param.clamp_(max=bound)
             return
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the fp32 master and of the working copy
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            # (local, not full: DeepSpeed's safe_set_full_fp32_param cannot set a tensor smaller than the world)
+            local = safe_get_local_fp32_param(param)
+            if local is not None and local.numel() > 0 and bool(local.max() > bound):
+                safe_set_local_fp32_param(param, local.clamp(max=bound))
+            param.ds_tensor.data.clamp_(max=bound)
+            return
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-        master = safe_get_full_fp32_param(param)  # every rank calls it (a collective under ZeRO-3)
+        master = safe_get_full_fp32_param(param)  # ZeRO-0/1/2 (every rank calls it: one small all-reduce)
         if master is not None and bool(master.max() > bound):
             safe_set_full_fp32_param(param, master.clamp(max=bound))
-            working = getattr(param, "ds_tensor", param)  # ZeRO-3: this rank's partition
-            working.data.clamp_(max=bound)
+            param.data.clamp_(max=bound)
 
     def extra_repr(self) -> str:
         nce = self.info_nce
