@@ -61,6 +61,10 @@ Exactness needs a forward that is a function of (parameters, inputs, RNG state).
 module that changes its own state in forward (batch-norm running statistics) is updated twice per
 step. ``check_replay=True`` verifies the replayed representations against the cached ones.
 
+For a framework that calls ``backward`` itself once per step (HF/sentence-transformers ``Trainer``,
+``accelerator.backward``), :meth:`GradCache.step_deferred` runs everything but the last chunk's backward and
+returns that chunk's surrogate for the framework's backward, which then completes the step and reduces it once.
+
 GradCache never steps the optimizer: call ``engine.step()`` (DeepSpeed) or ``optimizer.step()`` /
 ``optimizer.zero_grad()`` yourself after :meth:`GradCache.step`, so it plugs into an existing loop::
 
