@@ -29,6 +29,18 @@ _spec = importlib.util.spec_from_file_location("force_bnb_cpu_fastpath", Path(_F
 _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Each test leaves os.environ as it found it. Code that sets up a one-process group in this process
+    (DeepSpeed, accelerate) exports RANK, WORLD_SIZE, MASTER_ADDR, ...; inherited by a later test's
+    ``dist-unlearn`` subprocess, they would make it run as a torchrun rank instead of launching Ray."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def tiny_lm():
     """Factory: a small real LlamaForCausalLM and forget/retain batches of the facts benchmark."""
