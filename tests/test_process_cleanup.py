@@ -30,6 +30,14 @@ def _session_of(proc: psutil.Process) -> str | None:
     return None
 
 
+def _command_line(proc: psutil.Process) -> str:
+    """The process's command line, or "" once it has exited or is a zombie (children come and go)."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def _naming(marker: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -58,7 +66,7 @@ def test_a_run_stopped_with_sigterm_leaves_no_process_behind(tmp_path, small_tar
         started: list[psutil.Process] = []
         while time.monotonic() < deadline:  # until both Ray Train workers are up
             started = proc.children(recursive=True)
-            if sum("RayTrainWorker" in " ".join(p.cmdline()) for p in started if p.is_running()) >= 2:
+            if sum("RayTrainWorker" in _command_line(p) for p in started) >= 2:
                 break
             assert cli.poll() is None, cli.stdout.read()
             time.sleep(1)
