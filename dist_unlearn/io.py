@@ -23,10 +23,10 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def staging_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
+def staging_path(path: str | os.PathLike[str]) -> Path:
     """The temporary sibling that :func:`atomic_path` writes before renaming: ``NAME`` → ``NAME.tmp``."""
     final = Path(path)
-    return final.with_name(final.name + suffix)
+    return final.with_name(final.name + ".tmp")
 
 
 def move_into_place(staging: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:

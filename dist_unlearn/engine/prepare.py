@@ -29,7 +29,7 @@ from dist_unlearn.data.facts import FactsBenchmark, generate_facts, load_qa_file
 from dist_unlearn.data.formats import is_formatted_source, load_formatted
 from dist_unlearn.data.qa import QADataset
 from dist_unlearn.eval.answers import evaluate_splits
-from dist_unlearn.io import move_into_place
+from dist_unlearn.io import move_into_place, staging_path
 from dist_unlearn.models.encoders import encoder_path
 from dist_unlearn.models.finetune import finetune
 from dist_unlearn.models.tiny_llama import build_embedded_model
@@ -84,7 +84,7 @@ def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAss
     started = time.time()
     facts = load_benchmark(cfg.data)
     p = cfg.prepare
-    staging = root.with_name(root.name + ".tmp")
+    staging = staging_path(root)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     facts.to_jsonl(staging / "facts.jsonl")

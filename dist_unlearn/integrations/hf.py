@@ -62,6 +62,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dist_unlearn.data.qa import QADataset
 from dist_unlearn.eval.answers import evaluate_splits
+from dist_unlearn.io import atomic_path
 from dist_unlearn.models.chunked_lm import unwrap_model
 from dist_unlearn.unlearning import OBJECTIVES, UnlearningObjective, build_reference, get_objective
 from dist_unlearn.unlearning.reference import CachedReference, choose_reference_mode
@@ -263,10 +264,8 @@ class UnlearningEvalCallback(UnlearningCallback):
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class UnlearningTrainerMixin:

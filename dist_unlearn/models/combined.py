@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
+from dist_unlearn.io import write_json_atomic
 from dist_unlearn.models.chunked_lm import _gathered_linear, _is_partitioned, forward_hidden, output_head, unwrap_model
 
 INFERENCE_SPEC = "inference.json"
@@ -217,11 +217,7 @@ class LogitDifferenceLM(torch.nn.Module):
 
 def write_inference_spec(model_dir: str | Path, spec: dict[str, Any]) -> Path:
     """Write ``MODEL_DIR/inference.json`` (temporary name, then rename); returns its path."""
-    path = Path(model_dir) / INFERENCE_SPEC
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(spec, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(model_dir) / INFERENCE_SPEC, spec)
 
 
 def read_inference_spec(model_dir: str | Path) -> dict[str, Any] | None:
