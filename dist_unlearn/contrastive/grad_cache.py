@@ -29,15 +29,19 @@ Accumulation across chunks is exact for each kind of model:
 - ``deepspeed.DeepSpeedEngine``: gradients always go through ``engine.backward`` (never around it, so
   ZeRO's hooks, partitioning and fp16 loss scaling apply). ZeRO-3: one plain ``engine.backward`` per
   chunk; each reduce-scatters into this rank's gradient partition and the partitions add up exactly
-  (tested), so no whole gradient is ever held. ZeRO-1/2: all chunk backwards run inside
-  ``engine.coalesce_grad_reduction()``, one reduction at the end. (Without it or boundaries, several
-  ``engine.backward`` calls in one ZeRO-1/2 step give silently wrong gradients; the tests measure a
-  relative error of 1.4.) Where that context raises ``NotImplementedError`` (ZeRO-0, the BF16/FP16
-  optimizer wrappers) or does not exist (older DeepSpeed), the fallback marks gradient-accumulation
-  boundaries: ``set_gradient_accumulation_boundary(False)`` before every chunk but the last, ``True``
-  before the last (and left ``True``: the same as DeepSpeed's own answer with one accumulation step),
-  so gradients accumulate locally and are reduced once. The tests check both paths against a
-  one-process reference on ZeRO 0-3.
+  (tested), so no whole gradient is ever held. ZeRO-3 overwrites a partition in the step's first backward
+  and adds to it in later ones, so a parameter first reached by a later chunk (a passage-only tower or
+  projection, a parameter used by the last chunk only) would be added to the previous step's stale
+  partition: before the step's first backward GradCache zeroes every partition
+  (:func:`zero_stage3_gradient_partitions`; two-tower test over two optimizer steps). ZeRO-1/2: all chunk
+  backwards run inside ``engine.coalesce_grad_reduction()``, one reduction at the end. (Without it or
+  boundaries, several ``engine.backward`` calls in one ZeRO-1/2 step give silently wrong gradients; the
+  tests measure a relative error of 1.4.) Where that context raises ``NotImplementedError`` (ZeRO-0, the
+  BF16/FP16 optimizer wrappers) or does not exist (older DeepSpeed), the fallback marks
+  gradient-accumulation boundaries: ``set_gradient_accumulation_boundary(False)`` before every chunk but
+  the last, ``True`` before the last (and left ``True``: the same as DeepSpeed's own answer with one
+  accumulation step), so gradients accumulate locally and are reduced once. The tests check both paths
+  against a one-process reference on ZeRO 0-3.
 - ``engine.backward`` divides the loss by ``gradient_accumulation_steps``; GradCache calls it with
   ``scale_wrt_gas=False`` (the same as pre-multiplying the surrogate by that number), so the
   accumulated gradient is the full-batch gradient of ``loss_fn``. One :meth:`GradCache.step` is one
@@ -293,6 +297,46 @@ def wrapped_parameter_ids(model: Any) -> set[int]:
     return {id(param) for param in module.parameters()} if isinstance(module, nn.Module) else set()
 
 
+def zero_stage3_gradient_partitions(engine: Any) -> bool:
+    """Zero this rank's ZeRO-3 gradient partitions of every parameter if no backward has run since the last step.
+
+    ZeRO-3 writes a parameter's reduced gradient into its partition with *copy* semantics in the first backward
+    of an optimizer step (``micro_step_id == 0``) and *adds* to it in every later one. A parameter that the
+    step's first backward does not reach (GradCache replays chunk by chunk: e.g. a passage tower or a
+    projection used only by a later input, or a parameter reached only by the last chunk) would be added to the
+    partition still holding the previous step's gradient, and a parameter not reached at all would keep it.
+    Zeroing every partition first makes each backward's contribution add to zero, which is what copy semantics
+    would give for the parameters it reaches, and gives 0 to the others (tested over two optimizer steps in
+    ``tests/test_grad_cache_two_tower.py``).
+
+    Nothing is done (returns ``False``) when a backward already ran in this optimizer step (its gradients
+    must be kept) or when ``engine`` is not at ZeRO stage 3. The partitions are the optimizer's flat gradient
+    buffer ``grad_partitions_flat_buffer`` (one ``zero_``), or, where a DeepSpeed version lacks it, each
+    parameter's partition through ``deepspeed.utils.safe_set_local_grad``.
+
+    Args:
+        engine: a ``deepspeed.DeepSpeedEngine``.
+    Returns:
+        whether the partitions were zeroed.
+    """
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+    optimizer = getattr(engine, "optimizer", None)
+    if stage != 3 or optimizer is None:
+        return False
+    if getattr(optimizer, "micro_step_id", 0) != 0 or getattr(optimizer, "_epilogue_ran_this_backward", False):
+        return False
+    flat = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if isinstance(flat, Tensor):
+        flat.zero_()
+        return True
+    from deepspeed.utils import safe_set_local_grad
+
+    for param in engine.module.parameters():
+        if param.requires_grad and hasattr(param, "ds_tensor"):
+            safe_set_local_grad(param, torch.zeros_like(param.ds_tensor))
+    return True
+
+
 _LAST_STEP_AT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """DeepSpeed engine -> its ``micro_steps`` when a :meth:`GradCache.step` last completed on it."""
 
@@ -457,6 +501,7 @@ class GradCache:
             raise ValueError("GradCache.step needs at least one input batch")
         if self.kind == "deepspeed":
             self._refuse_repeated_step()
+            zero_stage3_gradient_partitions(self.model)
         chunks = [split_batch(batch, self.chunk_size) for batch in inputs]
         device = first_device(inputs)
         real = [len(input_chunks) for input_chunks in chunks]

@@ -243,11 +243,10 @@ class GradCacheInfoNCELoss(nn.Module):
         self._temperature_out = temperature
         if self._seen_temperature is None:
             self._seen_temperature = temperature.detach().clone()
-        # + 0·log(1/tau): the same values, and every chunk's backward gives the temperature a (zero) gradient. ZeRO-3
-        # overwrites a gradient partition at the step's first backward and adds to it afterwards; a parameter first
-        # reached in a later backward (as the temperature, through the last chunk only) would be added to the
-        # previous step's stale partition.
-        return embeddings + 0.0 * temperature.to(embeddings.dtype)
+        # The temperature reaches the model's backward only through the last chunk's surrogate; under ZeRO-3 that is
+        # exact because GradCache zeroes the gradient partitions before the step's first backward
+        # (see dist_unlearn.contrastive.grad_cache.zero_stage3_gradient_partitions).
+        return embeddings
 
     def _loss(self, *reps: Tensor) -> Tensor:
         """InfoNCE of anchors ``reps[0]`` against ``[positive, negatives...]`` ``[b, 1 + h, d]``."""
