@@ -164,6 +164,8 @@ def _apply_one(result: dict[str, Any], item: str) -> str | None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        elif isinstance(child, str) and _shorthand(parts[: depth + 1]):  # method.robust=sam, then method.robust.rho
+            child = node[part] = {_shorthand(parts[: depth + 1]): child}
         elif not isinstance(child, dict):
             where = ".".join(parts[: depth + 1])
             return (
@@ -173,6 +175,17 @@ def _apply_one(result: dict[str, Any], item: str) -> str | None:
         node = child
     node[parts[-1]] = value
     return None
+
+
+def _shorthand(parts: Sequence[str]) -> str | None:
+    """The field that a plain string sets for the nested section at ``parts`` (its ``shorthand``), if any."""
+    cls: Any = RunConfig
+    for part in parts:
+        hint = _hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if hint is None or not dataclasses.is_dataclass(hint):
+            return None
+        cls = hint
+    return getattr(cls, "shorthand", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +254,9 @@ def _convert_subsection(cls: type, raw: Any, dotted: str, problems: list[str], b
     """A nested section such as ``model.lora``: a mapping converted like a top-level section."""
     if raw is None:
         raw = {}
+    shorthand = getattr(cls, "shorthand", None)
+    if shorthand and isinstance(raw, str):  # e.g. method.robust=sam -> method.robust.name=sam
+        raw = {shorthand: raw}
     if not isinstance(raw, Mapping):
         first = dataclasses.fields(cls)[0]
         problems.append(
@@ -542,6 +558,7 @@ def _check_saliency_and_continual(cfg: RunConfig, problems: list[str], bad: set[
             "AdamW's decoupled weight decay would also change the weights outside the saliency mask. "
             "Fix: set train.weight_decay=0 (or method.saliency=1)"
         )
+    _check_robust(cfg, problems, bad)
     if bad & {"job", "job.kind"} or cfg.job.kind != "continual":
         return
     if not bad & {"model.lora", "model.lora.r"} and cfg.model.lora.r == 0:
@@ -552,6 +569,32 @@ def _check_saliency_and_continual(cfg: RunConfig, problems: list[str], bad: set[
         problems.append(
             "job.kind=continual with deepspeed.zero_stage=3: the adapter orthogonality penalty needs whole LoRA "
             "matrices, which ZeRO-3 partitions. Fix: deepspeed.zero_stage=2 (adapters are small)"
+        )
+
+
+def _check_robust(cfg: RunConfig, problems: list[str], bad: set[str]) -> None:
+    """``method.robust=sure`` sets the saliency fraction itself and needs no weight decay; robustness is
+    implemented for ``job.kind=unlearn`` only."""
+    if bad & {"method", "method.robust", "method.robust.name"} or cfg.method.robust.name == "none":
+        return
+    name = cfg.method.robust.name
+    if not bad & {"job", "job.kind"} and cfg.job.kind != "unlearn":
+        problems.append(
+            f"method.robust={name} with job.kind={cfg.job.kind}: robustness options apply to job.kind=unlearn "
+            "only. Fix: method.robust=none (or job.kind=unlearn)"
+        )
+    if name != "sure":
+        return
+    if not bad & {"method.saliency"} and cfg.method.saliency < 1.0:
+        problems.append(
+            f"method.saliency={cfg.method.saliency:g} with method.robust=sure: SURE sets the saliency fraction "
+            "itself (method.robust.fraction). Fix: method.saliency=1 and method.robust.fraction="
+            f"{cfg.method.saliency:g}"
+        )
+    if not bad & {"train", "train.weight_decay"} and cfg.train.weight_decay > 0.0:
+        problems.append(
+            f"method.robust=sure with train.weight_decay={cfg.train.weight_decay:g}: AdamW's decoupled weight "
+            "decay would also change the weights outside SURE's saliency mask. Fix: set train.weight_decay=0"
         )
 
 

@@ -13,7 +13,7 @@ This module only declares the schema; it imports nothing beyond the standard lib
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 DTYPES = ("fp32", "bf16", "fp16")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
@@ -24,6 +24,8 @@ REFERENCE_MODES = ("auto", *REFERENCE_STRATEGIES)
 USE_GPU_MODES = ("auto", "true", "false")
 ZERO_STAGES = (0, 1, 2, 3)
 EVAL_BEST_METRICS = ("forget_quality", "model_utility", "privleak_abs", "neg_forget_prob")
+ROBUST_METHODS = ("none", "sam", "sure")
+"""Robustness options composed with any method (``dist_unlearn.unlearning.robust``)."""
 EVAL_ATTACKS = ("relearn", "nf4", "int8")
 """Robustness attacks (``dist_unlearn.eval.attacks``)."""
 
@@ -94,6 +96,24 @@ class PrepareConfig:
 
 
 @dataclass
+class RobustConfig:
+    """Robustness composed with every method of the run (``dist_unlearn.unlearning.robust``).
+    ``method.robust=sam`` is short for ``method.robust.name=sam``."""
+
+    shorthand: ClassVar[str] = "name"
+    name: str = _opt("none", choices=ROBUST_METHODS, example="sam")
+    """``sam``: sharpness-aware unlearning against relearning (Fan et al. 2025): the forget term at the
+    worst weights within radius ``rho``. ``sure``: SURE against quantization (Zhang et al. 2025): only the
+    salient ``fraction`` of the weights trains, at ``train.lr × lr_multiplier``."""
+    rho: float = _opt(0.01, gt=0.0)
+    """SAM radius ρ of the weight perturbation δ = ρ·g/‖g‖ (paper: 0.01 on MUSE, 0.1 on WMDP)."""
+    fraction: float = _opt(0.1, gt=0.0, lt=1.0)
+    """SURE: share of the trainable weights updated (the saliency mask of ``method.saliency``)."""
+    lr_multiplier: float = _opt(10.0, ge=1.0)
+    """SURE: the unlearning learning rate is ``train.lr`` times this."""
+
+
+@dataclass
 class MethodConfig:
     """Unlearning methods to run; each starts from the same model."""
 
@@ -108,6 +128,8 @@ class MethodConfig:
     saliency: float = _opt(1.0, gt=0.0, le=1.0, example=0.5)
     """SalUn/WAGLE weight saliency: only this fraction of the trainable weights (largest forget-gradient
     magnitude at the start) is updated; 1 = no mask. Needs ``train.weight_decay=0``."""
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    """Relearning- or quantization-robust unlearning for every method (``none``, ``sam``, ``sure``)."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from dist_unlearn.eval.suite import headline
 from dist_unlearn.models.combined import write_inference_spec
 from dist_unlearn.models.loading import load_tokenizer, model_for_config
 from dist_unlearn.unlearning import build_reference, objective_from_config
+from dist_unlearn.unlearning.robust import robust_plan, unlearning_backward
 from dist_unlearn.unlearning.saliency import saliency_mask_for_run
 from dist_unlearn.unlearning.streams import StepBatches, qa_streams
 
@@ -65,7 +66,8 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     reference_mode = resolve_reference_mode(cfg, job.name, objective)
     streams = qa_streams(facts.split, needs, tokenizer, cfg.data.max_length)
     objective.prepare_model(model)  # e.g. RMU: only the chosen layers train
-    engine = initialize_engine(cfg, model, cfg.train.forget_batch_size // world, cfg.train.lr)
+    robust = robust_plan(cfg)  # method.robust: SAM step, or SURE's saliency fraction and learning rate
+    engine = initialize_engine(cfg, model, cfg.train.forget_batch_size // world, robust.lr)
     pad_id = tokenizer.pad_token_id
     eval_sets = _eval_datasets(facts, tokenizer, cfg)
 
@@ -83,8 +85,8 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         device=device,
     )
 
-    # SalUn mask from the starting weights (None unless method.saliency < 1)
-    saliency = saliency_mask_for_run(engine, streams["forget"], pad_id, cfg.method.saliency, device)
+    # SalUn mask from the starting weights (None unless method.saliency < 1 or method.robust=sure)
+    saliency = saliency_mask_for_run(engine, streams["forget"], pad_id, robust.saliency, device)
     start_step, before = resume(engine, reporter, job.name)
     if before is None:
         before = evaluate_splits(engine, eval_sets, pad_id, device=device)
@@ -109,8 +111,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     engine.train()
     for step in range(start_step, cfg.train.steps):
         started = time.perf_counter()
-        out = objective(engine, batches.batch(step, device), reference=reference)
-        engine.backward(out.loss)
+        out = unlearning_backward(engine, objective, batches.batch(step, device), reference, robust.sam)
         if saliency is not None:
             saliency.apply(engine)
         engine.step()
@@ -136,6 +137,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         "world_size": world,
         "zero_stage": cfg.deepspeed.zero_stage,
         "reference": reference_mode,
+        "robust": robust.name,
         "before": before,
         "after": after,
     }
