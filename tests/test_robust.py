@@ -260,3 +260,61 @@ def test_bad_robust_settings_are_refused_naming_the_field(overrides: list[str], 
 def test_sam_radius_is_checked_in_code_too() -> None:
     with pytest.raises(ValueError, match="method.robust.rho"):
         SharpnessAware(0.0)
+
+
+def test_hf_trainer_sam_step_equals_the_shared_function(tmp_path) -> None:
+    """``UnlearningTrainer(robust="sam")`` (plain Trainer path, SGD, no clipping): one step moves the weights
+    by −lr × the SAM gradient of the same batch, computed by :class:`SharpnessAware` on a copy."""
+    from transformers import TrainingArguments
+
+    from dist_unlearn.integrations.hf import UnlearningTrainer
+
+    model, forget, retain, pad = _model_and_data()
+    reference_model = copy.deepcopy(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = UnlearningTrainer(
+        model,
+        args,
+        forget_dataset=forget,
+        retain_dataset=retain,
+        objective="grad_diff",
+        pad_token_id=pad,
+        robust=SharpnessAware(RHO),
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None),
+    )
+    batch = trainer.unlearn_batches.batch(0, "cpu")
+    trainer.train()
+
+    SharpnessAware(RHO).backward(reference_model, get_objective("grad_diff"), batch)
+    for (n, p), (_, q) in zip(model.named_parameters(), reference_model.named_parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach() - 0.5 * q.grad, rtol=1e-5, atol=1e-6, msg=n)
+    logged = [row for row in trainer.state.log_history if "forget_loss_perturbed" in row]
+    assert logged, trainer.state.log_history
+
+
+def test_hf_trainer_refuses_sure_and_unknown_robust_naming_the_argument(tmp_path) -> None:
+    from transformers import TrainingArguments
+
+    from dist_unlearn.integrations.hf import UnlearningTrainer
+
+    model, forget, retain, pad = _model_and_data()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    for robust, message in (("sure", r"robust: 'sure' .* Fix: .*SaliencyCallback"), ("smooth", "robust: expected")):
+        with pytest.raises(ValueError, match=message):
+            UnlearningTrainer(
+                model, args, forget_dataset=forget, retain_dataset=retain, objective="grad_diff", robust=robust
+            )
+    assert not (tmp_path / "out").exists()

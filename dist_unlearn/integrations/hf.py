@@ -66,6 +66,7 @@ from dist_unlearn.io import atomic_path
 from dist_unlearn.models.chunked_lm import unwrap_model
 from dist_unlearn.unlearning import OBJECTIVES, UnlearningObjective, build_reference, get_objective
 from dist_unlearn.unlearning.reference import CachedReference, choose_reference_mode
+from dist_unlearn.unlearning.robust import SharpnessAware, unlearning_backward
 from dist_unlearn.unlearning.saliency import SaliencyMask, _slots, saliency_mask_for_run
 from dist_unlearn.unlearning.streams import PAIRED_STREAMS, StepBatches, missing_streams, paired_stream
 
@@ -289,6 +290,11 @@ class UnlearningTrainerMixin:
             ``quantized``; default ``model.name_or_path``).
         retain_batch_size: global retain rows per step (default: the global forget batch).
         pad_token_id: padding id (default: the tokenizer's, else ``model.config``'s).
+        robust: ``None`` / ``"none"``, ``"sam"`` or a :class:`~dist_unlearn.unlearning.robust.SharpnessAware`
+            (sharpness-aware unlearning against relearning, Fan et al. 2025; ``"sam"`` = ρ 0.01): each step
+            then takes the objective's forget gradient at θ + δ (the same function as ``method.robust=sam``
+            of the CLI). SURE (``method.robust=sure``) is ``callbacks=[SaliencyCallback(0.1)]`` with a
+            10× ``learning_rate`` here; ``"sure"`` is refused with that fix.
         Other keyword arguments go to the Trainer (``processing_class``, ``callbacks``, ...).
 
     Raises:
@@ -311,6 +317,7 @@ class UnlearningTrainerMixin:
         reference_model_path: str | os.PathLike | None = None,
         retain_batch_size: int | None = None,
         pad_token_id: int | None = None,
+        robust: str | SharpnessAware | None = None,
         **kwargs: Any,
     ) -> None:
         if model is None:
@@ -323,6 +330,7 @@ class UnlearningTrainerMixin:
                 "gradient_accumulation_steps=1 and a larger per_device_train_batch_size (or more ranks)"
             )
         self.unlearn_objective = self._objective(objective, objective_params)
+        self.unlearn_sam = self._robust(robust, args)
         name, needs = self.unlearn_objective.name, self.unlearn_objective.needs
         self.reference_mode = choose_reference_mode(
             needs.reference,
@@ -422,6 +430,26 @@ class UnlearningTrainerMixin:
             raise ValueError(f"objective_params: {exc}") from exc
 
     @staticmethod
+    def _robust(robust: Any, args: TrainingArguments) -> SharpnessAware | None:
+        if robust is None or robust == "none":
+            return None
+        if robust == "sure":
+            raise ValueError(
+                "robust: 'sure' is not an option of UnlearningTrainer. Fix: SURE is saliency plus a larger learning "
+                "rate: pass callbacks=[SaliencyCallback(0.1)] and a learning_rate 10x your usual one"
+            )
+        if robust == "sam":
+            robust = SharpnessAware()
+        if not isinstance(robust, SharpnessAware):
+            raise ValueError(f"robust: expected None, 'none', 'sam' or a SharpnessAware, got {robust!r}")
+        if args.fp16 and not args.deepspeed:
+            raise ValueError(
+                "robust: sharpness-aware unlearning runs three backward passes per step, which the fp16 loss "
+                "scaler of the plain Trainer path does not support. Fix: bf16=True, fp32, or a DeepSpeed config"
+            )
+        return robust
+
+    @staticmethod
     def _pad_id(pad_token_id: int | None, tokenizer: Any, model: Any) -> int:
         for candidate in (
             pad_token_id,
@@ -509,11 +537,25 @@ class UnlearningTrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Objective forward, backward through the Trainer's engine/accelerator, saliency mask, and (under
-        DeepSpeed) the engine's step; returns the detached loss for the Trainer's own logging."""
+        DeepSpeed) the engine's step; returns the detached loss for the Trainer's own logging. With
+        ``robust`` the gradients come from :func:`~dist_unlearn.unlearning.robust.unlearning_backward`
+        (the CLI loop's function: three passes, weights restored before the step)."""
         model.train()
+        callbacks = self._unlearning_callbacks()
+        if self.unlearn_sam is not None and "unlearn_step" in inputs:
+            if not self._unlearn_ready:
+                self._setup_unlearning(model, None)
+            batch = self.unlearn_batches.batch(self.state.global_step, self.args.device)
+            with self.compute_loss_context_manager():
+                out = unlearning_backward(model, self.unlearn_objective, batch, self.reference, self.unlearn_sam)
+            self._record(out.logs)
+            for callback in callbacks:
+                callback.after_backward(self, model)
+            if self.is_deepspeed_enabled:
+                model.step()
+            return out.loss.detach()
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        callbacks = self._unlearning_callbacks()
         if self.is_deepspeed_enabled:
             model.backward(loss)
             for callback in callbacks:
