@@ -1,4 +1,4 @@
-"""``dist-unlearn`` command line: run, eval, report, prepare, bench, submit, init, config.
+"""``dist-unlearn`` command line: run, sweep, eval, report, prepare, bench, submit, init, config.
 
 Every command validates its config fully (schema, method names and parameters) before Ray or
 DeepSpeed start; a bad config prints one message naming the field and the fix and exits with 2.
@@ -72,6 +72,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nper method: {out.resolve()}/<method>/ (model/, metrics.json, metrics.jsonl)")
         print(f"summary: {out.resolve() / 'summary.json'}")
     return 0
+
+
+def _load_sweep(path: str, overrides: list[str]) -> tuple[RunConfig, list]:
+    """The config and its search space (``sweep.space``), every value checked like a run's config."""
+    from dist_unlearn.config import config_from_dict, config_to_dict
+    from dist_unlearn.config.sweep import check_space, parse_space
+    from dist_unlearn.engine.validate import validate_run
+    from dist_unlearn.eval.suite import check_eval_config
+    from dist_unlearn.unlearning import OBJECTIVES
+
+    def validate(data: dict) -> None:
+        trial = config_from_dict(data, known_methods=OBJECTIVES)
+        validate_run(trial)
+        check_eval_config(trial)
+
+    cfg = _load(path, overrides)
+    dims = parse_space(cfg.sweep.space)
+    check_space(dims, cfg, config_to_dict(cfg), validate)
+    return cfg, dims
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Ray Tune trials of CONFIG over ``sweep.space``; see :mod:`dist_unlearn.ray.sweep`."""
+    cfg, dims = _load_sweep(args.config, args.overrides)
+    _quiet_driver(cfg)
+    from dist_unlearn.ray.sweep import run_sweep
+
+    return run_sweep(cfg, dims, args.config, args.overrides, restart=args.restart)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -162,8 +190,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from dist_unlearn.launch.submit import SubmitError, describe, prepare_job, request_from_args, submit_job
 
     request = request_from_args(args)
+    load = _load if request.command == "run" else (lambda path, overrides: _load_sweep(path, overrides)[0])
     try:
-        job = prepare_job(request, _load)
+        job = prepare_job(request, load)
         if args.dry_run:
             print(job.script, end="")
             return 0
@@ -187,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true", help="discard earlier checkpoints of these methods")
     run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=cmd_run)
+    sweep = sub.add_parser(
+        "sweep", help="Ray Tune trials over sweep.space: best forget quality at utility >= x * the target's"
+    )
+    sweep.add_argument("config", help="YAML run config with a sweep: section (or sweep.* overrides)")
+    sweep.add_argument(
+        "overrides", nargs="*", help="e.g. 'sweep.space.train.lr=loguniform(1e-5,1e-3)' sweep.num_samples=4"
+    )
+    sweep.add_argument("--restart", action="store_true", help="discard this output.dir's earlier trials and start over")
+    sweep.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    sweep.set_defaults(func=cmd_sweep)
     prep = sub.add_parser("prepare", help="build the embedded fictitious-facts target and oracle models")
     prep.add_argument("config")
     prep.add_argument("overrides", nargs="*")

@@ -39,6 +39,7 @@ _KIND_TEXT = {
     "str_list": ("a list of strings", "a comma-separated list of names"),
     "params": ("a mapping of method name to keyword parameters", "a mapping"),
     "path_or_mapping": ("a path to a JSON file or a mapping", "a file path or an inline mapping"),
+    "mapping": ("a mapping", "a mapping"),
 }
 
 
@@ -434,6 +435,16 @@ def _to_path_or_mapping(value: Any) -> tuple[Any, str | None]:
     return _INVALID, None
 
 
+def _to_mapping(value: Any) -> tuple[Any, str | None]:
+    if value is None:
+        return {}, None
+    if not isinstance(value, Mapping):
+        return _INVALID, None
+    if not all(isinstance(key, str) for key in value):
+        return _INVALID, "got a mapping with a non-string key"
+    return copy.deepcopy(dict(value)), None
+
+
 _CONVERTERS = {
     "int": _to_int,
     "float": _to_float,
@@ -443,6 +454,7 @@ _CONVERTERS = {
     "str_list": _to_str_list,
     "params": _to_params,
     "path_or_mapping": _to_path_or_mapping,
+    "mapping": _to_mapping,
 }
 
 
@@ -453,8 +465,8 @@ def _kind(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is list and args == (str,):
         return "str_list"
-    if origin is dict:
-        return "params"
+    if origin is dict:  # method.params: name -> mapping; sweep.space: key -> anything
+        return "params" if typing.get_origin(args[1]) is dict else "mapping"
     if origin in (typing.Union, types.UnionType):
         rest = [arg for arg in args if arg is not type(None)]
         if rest == [str]:

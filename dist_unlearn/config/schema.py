@@ -278,6 +278,33 @@ class ContinualConfig:
     """λ of the penalty λ·Σ_earlier Σ_modules ‖A_new A_oldᵀ‖_F² between LoRA ``A`` matrices (O-LoRA)."""
 
 
+SWEEP_SCHEDULERS = ("asha", "none")
+
+
+@dataclass
+class SweepConfig:
+    """``dist-unlearn sweep`` (Ray Tune): trials of this config with sampled ``key=value`` overrides; ``run``
+    ignores this section. Syntax and checks: :mod:`dist_unlearn.config.sweep`."""
+
+    space: dict[str, Any] = field(default_factory=dict, metadata={"example": "{train.lr: loguniform(1e-5,1e-3)}"})
+    """Dotted config key → values to try: a list (every value, a grid), ``choice(a,b)``, ``uniform(lo,hi)``,
+    ``loguniform(lo,hi)``, ``randint(lo,hi)`` (also as a mapping, e.g. ``{loguniform: [1.0e-5, 1.0e-3]}``)."""
+    num_samples: int = _opt(1, ge=1)
+    """Samples of the random dimensions (with a grid: per grid point, as in Ray Tune)."""
+    min_utility_ratio: float = _opt(0.95, gt=0.0, example=0.9)
+    """x of the objective: best forget quality among trials whose utility ≥ x × the target's."""
+    max_concurrent: int = _opt(0, ge=0)
+    """Trials at once; 0 = as many as the cluster's CPUs (GPUs) fit."""
+    scheduler: str = _opt("asha", choices=SWEEP_SCHEDULERS)
+    """``asha``: stop poor trials early at the periodic evaluations (needs ``eval.every_steps``); ``none``."""
+    grace_steps: int = _opt(0, ge=0)
+    """ASHA: steps before a trial can be stopped; 0 = ``eval.every_steps``."""
+    reduction_factor: int = _opt(2, ge=2)
+    """ASHA: 1/reduction_factor of the trials go on at each rung."""
+    seed: int = 0
+    """Seed of the random search (the same command samples the same trials)."""
+
+
 @dataclass
 class RunConfig:
     """The whole run configuration; one attribute per YAML section."""
@@ -296,3 +323,4 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)

@@ -42,6 +42,7 @@ _RESUMABLE_CHANGES = {
     "ray": {"address", "max_failures", "enabled"},
     "failure": None,
     "output": {"tensorboard"},
+    "sweep": None,  # read by dist-unlearn sweep only
 }
 RUN_SETTINGS_FILE = "run_settings.json"
 

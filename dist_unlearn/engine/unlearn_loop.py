@@ -30,6 +30,7 @@ from dist_unlearn.engine.worker import Checkpointer, initialize_engine, progress
 from dist_unlearn.eval.answers import evaluate_splits
 from dist_unlearn.eval.periodic import RunEvaluator
 from dist_unlearn.eval.suite import headline
+from dist_unlearn.eval.sweep_report import result_numbers
 from dist_unlearn.models.combined import write_inference_spec
 from dist_unlearn.models.loading import load_tokenizer, model_for_config
 from dist_unlearn.unlearning import build_reference, objective_from_config
@@ -123,7 +124,9 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
         progress.update(1)
         progress.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
         checkpointer.after_step(step + 1, values)
-        evaluator.after_step(engine, step + 1, lambda e, d: export_hf_model(e, tokenizer, d, save_dtype))
+        evaluated = evaluator.after_step(engine, step + 1, lambda e, d: export_hf_model(e, tokenizer, d, save_dtype))
+        if evaluated is not None:  # periodic evaluation: its numbers to the launcher (a sweep's scheduler reads them)
+            reporter.report({"step": step + 1, "eval": result_numbers(evaluated)}, None)
     progress.close()
     log.close()
 

@@ -100,11 +100,12 @@ class RunEvaluator:
 
         return engine if self.inference is None else combine(engine, self.inference, load).eval()
 
-    def after_step(self, engine: Any, step: int, export) -> None:
-        """Evaluate at multiples of ``eval.every_steps``; ``export(engine, out_dir)`` saves a best model."""
+    def after_step(self, engine: Any, step: int, export) -> dict[str, Any] | None:
+        """Evaluate at multiples of ``eval.every_steps``; ``export(engine, out_dir)`` saves a best model.
+        Returns the evaluation's result (``None`` at steps without one)."""
         every = self.cfg.eval.every_steps
         if not every or step % every:
-            return
+            return None
         settings = settings_from_config(
             self.cfg, generate=self.cfg.eval.generate and self.cfg.deepspeed.zero_stage < 3, sampled_generations=0
         )
@@ -139,6 +140,7 @@ class RunEvaluator:
                 from dist_unlearn.models.combined import write_inference_spec
 
                 write_inference_spec(self.run_dir / "best_model", self.inference)
+        return result
 
     def finish(self, model_dir: Path) -> dict[str, Any]:
         """Full suite (and attacks) on the exported model; rank 0 writes ``eval.json``. Returns the result."""

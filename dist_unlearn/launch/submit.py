@@ -3,7 +3,9 @@
 Two templates ship with the package in ``dist_unlearn/launch/slurm/`` (``slurm/`` of a checkout links there):
 
 - ``ray_cluster.sbatch`` (``--launcher ray``): a Ray cluster per job (head on the first node, workers
-  on the others, job-specific ports, a short temp dir), then ``dist-unlearn run ... ray.address=...``;
+  on the others, job-specific ports, a short temp dir), then ``dist-unlearn run ... ray.address=...``
+  (``--command sweep``: ``dist-unlearn sweep``, whose Ray Tune trials then share that cluster; the
+  ``STOP`` file the script writes on USR1/TERM stops the sweep, which resumes when the job is requeued);
 - ``torchrun.sbatch`` (``--launcher torchrun``): ``srun`` starts one ``torchrun`` per node, rendezvous on
   the first node of ``SLURM_JOB_NODELIST``, every rank runs ``dist-unlearn run``.
 
@@ -48,6 +50,8 @@ class SubmitRequest:
     config: str
     overrides: list[str] = field(default_factory=list)
     launcher: str = "ray"
+    command: str = "run"
+    """``run`` or ``sweep`` (Ray launcher only)."""
     nodes: int = 1
     gpus_per_node: int = 0
     cpus_per_node: int | None = None
@@ -132,6 +136,8 @@ def prepare_job(req: SubmitRequest, load: Callable[[str, list[str]], RunConfig])
     """Validate the config (with ``load``, the CLI's loader) and render the batch script."""
     if req.launcher not in TEMPLATES:
         raise SubmitError(f"unknown launcher '{req.launcher}'. Fix: --launcher ray or --launcher torchrun")
+    if req.command != "run" and req.launcher != "ray":
+        raise SubmitError(f"--command {req.command} runs on a Ray cluster. Fix: --launcher ray")
     overrides = job_overrides(req)
     try:
         cfg = load(req.config, overrides)
@@ -154,7 +160,8 @@ def prepare_job(req: SubmitRequest, load: Callable[[str, list[str]], RunConfig])
     log = str(output_dir / "slurm-%j.log")
     base, slots = PORTS[req.launcher]
     values = {
-        "job_name": req.job_name or f"dist-unlearn-{cfg.job.kind}",
+        "job_name": req.job_name or f"dist-unlearn-{cfg.job.kind if req.command == 'run' else req.command}",
+        "command": req.command,
         "nodes": str(req.nodes),
         "cpus_per_node": str(cpus),
         "nproc_per_node": str(per_node),
@@ -195,6 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config (validated before anything is submitted)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, passed on to the run")
     parser.add_argument("--launcher", choices=sorted(TEMPLATES), default="ray", help="ray (default) or torchrun")
+    parser.add_argument(
+        "--command", choices=("run", "sweep"), default="run", help="what the job runs (sweep: Ray launcher only)"
+    )
     parser.add_argument("--nodes", type=_positive, default=1)
     parser.add_argument("--gpus-per-node", type=_non_negative, default=0, help="0 = CPU nodes")
     parser.add_argument("--cpus-per-node", type=_positive, help="default: workers per node x ray.cpus_per_worker")

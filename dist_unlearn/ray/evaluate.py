@@ -22,20 +22,25 @@ def run_eval_with_ray(cfg: DistUnlearnConfig, targets: dict[str, str], oracle_di
     """Evaluate ``targets`` on ``ray.num_workers`` workers; results land in ``OUTPUT/<name>/eval.json``."""
     started = connect(cfg)
     try:
-        use_gpu = _wants_gpu(cfg)
-        TorchTrainer(
-            _eval_fn,
-            train_loop_config=eval_job(cfg, targets, oracle_dir),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.ray.num_workers,
-                use_gpu=use_gpu,
-                resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-            ),
-            run_config=RunConfig(
-                name="eval",
-                storage_path=str(Path(cfg.output.dir).resolve() / "ray_results"),
-                logging_config=LoggingConfig(log_level=ray_log_level()),
-            ),
-        ).fit()
+        evaluate_on_ray(cfg, targets, oracle_dir)
     finally:
         disconnect(started)
+
+
+def evaluate_on_ray(cfg: DistUnlearnConfig, targets: dict[str, str], oracle_dir: str | None) -> None:
+    """:func:`run_eval_with_ray` in a process already connected to Ray (``dist-unlearn sweep``'s driver)."""
+    use_gpu = _wants_gpu(cfg)
+    TorchTrainer(
+        _eval_fn,
+        train_loop_config=eval_job(cfg, targets, oracle_dir),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name="eval",
+            storage_path=str(Path(cfg.output.dir).resolve() / "ray_results"),
+            logging_config=LoggingConfig(log_level=ray_log_level()),
+        ),
+    ).fit()

@@ -189,11 +189,12 @@ def ray_run_name(jobs: list[Job]) -> str:
     return f"methods-{digest}"
 
 
-def run_jobs_on_ray(cfg: DistUnlearnConfig, jobs: list[Job]) -> None:
+def run_jobs_on_ray(cfg: DistUnlearnConfig, jobs: list[Job], callbacks: list[Any] | None = None) -> None:
     """One ``TorchTrainer.fit`` running ``jobs`` in turn on one worker group.
 
     Resumes when a Ray run of the same name exists in storage. Raises :class:`Preempted` when the workers
-    stopped on request (their last report carries ``preempted: 1``).
+    stopped on request (their last report carries ``preempted: 1``). ``callbacks``: Ray Train callbacks
+    (a sweep's trial passes the one that forwards periodic evaluations to Ray Tune).
     """
     use_gpu = _wants_gpu(cfg)
     trainer = TorchTrainer(
@@ -210,6 +211,7 @@ def run_jobs_on_ray(cfg: DistUnlearnConfig, jobs: list[Job]) -> None:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             logging_config=LoggingConfig(log_level=ray_log_level()),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
