@@ -147,39 +147,46 @@ def test_sam_with_lora_perturbs_and_updates_adapters_only() -> None:
         assert changed == (n in trainable), n
 
 
-def _zero3_sam_step(rank: int, world_size: int, persistence: int) -> dict:
-    """ZeRO-3 engine (small parameters kept whole when ``persistence`` > their size), this rank's half of
-    the global batch, one SAM GradDiff step: whole gradients before the step, whole weights after."""
+def _sam_steps(rank: int, world_size: int, persistence: int, stages: tuple[int, ...]) -> dict:
+    """Per ZeRO stage: an engine (ZeRO-3: small parameters kept whole when ``persistence`` > their size),
+    this rank's half of the global batch, one SAM GradDiff step with SGD; whole gradients before the
+    step, whole weights after."""
     import deepspeed
 
     from dist_unlearn.data import collate_qa
     from dist_unlearn.engine.ds_config import build_deepspeed_config
 
     os.environ["LOCAL_RANK"] = str(rank)
-    model, forget, retain, pad = _model_and_data()
-    fb = collate_qa(rank_share(forget, rank, world_size), pad)
-    rb = collate_qa(rank_share(retain, rank, world_size), pad)
-    config = build_deepspeed_config(
-        zero_stage=3, micro_batch_size=len(fb["labels"]), world_size=world_size, lr=LR, grad_clip=0.0
-    )
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
-    del config["optimizer"]  # plain SGD: the step shows the restored weights without Adam's 0/0 sensitivity
-    config["zero_allow_untested_optimizer"] = True
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config, dist_init_required=False
-    )
-    params = list(engine.module.named_parameters())
-    persistent = sorted(n for n, p in params if getattr(p, "ds_persist", False))
-    out = SharpnessAware(RHO).backward(engine, get_objective("grad_diff"), UnlearnBatch(forget=fb, retain=rb))
-    grads = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in params}
-    engine.step()
-    with deepspeed.zero.GatheredParameters([p for _, p in params]):
-        after = {n: p.detach().clone() for n, p in params}
-    engine.destroy()
-    return {"grads": grads, "after": after, "persistent": persistent, "loss": out.logs["loss"]}
+    results = {}
+    for stage in stages:
+        model, forget, retain, pad = _model_and_data()
+        fb = collate_qa(rank_share(forget, rank, world_size), pad)
+        rb = collate_qa(rank_share(retain, rank, world_size), pad)
+        config = build_deepspeed_config(
+            zero_stage=stage, micro_batch_size=len(fb["labels"]), world_size=world_size, lr=LR, grad_clip=0.0
+        )
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
+        del config["optimizer"]  # plain SGD: the step shows the restored weights without Adam's 0/0 sensitivity
+        config["zero_allow_untested_optimizer"] = True
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config, dist_init_required=False
+        )
+        params = list(engine.module.named_parameters())
+        persistent = sorted(n for n, p in params if getattr(p, "ds_persist", False))
+        batch = UnlearnBatch(forget=fb, retain=rb)
+        out = SharpnessAware(RHO).backward(engine, get_objective("grad_diff"), batch)
+        grads = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in params}
+        engine.step()
+        with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+            after = {n: p.detach().clone() for n, p in params}
+        engine.destroy()
+        results[stage] = {"grads": grads, "after": after, "persistent": persistent, "loss": out.logs["loss"]}
+    return results
 
 
-def test_zero3_two_ranks_equal_one_process() -> None:
+def test_zero_stages_on_two_ranks_equal_one_process() -> None:
+    """ZeRO-3 (with partitioned and persistent whole parameters), ZeRO-2 and ZeRO-0 on 2 ranks: the SAM
+    gradient and the weights after one SGD step equal one process on the global batch."""
     from dist_unlearn.data import collate_qa
 
     model, forget, retain, pad = _model_and_data()
@@ -189,13 +196,15 @@ def test_zero3_two_ranks_equal_one_process() -> None:
     torch.optim.SGD(model.parameters(), lr=LR).step()
 
     # 64: the 32-wide norm weights stay whole on every rank (persistent), the matrices are partitioned
-    r0, r1 = run_on_ranks(_zero3_sam_step, 2, 64, timeout=300)
-    assert r0["persistent"] and len(r0["persistent"]) < len(grads)
-    assert r0["loss"] + r1["loss"] == pytest.approx(2 * out.logs["loss"], rel=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(r0["grads"][name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
-        torch.testing.assert_close(r0["after"][name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
-        assert torch.equal(r0["after"][name], r1["after"][name]), name
+    r0, r1 = run_on_ranks(_sam_steps, 2, 64, (3, 2, 0), timeout=600)
+    assert r0[3]["persistent"] and len(r0[3]["persistent"]) < len(grads)
+    for stage in (3, 2, 0):
+        assert r0[stage]["loss"] + r1[stage]["loss"] == pytest.approx(2 * out.logs["loss"], rel=1e-5)
+        for name, p in model.named_parameters():
+            got = r0[stage]
+            torch.testing.assert_close(got["grads"][name], grads[name], rtol=1e-5, atol=1e-6, msg=f"{stage} {name}")
+            torch.testing.assert_close(got["after"][name], p.detach(), rtol=1e-5, atol=1e-6, msg=f"{stage} {name}")
+            assert torch.equal(got["after"][name], r1[stage]["after"][name]), f"{stage} {name}"
 
 
 def test_sure_trains_only_the_salient_fraction_at_the_multiplied_lr() -> None:
