@@ -149,7 +149,7 @@ class SharpnessAware:
         scale = self.rho / norm if norm > 0 and math.isfinite(norm) else 0.0
 
         # 2. ∇L_f at θ + δ, δ = ρ·g/‖g‖ on every rank's share of the trainable weights, then restore θ
-        saved = _perturb(model, slots, [g * scale for g in grads])
+        saved = _perturb(model, slots, [g.mul_(scale) for g in grads])  # δ in place of g (one copy)
         del grads
         try:
             ctx = self._context(model, objective, batch, reference)
