@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, help="queries (= passages) per step, parts a and c")
     parser.add_argument("--chunk", type=int, help="GradCache chunk / ST mini_batch_size, parts a and c")
     parser.add_argument("--max-length", type=int, default=32, help="tokens per text")
+    parser.add_argument(
+        "--texts",
+        default="facts",
+        choices=["facts", "varied"],
+        help="parts a and c: fictitious-facts pairs (near-equal lengths) or varied (queries 8-30 words, "
+        "passages 15-60 words; use --max-length 128)",
+    )
     parser.add_argument("--repeats", type=int, help="timed steps per method (after one warm-up)")
     parser.add_argument("--mem-batches", help="part b batches, e.g. 64,128,256")
     parser.add_argument("--mem-chunk", type=int, default=32, help="part b GradCache chunk")
@@ -154,11 +161,18 @@ def _median(values: list[float]) -> float:
 
 def part_a(args: argparse.Namespace) -> dict[str, Any]:
     """GradCache vs plain step time on the same encoder and batch (in this process, interleaved)."""
-    from dist_unlearn.bench.steps import Stepper, interleaved_times, load_encoder, load_tokenizer, make_batch
+    from dist_unlearn.bench.steps import (
+        GRADCACHE_OPTIONS,
+        Stepper,
+        interleaved_times,
+        load_encoder,
+        load_tokenizer,
+        make_batch,
+    )
 
     model, info = load_encoder(args.model)
     model.to(args.device)
-    queries, docs = make_batch(load_tokenizer(), args.batch, args.max_length, args.device)
+    queries, docs = make_batch(load_tokenizer(), args.batch, args.max_length, args.device, args.texts)
     steppers = {name: Stepper(name, model, args.chunk) for name in ("plain", "gradcache")}
     times = interleaved_times(steppers, queries, docs, args.repeats, args.device)
     plain, cached = _median(times["plain"]), _median(times["gradcache"])
@@ -167,6 +181,8 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "chunk": args.chunk,
         "max_length": args.max_length,
+        "texts": args.texts,
+        "gradcache_options": GRADCACHE_OPTIONS,
         "repeats": args.repeats,
         "step": "zero_grad + forward + InfoNCE(tau=0.05) + backward + AdamW step",
         "plain_s": plain,
@@ -185,6 +201,7 @@ def _step_spec(args: argparse.Namespace, method: str, model: str, batch: int, ch
         "batch": batch,
         "chunk": chunk,
         "max_length": args.max_length,
+        "texts": args.texts,
         "device": args.device,
     }
 
@@ -232,6 +249,7 @@ def _ratio(top: dict[str, Any], bottom: dict[str, Any], key: str = "peak_increas
 def part_c(args: argparse.Namespace) -> dict[str, Any]:
     """Our GradCache + InfoNCE vs sentence-transformers' CachedMultipleNegativesRankingLoss."""
     from dist_unlearn.bench.steps import (
+        GRADCACHE_OPTIONS,
         TEMPERATURE,
         Stepper,
         interleaved_times,
@@ -246,7 +264,7 @@ def part_c(args: argparse.Namespace) -> dict[str, Any]:
         "ours": Stepper("gradcache", ours_model.to(args.device), args.chunk),
         "st": Stepper("st", load_st_model(args.model, args.device), args.chunk),
     }
-    queries, docs = make_batch(load_tokenizer(), args.batch, args.max_length, args.device)
+    queries, docs = make_batch(load_tokenizer(), args.batch, args.max_length, args.device, args.texts)
     times = interleaved_times(steppers, queries, docs, args.repeats, args.device)
     del steppers, ours_model
     memory = {
@@ -259,6 +277,8 @@ def part_c(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "chunk": args.chunk,
         "max_length": args.max_length,
+        "texts": args.texts,
+        "gradcache_options": GRADCACHE_OPTIONS,
         "repeats": args.repeats,
         "temperature": TEMPERATURE,
         "st_scale": 1 / TEMPERATURE,
@@ -339,7 +359,10 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"{'':39}{row['batch']:>6}  {_mib(row['gradcache']):>9}  {_mib(row['plain']):>9}")
     if "sentence_transformers" in results:
         c = results["sentence_transformers"]
-        lines.append(f"(c) vs sentence-transformers cached MNRL, batch {c['batch']}, chunk {c['chunk']}")
+        lines.append(
+            f"(c) vs sentence-transformers cached MNRL, batch {c['batch']}, chunk {c['chunk']}, "
+            f"texts {c.get('texts', 'facts')}, max length {c['max_length']}"
+        )
         lines.append(
             f"    ours {c['ours_s']:.3f} s  st {c['st_s']:.3f} s  throughput ours/st {c['throughput_ours_over_st']}"
         )

@@ -4,8 +4,9 @@ Three ways to compute the gradient of the same InfoNCE loss (temperature ``tau``
 ``B`` positive passages (in-batch negatives) with the same encoder:
 
 - ``plain``: encode all ``2B`` sequences with autograd, loss, one backward (activation memory ``O(B)``);
-- ``gradcache``: :class:`~dist_unlearn.contrastive.GradCache` with ``chunk`` rows per forward and
-  :class:`~dist_unlearn.contrastive.InfoNCELoss` (activation memory ``O(chunk)``);
+- ``gradcache``: :class:`~dist_unlearn.contrastive.GradCache` (Gao et al. 2021) with ``chunk`` rows per forward
+  and :class:`~dist_unlearn.contrastive.InfoNCELoss` (activation memory ``O(chunk)``), rows sorted by length,
+  each chunk's padding cut to its longest row and the last chunk's graph kept (:data:`GRADCACHE_OPTIONS`);
 - ``st``: ``sentence_transformers``' ``CachedMultipleNegativesRankingLoss`` (scale ``1/tau``,
   ``mini_batch_size=chunk``) on a ``SentenceTransformer`` loaded from the same directory, called directly.
 """
@@ -28,6 +29,11 @@ TINY_BERT = "tiny-bert"
 
 TEMPERATURE = 0.05
 METHODS = ("plain", "gradcache", "st")
+TEXTS = ("facts", "varied")
+GRADCACHE_OPTIONS = {"sort_by_length": True, "trim_padding": True, "keep_last_graph": True}
+"""How the ``gradcache`` method runs GradCache (the options the sentence-transformers loss uses too)."""
+VARIED_WORDS = {"queries": (8, 30), "passages": (15, 60)}
+"""Words per text (inclusive range) of the ``varied`` texts: the lengths the issue's side-by-side was measured at."""
 
 
 def tiny_bert_config(vocab_size: int) -> dict[str, int]:
@@ -79,9 +85,38 @@ def pair_texts(n: int) -> tuple[list[str], list[str]]:
     return [item.question for item in chosen], [item.paraphrased_answer for item in chosen]
 
 
-def make_batch(tokenizer: Any, n: int, max_length: int, device: str) -> tuple[dict, dict]:
-    """Tokenized queries and passages ``[n, T]`` (``input_ids``, ``attention_mask``) on ``device``."""
-    queries, passages = pair_texts(n)
+def varied_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` made-up (query, passage) pairs of varied length: queries of 8-30 words, passages of 15-60 words.
+
+    Words are drawn (seeded) from the alphabetic words of the fictitious-facts texts (about 1.9 word pieces each
+    for the MiniLM tokenizer); each passage repeats part of its query so that the pairs are related. Only the
+    lengths matter for timing: every chunk gets rows of mixed lengths.
+    """
+    import random
+
+    questions, answers = pair_texts(240)
+    words = {word.strip(".,?!;:'\"()").lower() for text in questions + answers for word in text.split()}
+    vocabulary = sorted(word for word in words if word.isalpha())
+    rng = random.Random(seed)
+    queries, passages = [], []
+    for _ in range(n):
+        query = rng.choices(vocabulary, k=rng.randint(*VARIED_WORDS["queries"]))
+        length = rng.randint(*VARIED_WORDS["passages"])
+        overlap = query[: min(len(query), length) // 2]
+        passages.append(" ".join(overlap + rng.choices(vocabulary, k=length - len(overlap))))
+        queries.append(" ".join(query))
+    return queries, passages
+
+
+def make_batch(tokenizer: Any, n: int, max_length: int, device: str, texts: str = "facts") -> tuple[dict, dict]:
+    """Tokenized queries and passages ``[n, T]`` (``input_ids``, ``attention_mask``) on ``device``.
+
+    ``texts``: ``facts`` (the fictitious-facts questions and answers, near-equal lengths) or ``varied``
+    (:func:`varied_texts`). Padded to the longest row of each side, truncated at ``max_length`` tokens.
+    """
+    if texts not in TEXTS:
+        raise ValueError(f"texts must be one of {TEXTS}, got {texts!r}")
+    queries, passages = pair_texts(n) if texts == "facts" else varied_texts(n)
     return tokenize(tokenizer, queries, max_length, device), tokenize(tokenizer, passages, max_length, device)
 
 
@@ -112,7 +147,9 @@ class Stepper:
             return st_gradient(self.model, self.chunk)
         loss_fn = InfoNCELoss(temperature=TEMPERATURE, cross_rank=False)
         if self.method == "gradcache":
-            cache = GradCache(self.model, chunk_size=self.chunk, loss_fn=loss_fn, encode=encode_batch)
+            cache = GradCache(
+                self.model, chunk_size=self.chunk, loss_fn=loss_fn, encode=encode_batch, **GRADCACHE_OPTIONS
+            )
             return cache.step
 
         def plain(queries: dict, docs: dict) -> Tensor:

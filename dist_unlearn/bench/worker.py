@@ -37,7 +37,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
         model = load_encoder(spec["model"])[0].to(device)
     stepper = Stepper(spec["method"], model, spec["chunk"])
     tokenizer = load_tokenizer()
-    queries, docs = make_batch(tokenizer, spec["batch"], spec["max_length"], device)
+    queries, docs = make_batch(tokenizer, spec["batch"], spec["max_length"], device, spec.get("texts", "facts"))
     warm_q, warm_d = make_batch(tokenizer, 2, spec["max_length"], device)
     stepper.gradient(warm_q, warm_d)
     probe = PeakProbe("cuda" if device.startswith("cuda") else "cpu")

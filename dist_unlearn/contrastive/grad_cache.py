@@ -17,7 +17,11 @@ so one step is:
    with grad and backpropagate the surrogate ``Σ (r_chunk · G_chunk)``, whose gradient with respect to
    θ is that chunk's share of ``∂L/∂θ``. Parameter gradients accumulate across chunks.
 
-Cost: one extra forward per step. Memory: one chunk's activations plus the ``B × d`` representations.
+Cost: one extra forward per chunk but the last (whose graph from phase 1 is kept, ``keep_last_graph``; under
+DDP/DeepSpeed every chunk is replayed). Memory: one chunk's activations plus the ``B × d`` representations.
+Less work on texts of varied length: ``sort_by_length`` groups rows of similar length into the same chunks and
+``trim_padding`` cuts each chunk to its own longest row (the representations are put back in the caller's
+order before the loss, so the result does not change; tested against the unsorted, untrimmed path).
 The result is the full-batch gradient, not an approximation (checked against a plain full-batch
 backward in ``tests/test_grad_cache.py``).
 
@@ -152,6 +156,67 @@ def ghost_chunk(chunk: Batch) -> Batch:
     real one); 0 rows when the rank has no rows for that input.
     """
     return slice_batch(chunk, 0, 1)
+
+
+def right_padded_lengths(batch: Batch) -> Tensor | None:
+    """Token count per row ``[B]`` of a mapping with a right-padded 2-D ``attention_mask`` ``[B, T]``, else None.
+
+    Right-padded: in every row the mask is non-zero on a prefix of positions and zero after it (what HF and
+    sentence-transformers tokenizers produce with ``padding_side="right"``). Only then can a chunk's trailing
+    padding columns be cut without moving any real token (see :func:`trim_padding`).
+    """
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] == 0:
+        return None
+    real = mask != 0
+    lengths = real.sum(dim=1)
+    prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
+    return lengths if bool(torch.equal(real, prefix)) else None
+
+
+def sort_rows(batch: Mapping[str, Any], lengths: Tensor) -> tuple[dict[str, Any], Tensor]:
+    """``batch`` with its rows ordered by decreasing length (stable), and that order ``[B]``.
+
+    Every tensor value with ``B`` rows is reordered (``value[order]``); other values pass through. The
+    representations of the sorted rows are put back in the caller's order with ``reps[argsort(order)]``.
+    """
+    order = torch.argsort(lengths, descending=True, stable=True)
+    rows = lengths.shape[0]
+    sorted_batch = {
+        key: value[order.to(value.device)]
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows
+        else value
+        for key, value in batch.items()
+    }
+    return sorted_batch, order
+
+
+def trim_padding(chunk: Batch) -> Batch:
+    """A right-padded chunk cut to its own longest row: ``[n, T, ...] -> [n, T_chunk, ...]``.
+
+    Cuts dim 1 of every tensor value whose first two dims are ``[n, T]`` (``input_ids``, ``attention_mask``,
+    ``token_type_ids``, ...), ``T`` being the mask's width; everything else is unchanged. With right padding
+    the cut columns are masked for every row, so an encoder with absolute positions and masked attention (BERT
+    and its kin) gives the same representations up to floating-point rounding. Chunks that are not right-padded
+    mappings (see :func:`right_padded_lengths`) are returned as they are.
+    """
+    lengths = right_padded_lengths(chunk)
+    if lengths is None:
+        return chunk
+    assert isinstance(chunk, Mapping)
+    width = chunk["attention_mask"].shape[1]
+    keep = max(int(lengths.max()), 1)
+    if keep >= width:
+        return chunk
+    rows = lengths.shape[0]
+    return {
+        key: value[:, :keep]
+        if isinstance(value, Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (rows, width)
+        else value
+        for key, value in chunk.items()
+    }
 
 
 def agreed_chunk_counts(counts: list[int], device: torch.device, rows: list[int] | None = None) -> list[int]:
@@ -366,6 +431,18 @@ class GradCache:
             with the device type of the inputs. (A DeepSpeed engine's own bf16/fp16 settings apply too.)
         loss_parameters: the loss's own learnable parameters (temperature, SigLIP scale and bias); default
             ``loss_fn.parameters()`` when ``loss_fn`` is an ``nn.Module``, else none. See below.
+        sort_by_length: within each input that is a mapping with a right-padded 2-D ``attention_mask``, encode
+            the rows in order of decreasing length (so that each chunk holds rows of similar length); the
+            representations are put back in the input's order before ``loss_fn``, so the loss and the
+            gradient are those of the unsorted batch (with dropout, each row then draws other masks: the
+            result is still the exact gradient of the sampled loss).
+        trim_padding: cut each chunk's padding columns to its own longest row (:func:`trim_padding`; right
+            padding only). With ``sort_by_length`` this removes most padding work on texts of varied length.
+        keep_last_graph: for a plain module, run the last chunk's first forward with grad and backpropagate
+            its surrogate from that graph instead of encoding it again (one forward fewer per step; an input
+            that fits in one chunk is encoded once). Its backward runs first in the replay, so at most one
+            chunk's activations are alive at a time, as without it. Ignored under DDP and DeepSpeed (a forward
+            with grad outside the replay's ``no_sync`` / accumulation context would be reduced too early).
 
     :meth:`step` leaves the full-batch gradient in the parameters (in DeepSpeed's gradient partitions
     for an engine) and returns the detached loss; it never steps or zeroes the optimizer.
@@ -402,6 +479,9 @@ class GradCache:
         replay_atol: float = 1e-5,
         autocast_dtype: torch.dtype | None = None,
         loss_parameters: Iterable[nn.Parameter] | None = None,
+        sort_by_length: bool = False,
+        trim_padding: bool = False,
+        keep_last_graph: bool = True,
     ) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -414,7 +494,10 @@ class GradCache:
         self.check_replay = check_replay
         self.replay_atol = replay_atol
         self.autocast_dtype = autocast_dtype
+        self.sort_by_length = sort_by_length
+        self.trim_padding = trim_padding
         self.kind = model_kind(model)
+        self.keep_last_graph = keep_last_graph and self.kind == "plain"
         if self.kind == "deepspeed":
             check_engine(model)
         self._loss_parameters = list(loss_parameters) if loss_parameters is not None else None
@@ -502,7 +585,16 @@ class GradCache:
         if self.kind == "deepspeed":
             self._refuse_repeated_step()
             zero_stage3_gradient_partitions(self.model)
-        chunks = [split_batch(batch, self.chunk_size) for batch in inputs]
+        orders: list[Tensor | None] = [None] * len(inputs)
+        batches = list(inputs)
+        if self.sort_by_length:
+            for index, batch in enumerate(inputs):
+                lengths = right_padded_lengths(batch)
+                if lengths is not None and isinstance(batch, Mapping):
+                    batches[index], orders[index] = sort_rows(batch, lengths)
+        chunks = [split_batch(batch, self.chunk_size) for batch in batches]
+        if self.trim_padding:
+            chunks = [[trim_padding(chunk) for chunk in input_chunks] for input_chunks in chunks]
         device = first_device(inputs)
         real = [len(input_chunks) for input_chunks in chunks]
         rows = [batch_size(batch) for batch in inputs]
@@ -515,9 +607,10 @@ class GradCache:
         else:
             agreed = agreed_chunk_counts(real, self._collective_device(device), rows)
             chunks = [c + [ghost_chunk(c[0])] * (n - len(c)) for c, n in zip(chunks, agreed, strict=True)]
-        reps, states = self._representation_pass(chunks, real, device.type)
-        loss, grads = self._cache_gradients(reps, loss_kwargs)
-        surrogate = self._replay(chunks, real, states, reps, grads, device.type, defer_last)
+        kept = (len(chunks) - 1, real[-1] - 1) if self.keep_last_graph else None
+        reps, states, kept_reps = self._representation_pass(chunks, real, device.type, kept)
+        loss, grads = self._cache_gradients(reps, loss_kwargs, orders)
+        surrogate = self._replay(chunks, real, states, reps, grads, device.type, defer_last, kept, kept_reps)
         if self.kind == "deepspeed":
             _LAST_STEP_AT[self.model] = self.model.micro_steps
         return loss.detach(), surrogate
@@ -558,34 +651,52 @@ class GradCache:
         return reps
 
     def _representation_pass(
-        self, chunks: list[list[Batch]], real: list[int], device_type: str
-    ) -> tuple[list[list[Tensor]], list[list[RngState]]]:
+        self, chunks: list[list[Batch]], real: list[int], device_type: str, kept: tuple[int, int] | None = None
+    ) -> tuple[list[list[Tensor]], list[list[RngState]], Tensor | None]:
         """Phase 1: no-grad representations of every real chunk and the RNG state each chunk started from.
 
         Ghost chunks (index ``>= real[i]``) are encoded too, to match the other ranks' collectives, but
         from a forked RNG so that they draw nothing from the global generators; their output is dropped.
+        The chunk ``kept = (input, chunk)`` (if any) is encoded with grad; its representations are returned
+        with their graph as the third value (and detached among the others).
         """
         reps: list[list[Tensor]] = []
         states: list[list[RngState]] = []
+        kept_reps: Tensor | None = None
         with torch.no_grad():
-            for input_chunks, n_real in zip(chunks, real, strict=True):
+            for i, (input_chunks, n_real) in enumerate(zip(chunks, real, strict=True)):
                 reps.append([])
                 states.append([])
                 for j, chunk in enumerate(input_chunks):
                     state = RngState.capture()
                     states[-1].append(state)
-                    if j < n_real:
+                    if (i, j) == kept:
+                        with torch.enable_grad():
+                            kept_reps = self._encode(chunk, device_type)
+                        reps[-1].append(kept_reps.detach())
+                    elif j < n_real:
                         reps[-1].append(self._encode(chunk, device_type).detach())
                     else:
                         with state.restored():
                             self._encode(chunk, device_type)
-        return reps, states
+        return reps, states, kept_reps
 
     def _cache_gradients(
-        self, reps: list[list[Tensor]], loss_kwargs: dict[str, Any]
+        self, reps: list[list[Tensor]], loss_kwargs: dict[str, Any], orders: Sequence[Tensor | None] | None = None
     ) -> tuple[Tensor, list[list[Tensor]]]:
-        """Phase 2: ``loss_fn`` on the detached full representations; returns the loss and ∂L/∂reps per chunk."""
-        leaves = [torch.cat(input_reps).requires_grad_() for input_reps in reps]
+        """Phase 2: ``loss_fn`` on the detached full representations; returns the loss and ∂L/∂reps per chunk.
+
+        ``orders[i]`` (``[B_i]`` or None): input ``i`` was encoded in that row order (``sort_by_length``); its
+        representations are put back in the input's order for ``loss_fn``, and ∂L/∂reps is returned in the
+        encoding order, chunk by chunk.
+        """
+        orders = list(orders) if orders is not None else [None] * len(reps)
+        leaves = []
+        for input_reps, order in zip(reps, orders, strict=True):
+            joined = torch.cat(input_reps)
+            if order is not None:
+                joined = joined[torch.argsort(order).to(joined.device)]
+            leaves.append(joined.requires_grad_())
         loss = self.loss_fn(*leaves, **loss_kwargs)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn must return a scalar (0-dim) tensor")
@@ -603,8 +714,10 @@ class GradCache:
             if grad is not None:
                 param.grad = grad if param.grad is None else grad.add_(param.grad)
         grads = []
-        for leaf, input_reps in zip(leaves, reps, strict=True):
+        for leaf, input_reps, order in zip(leaves, reps, orders, strict=True):
             grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            if order is not None:
+                grad = grad[order.to(grad.device)]
             grads.append(list(grad.split([r.shape[0] for r in input_reps])))
         return loss, grads
 
@@ -663,23 +776,31 @@ class GradCache:
         grads: list[list[Tensor]],
         device_type: str,
         defer_last: bool = False,
+        kept: tuple[int, int] | None = None,
+        kept_reps: Tensor | None = None,
     ) -> Tensor | None:
         """Phase 3: re-forward every chunk with grad from its saved RNG state and backpropagate the surrogate.
 
         The surrogate of chunk ``c`` is ``Σ r_c ⊙ G_c`` (``G_c`` = cached ∂L/∂r_c, a constant), whose
         parameter gradient is chunk ``c``'s share of ∂L/∂θ; a ghost chunk's surrogate is ``0 · Σ r``.
+        The chunk ``kept`` goes first and uses ``kept_reps`` (its graph from phase 1) instead of a re-forward.
         With ``defer_last`` the last chunk's surrogate is returned instead of backpropagated.
         """
         order = [(i, j) for i, input_chunks in enumerate(chunks) for j in range(len(input_chunks))]
+        if kept is not None and kept_reps is not None:
+            order.remove(kept)
+            order.insert(0, kept)
         with self._accumulation(coalesce=not defer_last) as before_chunk:
             for position, (i, j) in enumerate(order):
                 last = position == len(order) - 1
-                with before_chunk(last), states[i][j].restored():
-                    new_reps = self._encode(chunks[i][j], device_type)
+                is_kept = (i, j) == kept and kept_reps is not None
+                with before_chunk(last), contextlib.nullcontext() if is_kept else states[i][j].restored():
+                    new_reps = kept_reps if is_kept else self._encode(chunks[i][j], device_type)
+                    assert new_reps is not None
                     if j >= real[i]:
                         surrogate = new_reps.sum() * 0.0
                     else:
-                        if self.check_replay:
+                        if self.check_replay and not is_kept:
                             self._verify_replay(new_reps, reps[i][j], i, j)
                         surrogate = (new_reps * grads[i][j]).sum()
                     if last and defer_last:

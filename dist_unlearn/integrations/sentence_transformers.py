@@ -105,6 +105,9 @@ class GradCacheInfoNCELoss(nn.Module):
         false_negative_margin: mask candidates whose similarity exceeds the positive's minus this margin.
         cross_rank: use the candidates of all ranks (default); ``False``: only this rank's.
         check_replay: verify each re-forward against the cached representations (see GradCache).
+        sort_by_length: encode each column's rows longest first and cut every mini-batch's padding to its own
+            longest row (GradCache's ``sort_by_length`` and ``trim_padding``; the loss sees the rows in the
+            batch's order, so the result is unchanged, up to float rounding and, with dropout, other masks).
 
     Raises:
         ValueError: ``mini_batch_size`` < 1, a bad temperature, or a model that already has a learnable temperature
@@ -128,6 +131,7 @@ class GradCacheInfoNCELoss(nn.Module):
         false_negative_margin: float | None = None,
         cross_rank: bool = True,
         check_replay: bool = False,
+        sort_by_length: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(mini_batch_size, int) or isinstance(mini_batch_size, bool) or mini_batch_size < 1:
@@ -138,6 +142,7 @@ class GradCacheInfoNCELoss(nn.Module):
         self.model = model
         self.mini_batch_size = mini_batch_size
         self.check_replay = check_replay
+        self.sort_by_length = sort_by_length
         # The InfoNCE module is kept out of the module tree (a tuple): its own log(1/tau) is only the leaf that
         # GradCache differentiates; the trained parameter is the model's (see the module docstring).
         self._info_nce = (
@@ -216,6 +221,8 @@ class GradCacheInfoNCELoss(nn.Module):
             self._loss,
             encode=self._encode,
             check_replay=self.check_replay,
+            sort_by_length=self.sort_by_length,
+            trim_padding=self.sort_by_length,
             loss_parameters=[p for p in [self.info_nce.log_inverse_temperature] if p is not None],
         )
         self._seen_temperature = None
