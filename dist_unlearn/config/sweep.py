@@ -87,7 +87,9 @@ def parse_space(space: Mapping[str, Any]) -> list[Dimension]:
     :class:`ConfigError` with every syntax problem."""
     problems: list[str] = []
     dims: list[Dimension] = []
-    for key, spec in _flatten(space):
+    # a key given flat in the file and nested by an override (sweep.space.train.lr=...): the later one, the
+    # override, wins, as overrides do
+    for key, spec in dict(_flatten(space)).items():
         dim, problem = _parse_one(key, spec)
         if problem:
             problems.append(problem)
@@ -263,9 +265,6 @@ def _sweep_rules(dims: Sequence[Dimension], base: RunConfig) -> list[str]:
         )
     if not base.ray.enabled:
         problems.append("ray.enabled=false: dist-unlearn sweep runs its trials on Ray (Tune). Fix: ray.enabled=true")
-    keys = [d.key for d in dims]
-    for key in {k for k in keys if keys.count(k) > 1}:
-        problems.append(f"sweep.space.{key} is given twice. Fix: give each key once")
     names = next((d for d in dims if d.key == "method.names"), None)
     if names is None and len(base.method.names) != 1:
         problems.append(

@@ -237,12 +237,18 @@ def write_results(
         "evaluation without generation). Trials that miss the constraint rank below, by their utility ratio.\n\n"
         + table_markdown(rows, objective)
         + "\n\n"
-        + (f"Best: trial {best.index}.\n\n" if best else "")
+        + (_best_text(best, objective) if best else "")
         + "![pareto](pareto.png)\n"
     )
     md_path = write_text_atomic(Path(out_dir) / "results.md", text)
     png_path = pareto_plot(rows, objective, Path(out_dir) / "pareto.png")
     return json_path, md_path, png_path
+
+
+def _best_text(best: TrialRow, objective: Objective) -> str:
+    if best.feasible:
+        return f"Best: trial {best.index}.\n\n"
+    return f"No trial keeps utility ≥ {objective.min_ratio:g}× the target's; closest: trial {best.index}.\n\n"
 
 
 def _row_json(row: TrialRow) -> dict[str, Any]:

@@ -456,10 +456,14 @@ def _print_best(
         print("\nno trial measured forget quality and utility: no best trial")
         return
     best = ranked[0]
-    verdict = "meets" if best.feasible else "no trial meets; closest:"
+    x = cfg.sweep.min_utility_ratio
+    head = (
+        f"best trial {best.index}"
+        if best.feasible
+        else f"no trial keeps utility >= {x:g}x the target's; closest: trial {best.index}"
+    )
     print(
-        f"\nbest trial {best.index} ({verdict} utility >= {cfg.sweep.min_utility_ratio:g}x the target's): "
-        f"forget quality {best.forget_quality:.3g}, {best.utility_metric} {best.utility:.3f} "
+        f"\n{head}: forget quality {best.forget_quality:.3g}, {best.utility_metric} {best.utility:.3f} "
         f"({best.utility_ratio:.3f}x the target's), {best.status}"
     )
     names = best.overrides.get("method.names", cfg.method.names)
