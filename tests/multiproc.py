@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_unlearn.distributed.env import skip_deepspeed_shm_op
+
 
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
@@ -41,6 +43,7 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_d
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
+        skip_deepspeed_shm_op()  # as the product's workers do: no JIT build of an op training never uses
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
         try:
             result = fn(rank, world_size, *args)

@@ -460,3 +460,24 @@ def test_a_finished_run_may_be_extended_but_not_changed(tmp_path: Path) -> None:
             check_resumable([job(kind, f"{steps}=5", "contrastive.lr=1e-3", "train.lr=1e-3")], 2)
         with pytest.raises(ConfigError, match="world_size: 2 -> 4"):
             check_resumable([first], 4)
+
+
+def test_a_moved_output_directory_still_resumes(tmp_path: Path) -> None:
+    """output.dir and the embedded models inside it may move together; a model outside may not change."""
+    import shutil
+
+    from dist_unlearn.engine.job import Job
+    from dist_unlearn.engine.runner import RUN_SETTINGS_FILE, check_resumable, run_settings
+
+    def job(out: Path, model_dir: Path) -> Job:
+        cfg = config_to_dict(load_config(write_yaml(tmp_path, {}), (f"output.dir={out}",)))
+        return Job(cfg, "unlearn", "ga", str(model_dir), str(out / "ga"))
+
+    old = tmp_path / "scratch" / "run"
+    (old / "ga" / "checkpoints").mkdir(parents=True)
+    (old / "ga" / RUN_SETTINGS_FILE).write_text(json.dumps(run_settings(job(old, old / "embedded" / "target"), 2)))
+    new = tmp_path / "project" / "run"
+    shutil.copytree(old, new)
+    check_resumable([job(new, new / "embedded" / "target")], 2)
+    with pytest.raises(ConfigError, match="model_dir: 'embedded/target' -> '/models/other'"):
+        check_resumable([job(new, Path("/models/other"))], 2)

@@ -62,3 +62,24 @@ def test_verbose_leaves_every_logger_alone(tmp_path: Path) -> None:
     result, text = _run(tmp_path, verbose=True)
     assert text == ""
     assert "early warning" in result.stdout and "root-handler ray.train.v2.controller child info" in result.stderr
+
+
+SHM_SCRIPT = r"""
+import deepspeed
+import deepspeed.comm.comm as ds_comm
+from dist_unlearn.distributed.env import init_distributed
+
+init_distributed()
+deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+print("shm op:", ds_comm.cdb.shm_comm_op)
+"""
+
+
+def test_deepspeed_sets_up_without_building_its_cpu_shm_op(tmp_path: Path) -> None:
+    """Our process-group set-up keeps DeepSpeed from JIT-building (and announcing) its CPU shm op."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}  # a build would land here
+    result = subprocess.run([sys.executable, "-c", SHM_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shm op: None" in result.stdout
+    assert "built successfully" not in result.stdout + result.stderr
+    assert not (tmp_path / "extensions").exists()

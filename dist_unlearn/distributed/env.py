@@ -26,12 +26,32 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory communication op in this process.
+
+    On a CPU, DeepSpeed's communication backend compiles a C++ extension (``deepspeed_shm_comm``) the
+    first time a process group is set up, and loads it in every process afterwards. The op only serves
+    DeepSpeed-Inference's ``inference_all_reduce``, which training never calls (it falls back to
+    ``torch.distributed.all_reduce``); building it costs about a minute of CPU on first use, prints a
+    line per process, and a build killed half-way leaves a lock file on which every later process waits.
+    DeepSpeed keeps its op-compatibility table as one module-level dict meant to be edited, so marking
+    the op incompatible there is enough. No effect when DeepSpeed is not installed or already set up.
+    """
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(backend: str | None = None) -> None:
-    """Create the default process group unless one exists.
+    """Create the default process group unless one exists (DeepSpeed's CPU shm op is skipped, see
+    :func:`skip_deepspeed_shm_op`).
 
     Reads ``RANK``/``WORLD_SIZE`` from the environment; without them this is a single process and a
     one-rank group on a free loopback port is created.
     """
+    skip_deepspeed_shm_op()
     if dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -41,7 +41,7 @@ _RESUMABLE_CHANGES = {
     "eval": None,
     "ray": {"address", "max_failures", "enabled"},
     "failure": None,
-    "output": {"tensorboard"},
+    "output": {"tensorboard", "dir"},  # a run directory moved elsewhere (say, scratch to project space) resumes
     "sweep": None,  # read by dist-unlearn sweep only
 }
 RUN_SETTINGS_FILE = "run_settings.json"
@@ -49,13 +49,25 @@ RUN_SETTINGS_FILE = "run_settings.json"
 
 def run_settings(job: Job, world_size: int) -> dict[str, Any]:
     """The settings a checkpoint of ``job`` depends on (everything a resumed run must keep)."""
-    kept: dict[str, Any] = {"job": job.kind, "name": job.name, "world_size": world_size, "model_dir": job.model_dir}
+    kept: dict[str, Any] = {
+        "job": job.kind,
+        "name": job.name,
+        "world_size": world_size,
+        "model_dir": _relative_to_output(job.model_dir, Path(job.run_dir).parent),
+    }
     for section, values in job.config.items():
         free = _RESUMABLE_CHANGES.get(section, set())
         if free is None:
             continue
         kept[section] = {k: v for k, v in values.items() if k not in free} if isinstance(values, dict) else values
     return kept
+
+
+def _relative_to_output(model_dir: str, output_dir: Path) -> str:
+    """``model_dir`` relative to the output directory when it lies inside it (the embedded benchmark's
+    models), so that moving the whole output directory keeps the settings equal."""
+    path, root = Path(model_dir).resolve(), output_dir.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else model_dir
 
 
 def check_resumable(jobs: list[Job], world_size: int) -> None:
