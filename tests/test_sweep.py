@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -319,3 +320,26 @@ def test_sweep_interrupted_after_a_trial_resumes_without_redoing_it(tmp_path, sm
     assert (out / "results.md").is_file() and (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "reproduce: dist-unlearn run " in text and "train.lr=" in text
     print(f"\nfirst run (until interrupted) {first_s:.0f} s, total {time.monotonic() - started:.0f} s")
+
+
+def test_tune_wiring_scheduler_domains_and_reproduce_command(tmp_path):
+    from ray import tune
+
+    from dist_unlearn.engine.prepare import ModelAssets
+    from dist_unlearn.ray.sweep import _scheduler, reproduce_command, tune_domain
+
+    cfg = config_from_dict(small_run_config(tmp_path / "out", train={"steps": 8}, eval={"every_steps": 2}))
+    dims = parse_space({"train.steps": [8, 12], "train.seed": "randint(0, 3)", "train.lr": "loguniform(1e-5,1e-3)"})
+    asha = _scheduler(cfg, dims)
+    assert (asha._time_attr, asha._max_t) == ("step", 13)  # reaching the last step is no reason to stop a trial
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [8, 4, 2]  # grace: eval.every_steps
+    assert tune_domain(dims[0]) == tune.grid_search([8, 12])
+    assert (tune_domain(dims[1]).lower, tune_domain(dims[1]).upper) == (0, 4)  # randint's high end included
+    row = TrialRow(index=1, name="t", overrides={"train.lr": 1e-5, "method.params.npo.beta": 0.1}, status=DONE)
+    command = reproduce_command(
+        cfg, row, "c.yaml", ["train.steps=8", "sweep.num_samples=2"], ModelAssets("/m/target", None)
+    )
+    assert command == (
+        f"dist-unlearn run {Path('c.yaml').resolve()} train.steps=8 train.lr=1.0e-05 method.params.npo.beta=0.1 "
+        f"model.path=/m/target output.dir={tmp_path / 'out' / 'best'}"
+    )
