@@ -90,7 +90,9 @@ def small_run_config(output_dir: Path, target_dir: str | None = None, **sections
         "deepspeed": {"zero_stage": 3},
         "ray": {"num_workers": 2},
         "checkpoint": {"every_steps": 3},
-        "eval": {"max_examples": 8},
+        # sampled generations (8 per forget question by default) cost more than the rest of a small run;
+        # the tests that check them ask for them (test_e2e_unlearn, test_eval_ray, test_report)
+        "eval": {"max_examples": 8, "sampled_generations": 0},
         "output": {"dir": str(output_dir), "save_dtype": "fp32"},
     }
     for name, values in sections.items():
@@ -184,3 +186,55 @@ def small_target(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("embedded")
     cfg = config_from_dict(small_run_config(out))
     return prepare_embedded(cfg, log=lambda *_: None).target_dir
+
+
+# Evaluation settings of the one-process `dist-unlearn eval` below (shared by test_report and test_eval_ray).
+ONE_PROCESS_EVAL = {"sampled_generations": 2, "max_new_tokens": 8, "attacks": ["relearn"], "relearn_steps": 3}
+
+
+def copy_prepared_models(small_target: str, output_dir: Path) -> None:
+    """Put the session's prepared embedded target and oracle under ``output_dir/embedded`` (no re-preparing)."""
+    import shutil
+
+    shutil.copytree(Path(small_target).parents[1] / "embedded", output_dir / "embedded")
+
+
+@pytest.fixture(scope="session")
+def one_process_eval(small_target, tmp_path_factory) -> tuple[Path, str]:
+    """``dist-unlearn eval`` of the small target and oracle in one process (settings ``ONE_PROCESS_EVAL``),
+    run once per session; returns (output dir, stdout). Tests may add files there but not change any."""
+    out = tmp_path_factory.mktemp("one_process_eval")
+    copy_prepared_models(small_target, out)
+    cfg = small_run_config(out, ray={"enabled": False}, eval=dict(ONE_PROCESS_EVAL))
+    cfg["model"] = {"path": "embedded"}
+    result = run_cli(["eval", str(write_config(out / "eval.yaml", cfg))], timeout=900)
+    return out, result.stdout
+
+
+# The README's quantized command (nf4 base, LoRA r=8) at the small setup: 8 steps, a checkpoint every 2.
+NF4_STEPS, NF4_EVERY = 8, 2
+
+
+def nf4_run_config(output_dir: Path, target_dir: str, **sections) -> dict:
+    """The quantized run of :func:`nf4_torchrun_run` with ``output.dir=output_dir`` (``sections`` merged in)."""
+    cfg = small_run_config(
+        output_dir,
+        target_dir,
+        model={"quantization": "nf4", "lora": {"r": 8, "alpha": 16}},
+        train={"steps": NF4_STEPS, "lr": 2.0e-3},
+        checkpoint={"every_steps": NF4_EVERY},
+        eval={"generate": False},  # the weights are under test, not the evaluation
+    )
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def nf4_torchrun_run(small_target, tmp_path_factory) -> Path:
+    """The quantized run on 2 ``torchrun`` ZeRO-3 ranks, uninterrupted, once per session: its own test
+    checks the export, and the stopped-and-resumed run on Ray must end with its weights."""
+    out = tmp_path_factory.mktemp("nf4_torchrun")
+    cfg = nf4_run_config(out, small_target, ray={"enabled": False})
+    run_cli(["run", str(write_config(out / "run.yaml", cfg))], nproc=2)
+    return out

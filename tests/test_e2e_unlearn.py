@@ -8,14 +8,19 @@ curves can be compared directly.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import run_cli, small_run_config, write_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
+
+# the two reference runs of this module also sample answers (leak rate) on their ranks
+WITH_SAMPLES = {"sampled_generations": 2}
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -48,7 +53,9 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def ray_run(tmp_path_factory, small_target, ray_address):
     """2 Ray workers (on the session's cluster), ZeRO-3, GradDiff and NPO: the reference run of this module."""
     out = tmp_path_factory.mktemp("ray_run")
-    cfg = small_run_config(out, small_target, method={"names": ["grad_diff", "npo"]}, ray={"address": ray_address})
+    cfg = small_run_config(
+        out, small_target, method={"names": ["grad_diff", "npo"]}, ray={"address": ray_address}, eval=WITH_SAMPLES
+    )
     result = run_cli(["run", str(write_config(out / "run.yaml", cfg))])
     return out, result
 
@@ -56,7 +63,9 @@ def ray_run(tmp_path_factory, small_target, ray_address):
 @pytest.fixture(scope="module")
 def torchrun_two(tmp_path_factory, small_target):
     out = tmp_path_factory.mktemp("torchrun2")
-    cfg = small_run_config(out, small_target, method={"names": ["grad_diff", "npo"]}, ray={"enabled": False})
+    cfg = small_run_config(
+        out, small_target, method={"names": ["grad_diff", "npo"]}, ray={"enabled": False}, eval=WITH_SAMPLES
+    )
     run_cli(["run", str(write_config(out / "run.yaml", cfg))], nproc=2)
     return out
 
@@ -127,12 +136,22 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, small_target,
         assert _losses(tmp_path / method) == pytest.approx(_losses(torchrun_two / method), rel=1e-6)
 
 
-def test_changed_settings_refuse_to_resume(tmp_path, small_target):
-    cfg = small_run_config(tmp_path, small_target, ray={"enabled": False, "num_workers": 1}, train={"steps": 1})
-    path = write_config(tmp_path / "run.yaml", cfg)
-    run_cli(["run", str(path)])
+def test_changed_settings_refuse_to_resume_and_restart_starts_over(tmp_path, torchrun_two):
+    """A copy of the 2-rank run (a moved output directory resumes; see runner.run_settings) refuses other
+    settings before any work; ``--restart`` discards the method's checkpoints and runs it anew."""
+    shutil.copytree(torchrun_two, tmp_path / "run")
+    path = tmp_path / "run" / "run.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["output"]["dir"] = str(tmp_path / "run")
+    write_config(path, cfg)
     result = run_cli(["run", str(path), "train.lr=0.5"], check=False)
     assert result.returncode == 2
-    assert "holds checkpoints of a run with other settings (train.lr" in result.stderr
+    changed = "(train.lr: 0.001 -> 0.5, world_size: 2 -> 1)"
+    assert f"holds checkpoints of a run with other settings {changed}" in result.stderr
     assert "--restart" in result.stderr
-    run_cli(["run", str(path), "train.lr=0.5", "--restart"])
+    assert _steps(tmp_path / "run" / "grad_diff") == [1, 2, 3, 4, 5, 6]  # untouched
+    one_step = ["train.lr=0.5", "train.steps=1", "method.names=grad_diff", "ray.num_workers=1", "--restart"]
+    run_cli(["run", str(path), *one_step])
+    assert _steps(tmp_path / "run" / "grad_diff") == [1]
+    assert not (tmp_path / "run" / "grad_diff" / "checkpoints" / "step_000006").exists()
+    assert _steps(tmp_path / "run" / "npo") == [1, 2, 3, 4, 5, 6]  # another method's run is left alone

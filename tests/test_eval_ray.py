@@ -4,23 +4,27 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, small_run_config, write_config
+from conftest import ONE_PROCESS_EVAL, copy_prepared_models, run_cli, small_run_config, write_config
 
 pytestmark = pytest.mark.slow
 
 
-def _eval(tmp: Path, small_target: str, ray_address: str | None) -> dict:
-    """Evaluate the prepared target and oracle on 2 workers of the cluster at ``ray_address`` (None: one process)."""
-    shutil.copytree(Path(small_target).parents[1] / "embedded", tmp / "embedded")  # reuse the prepared models
-    ray = {"enabled": True, "num_workers": 2, "address": ray_address} if ray_address else {"enabled": False}
-    cfg = small_run_config(tmp, ray=ray, eval={"sampled_generations": 2, "max_new_tokens": 8})
+def _eval_on_ray(tmp: Path, small_target: str, ray_address: str) -> dict:
+    """Evaluate the prepared target and oracle on 2 workers of the cluster at ``ray_address``."""
+    copy_prepared_models(small_target, tmp)
+    ray = {"enabled": True, "num_workers": 2, "address": ray_address}
+    settings = {key: value for key, value in ONE_PROCESS_EVAL.items() if not key.startswith(("attacks", "relearn"))}
+    cfg = small_run_config(tmp, ray=ray, eval=settings)  # the attacks only add entries under "attacks"
     cfg["model"] = {"path": "embedded"}
     run_cli(["eval", str(write_config(tmp / "eval.yaml", cfg))], timeout=900)
-    return json.loads((tmp / "original" / "eval.json").read_text())["result"]
+    return _result(tmp)
+
+
+def _result(out: Path) -> dict:
+    return json.loads((out / "original" / "eval.json").read_text())["result"]
 
 
 def _flatten(tree: object, prefix: str = "") -> dict[str, float]:
@@ -32,9 +36,9 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, float]:
     return {prefix[:-1]: float(tree)} if isinstance(tree, int | float) else {}
 
 
-def test_eval_on_two_ray_workers_equals_one_process(tmp_path, small_target, ray_address):
-    sharded = _flatten(_eval(tmp_path / "ray", small_target, ray_address))
-    single = _flatten(_eval(tmp_path / "one", small_target, None))
+def test_eval_on_two_ray_workers_equals_one_process(tmp_path, small_target, ray_address, one_process_eval):
+    sharded = _flatten(_eval_on_ray(tmp_path / "ray", small_target, ray_address))
+    single = _flatten(_result(one_process_eval[0]))
     assert sharded.keys() == single.keys() and len(single) > 20
     for key, value in single.items():
         assert sharded[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_cli, small_run_config, write_config
+from conftest import NF4_STEPS
 from multiproc import run_on_ranks
 
 from dist_unlearn.config import ConfigError, config_from_dict
@@ -170,24 +170,14 @@ def test_nf4_lora_grad_cache_two_zero2_ranks_equal_one_process() -> None:
 
 
 @pytest.mark.slow
-def test_nf4_lora_unlearning_zero3_two_ranks_through_the_cli(tmp_path, small_target) -> None:
-    cfg = small_run_config(
-        tmp_path,
-        small_target,
-        ray={"enabled": False},
-        train={"steps": 4, "lr": 1.0e-2},
-        checkpoint={"every_steps": 0},
-    )
-    path = write_config(tmp_path / "run.yaml", cfg)
-    run_cli(["run", str(path), "model.quantization=nf4", "model.lora.r=8", "model.lora.alpha=16"], nproc=2)
-
-    run_dir = tmp_path / "grad_diff"
+def test_nf4_lora_unlearning_zero3_two_ranks_through_the_cli(nf4_torchrun_run, small_target) -> None:
+    run_dir = nf4_torchrun_run / "grad_diff"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["zero_stage"] == 3
     before, after = metrics["before"]["forget"], metrics["after"]["forget"]
     assert after["nll"] > before["nll"] and after["prob"] < before["prob"], (before, after)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert [row["step"] for row in rows] == list(range(1, NF4_STEPS + 1))
 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer

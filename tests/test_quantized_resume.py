@@ -1,6 +1,7 @@
 """The README's quantized command (nf4 base + LoRA r=8) on 2 Ray workers under ZeRO-3, with
 checkpoints: stopped mid-run (``OUTPUT/STOP``: checkpoint, exit 75), then the same command again
-resumes it and ends with the weights of an uninterrupted run.
+resumes it and ends with the weights of an uninterrupted run (the session's 2-rank ``torchrun`` run of
+the same config: the launchers give equal weights, see test_e2e_unlearn).
 
 The suite runs as on a CPU with AVX512-BF16 (``tests/force_bnb_cpu_fastpath``); there, bitsandbytes'
 CPU repacking used to break the first checkpoint of exactly this command.
@@ -11,39 +12,24 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, run_cli, small_run_config, write_config
+from conftest import BIN, NF4_EVERY, NF4_STEPS, REPO, nf4_run_config, run_cli, write_config
 from reference_run import logged_steps, max_diff, weights
 
 from dist_unlearn.engine.preemption import REQUEUE_EXIT_CODE, stop_file
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVERY = 8, 2
-
-
-def _config(out: Path, target: str, ray_address: str) -> dict:
-    return small_run_config(
-        out,
-        target,
-        ray={"address": ray_address},  # the session's Ray cluster: its start-up is not under test here
-        model={"quantization": "nf4", "lora": {"r": 8, "alpha": 16}},
-        train={"steps": STEPS, "lr": 2.0e-3},
-        checkpoint={"every_steps": EVERY},
-        eval={"generate": False},  # the weights are under test here, not the evaluation
-    )
+STEPS, EVERY = NF4_STEPS, NF4_EVERY
 
 
 def test_nf4_lora_run_on_ray_stopped_and_resumed_equals_an_uninterrupted_run(
-    tmp_path, small_target, ray_address
+    tmp_path, small_target, ray_address, nf4_torchrun_run
 ) -> None:
-    whole = tmp_path / "whole"
-    run_cli(["run", str(write_config(whole / "run.yaml", _config(whole, small_target, ray_address)))])
-
     parted = tmp_path / "parted"
-    config = write_config(parted / "run.yaml", _config(parted, small_target, ray_address))
+    # the session's Ray cluster: its start-up is not under test here
+    config = write_config(parted / "run.yaml", nf4_run_config(parted, small_target, ray={"address": ray_address}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     log = tmp_path / "stopped.log"
     with log.open("w") as out:
@@ -71,7 +57,7 @@ def test_nf4_lora_run_on_ray_stopped_and_resumed_equals_an_uninterrupted_run(
     resumed = run_cli(["run", str(config)])
     assert "[grad_diff] resumed from " in resumed.stdout + resumed.stderr
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
-    diff = max_diff(weights(run_dir), weights(whole / "grad_diff"))
+    diff = max_diff(weights(run_dir), weights(nf4_torchrun_run / "grad_diff"))
     print(f"nf4+LoRA on Ray: stopped at step {stopped_at}, resumed; max |dw| vs uninterrupted = {diff:.3g}")
     assert diff < 1e-6
     adapter = run_dir / "model" / "adapter"

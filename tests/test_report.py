@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
-from conftest import run_cli, small_run_config, write_config
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def test_eval_and_report_target_vs_oracle(small_target, tmp_path):
-    shutil.copytree(Path(small_target).parents[1] / "embedded", tmp_path / "embedded")  # reuse the prepared models
-    cfg = small_run_config(
-        tmp_path,
-        ray={"enabled": False},
-        eval={"sampled_generations": 2, "max_new_tokens": 12, "attacks": ["relearn"], "relearn_steps": 3},
-    )
-    cfg["model"] = {"path": "embedded"}
-    config = write_config(tmp_path / "eval.yaml", cfg)
-    out = run_cli(["eval", str(config)], timeout=600).stdout
+def test_eval_and_report_target_vs_oracle(one_process_eval):
+    tmp_path, out = one_process_eval
     assert "| original |" in out and "| oracle |" in out
 
     oracle = json.loads((tmp_path / "oracle" / "eval.json").read_text())
@@ -45,7 +35,40 @@ def test_eval_and_report_target_vs_oracle(small_target, tmp_path):
     report = run_cli(["report", str(tmp_path)]).stdout
     md = (tmp_path / "report.md").read_text()
     assert "| original |" in md and "| oracle |" in md and "forget quality" in md
+    for name, evaluation in (("original", target), ("oracle", oracle)):
+        _check_row_against_eval_json(_table_row(md, name), evaluation)
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert "report:" in report
     bad = run_cli(["report", str(tmp_path / "nothing-here")], check=False)
     assert bad.returncode == 2 and "not a directory" in bad.stderr
+
+
+def _table_row(markdown: str, name: str) -> dict[str, str]:
+    """The report table's row of model ``name`` as ``column header → cell``."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines() if line[:1] == "|"]
+    header = rows[0]
+    (row,) = [r for r in rows[2:] if r[0] == name]
+    return dict(zip(header, row, strict=True))
+
+
+def _check_row_against_eval_json(row: dict[str, str], evaluation: dict) -> None:
+    """Each cell shows the number eval.json holds (read here by its own path, not through the report code)."""
+    r = evaluation["result"]
+    forget = r["splits"]["forget"]
+    expected = {
+        "forget quality ↑": r["forget_quality"],
+        "retain utility ↑": r["retain_utility"],
+        "forget ROUGE-L ↓": forget["rouge"],
+        "retain ROUGE-L ↑": r["splits"]["retain"]["rouge"],
+        "forget prob ↓": forget["prob"],
+        "MIA AUC (Min-K%++)": r["mia_auc"]["min_k_pp"],
+        "PrivLeak % (MUSE, →0)": r["privleak"],
+        "MIA AUC gap % (Min-K%++, →0)": r["mia_auc_gap"]["min_k_pp"],
+        "sampled leak ↓": forget["sampled_leak"],
+    }
+    for column, value in expected.items():
+        assert float(row[column]) == pytest.approx(value, abs=5.001e-4), (column, row[column], value)  # 3 decimals
+    assert row["model utility (TOFU) ↑"] == "–"  # the embedded benchmark has no real-authors/world-facts sets
+    before, after = row["relearn: forget ROUGE"].split(" → ")
+    assert float(before) == pytest.approx(forget["rouge"], abs=5e-3)
+    assert float(after) == pytest.approx(evaluation["attacks"]["relearn"]["splits"]["forget"]["rouge"], abs=5e-3)
