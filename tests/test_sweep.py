@@ -266,9 +266,8 @@ def test_results_files(tmp_path):
 @pytest.mark.timeout(1800)  # alone, the session's fixtures (a prepared model, a Ray cluster) are made first
 def test_sweep_interrupted_after_a_trial_resumes_without_redoing_it(tmp_path, small_target, ray_address):
     """2 trials (a grid over train.lr), one at a time, 1 Ray worker each, on the session's cluster. The driver
-    gets SIGTERM once the first trial has finished; the same command then completes the second only.
-    Measured on the shared 2-core machine at load average ~10: 263 s (164 s until the interruption), the
-    session's fixtures not counted; most of it is Ray Train worker-group starts (target eval + 3 trial runs)."""
+    gets SIGTERM once the first trial has finished; the same command then completes the second only. Its
+    cost is mostly Ray Train worker-group starts (the target's evaluation and three trial runs)."""
     out = tmp_path / "sweep"
     cfg = small_run_config(
         out,
