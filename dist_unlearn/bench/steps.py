@@ -33,7 +33,7 @@ TEXTS = ("facts", "varied")
 GRADCACHE_OPTIONS = {"sort_by_length": True, "trim_padding": True, "keep_last_graph": True}
 """How the ``gradcache`` method runs GradCache (the options the sentence-transformers loss uses too)."""
 VARIED_WORDS = {"queries": (8, 30), "passages": (15, 60)}
-"""Words per text (inclusive range) of the ``varied`` texts: the lengths the issue's side-by-side was measured at."""
+"""Words per text (inclusive range) of the ``varied`` texts: queries of 8-30 words, passages of 15-60."""
 
 
 def tiny_bert_config(vocab_size: int) -> dict[str, int]:
