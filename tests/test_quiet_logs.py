@@ -78,6 +78,8 @@ print("shm op:", ds_comm.cdb.shm_comm_op)
 def test_deepspeed_sets_up_without_building_its_cpu_shm_op(tmp_path: Path) -> None:
     """Our process-group set-up keeps DeepSpeed from JIT-building (and announcing) its CPU shm op."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}  # a build would land here
+    # without the suite's start-up hooks, which skip the op in every test process (tests/force_bnb_cpu_fastpath)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if "fastpath" not in p)
     result = subprocess.run([sys.executable, "-c", SHM_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shm op: None" in result.stdout

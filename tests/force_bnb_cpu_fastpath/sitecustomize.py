@@ -8,7 +8,14 @@ start-up in the pytest process and in every process it starts (spawned ranks, to
 and the hook below switches the decision on as soon as ``bitsandbytes.nn.modules`` is imported. The
 project must then be correct as it would be on such a processor.
 
-The import of bitsandbytes itself is not triggered here (that would slow every Python start-up).
+A second hook keeps DeepSpeed from JIT-building its CPU shm communication op in the processes that set
+DeepSpeed up themselves (the examples, the HF/accelerate/sentence-transformers workers, GradCache's
+ranks): ``deepspeed.comm.torch.build_shm_op`` returns None, as it does when the op is incompatible. The
+product's own processes skip the op by themselves (``distributed.env.skip_deepspeed_shm_op``; its test
+runs without this directory on ``PYTHONPATH``). The op only serves DeepSpeed-Inference, and building it
+costs about a minute of CPU in a fresh CI machine.
+
+Neither bitsandbytes nor DeepSpeed is imported here (that would slow every Python start-up).
 """
 
 from __future__ import annotations
@@ -17,24 +24,34 @@ import importlib.abc
 import importlib.util
 import sys
 
-_TARGET = "bitsandbytes.nn.modules"
+
+def _bnb_has_avx512bf16(module) -> None:  # noqa: ANN001
+    module.has_avx512bf16 = lambda: True
+
+
+def _no_deepspeed_shm_op(module) -> None:  # noqa: ANN001
+    module.build_shm_op = lambda: None
+
+
+_PATCHES = {"bitsandbytes.nn.modules": _bnb_has_avx512bf16, "deepspeed.comm.torch": _no_deepspeed_shm_op}
 
 
 class _PatchAfterLoad(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+    def __init__(self, loader: importlib.abc.Loader, patch) -> None:  # noqa: ANN001
         self._loader = loader
+        self._patch = patch
 
     def create_module(self, spec):  # noqa: ANN001
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:  # noqa: ANN001
         self._loader.exec_module(module)
-        module.has_avx512bf16 = lambda: True
+        self._patch(module)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001
-        if fullname != _TARGET:
+        if fullname not in _PATCHES:
             return None
         sys.meta_path.remove(self)
         try:
@@ -42,7 +59,7 @@ class _Finder(importlib.abc.MetaPathFinder):
         finally:
             sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
-            spec.loader = _PatchAfterLoad(spec.loader)
+            spec.loader = _PatchAfterLoad(spec.loader, _PATCHES[fullname])
         return spec
 
 
