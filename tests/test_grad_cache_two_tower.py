@@ -19,13 +19,13 @@ are the controls.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from multiproc import run_on_ranks
+from test_grad_cache_loss_params import ds_config  # the same ZeRO config for GradCache's rank tests
 from torch import Tensor, nn
 
 from dist_unlearn.contrastive import GradCache, InfoNCELoss
@@ -81,17 +81,6 @@ def reference() -> dict[str, Tensor]:
             for param in model.parameters():
                 param -= LR * param.grad
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def ds_config(stage: int) -> dict[str, Any]:
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-        "gradient_clipping": 0.0,  # this DeepSpeed clips at 1.0 unless told otherwise
-    }
 
 
 def run_case(rank: int, stage: int, mode: str) -> dict[str, Tensor]:
