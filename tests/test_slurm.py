@@ -1,13 +1,15 @@
-"""``dist-unlearn submit`` on a real one-node Slurm cluster (Debian's slurm-wlm and munge, started by
-:mod:`slurm_cluster` in a temporary directory), running the small embedded unlearning job through
-both sbatch templates (``torchrun`` and ``ray``) to completion, each interrupted on the way: USR1 to
-the batch shell mid-run (what ``--signal=B:USR1@120`` delivers before the time limit) -> checkpoint
-at the next step -> ``scontrol requeue`` -> the requeued job resumes from that checkpoint and
-finishes with the weights of the uninterrupted :mod:`reference_run`.
+"""``dist-unlearn submit`` on a real Slurm cluster (Debian's slurm-wlm and munge, started by
+:mod:`slurm_cluster` in a temporary directory; two nodes as network namespaces from
+:mod:`netns_cluster`), running the small embedded unlearning job through both sbatch templates
+(``torchrun`` across 2 nodes, ``ray``) to completion, each interrupted on the way: USR1 to the batch
+shell mid-run (what ``--signal=B:USR1@120`` delivers before the time limit) -> checkpoint at the
+next step -> ``scontrol requeue`` -> the requeued job resumes from that checkpoint and finishes with
+the weights of the uninterrupted one-node :mod:`reference_run` (same global batch).
 
 Requeued jobs are held by Slurm for about two minutes (``BeginTime``); the tests release them with
-``scontrol update JobId=N StartTime=now`` so the suite does not sleep. The rendering and error
-tests at the top need no Slurm.
+``scontrol update JobId=N StartTime=now`` once the nodes are clean again, so the suite does not sleep.
+The rendering and error tests at the top need no Slurm. A missing Slurm, or no right to make network
+namespaces, skips the tests that need them, except under CI (``CI`` set), where it fails them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import BIN, write_config
+from netns_cluster import NetnsCluster, unavailable_reason
 from reference_run import EVERY, STEPS, logged_steps, max_diff, recovery_config, reference_run, weights
 from slurm_cluster import SlurmCluster, missing_binaries
 
@@ -99,24 +102,56 @@ def test_submit_refuses_bad_input_before_anything_is_submitted(tmp_path, capsys,
 # --- real Slurm ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def _skip_unless_ci(reason: str) -> None:
+    """Skip for ``reason``; under CI (``CI`` set and not 0/false) fail instead: CI must run these tests."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI cannot run the Slurm tests: {reason}")
+    pytest.skip(reason)
+
+
+def _require_slurm() -> None:
     missing = missing_binaries()
     if missing:
-        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+        _skip_unless_ci(f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
     if os.geteuid() != 0:
-        pytest.skip("slurmd must run as root to start jobs; run the Slurm tests as root (CI does)")
+        _skip_unless_ci("slurmd must run as root to start jobs; run the Slurm tests as root (CI does)")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """One node: this host."""
+    _require_slurm()
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
     cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def netns_slurm(tmp_path_factory):
+    """Two nodes, each a network namespace with its own address, hostname and slurmd."""
+    _require_slurm()
+    reason = unavailable_reason()
+    if reason:
+        _skip_unless_ci(f"no 2-node cluster on this machine: {reason}")
+    cluster = NetnsCluster(tmp_path_factory.mktemp("netns_slurm"), nodes=2).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_netns_cluster_nodes_have_their_own_hostnames_and_addresses(netns_slurm):
+    out = netns_slurm.run(["srun", "--nodes=2", "--label", "sh", "-c", "hostname; hostname --ip-address"]).stdout
+    expected = {f"{i}: {line}" for i, node in enumerate(netns_slurm.nodes) for line in (node.name, node.addr)}
+    assert set(out.split("\n")) - {""} == expected, out
+
+
 def _submit(slurm: SlurmCluster, config: Path, launcher: str, monkeypatch, capsys) -> tuple[str, Path]:
-    """``dist-unlearn submit`` (in this process; sbatch passes this environment on to the job)."""
+    """``dist-unlearn submit`` on every node of ``slurm`` (in this process; sbatch passes this
+    environment on to the job)."""
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    assert main(["submit", str(config), "--launcher", launcher]) == 0, capsys.readouterr().err[-4000:]
+    argv = ["submit", str(config), "--launcher", launcher, "--nodes", str(len(slurm.nodes))]
+    assert main(argv) == 0, capsys.readouterr().err[-4000:]
     out = capsys.readouterr().out
     job = re.search(r"^submitted batch job (\d+) ", out, re.M)
     log = re.search(r"^log: (\S+)$", out, re.M)
@@ -134,25 +169,57 @@ def _finish(slurm: SlurmCluster, job: str, log: Path, timeout: float = 600) -> d
     except TimeoutError:
         slurm.run(["scancel", job], check=False)
         raise
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, _log(log)[-6000:])
+    if info["JobState"] != "COMPLETED" or info["ExitCode"] != "0:0":
+        fields = " ".join(f"{key}={info.get(key)}" for key in ("JobState", "Reason", "ExitCode", "Restarts"))
+        pytest.fail(f"job {job}: {fields}\n--- job log ---\n{_log(log)[-6000:]}\n{slurm.logs()}")
     return info
 
 
-def _interrupt_and_resume(slurm: SlurmCluster, config: Path, launcher: str, *fixtures) -> tuple[str, str, int, int]:
+def _is_training_worker(proc: psutil.Process) -> bool:
+    """A torchrun rank (``RANK`` in its environment) or a Ray Train worker."""
+    cmdline = proc.info["cmdline"] or []
+    if cmdline and cmdline[0].startswith("ray::RayTrainWorker"):
+        return True
+    try:
+        return "dist_unlearn.cli" in cmdline and "RANK" in proc.environ()
+    except psutil.Error:
+        return False
+
+
+def _worker_nodes(slurm: SlurmCluster) -> set[str]:
+    """The nodes of a namespace cluster on which training workers run now (empty for one node)."""
+    if not isinstance(slurm, NetnsCluster):
+        return set()
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        node = slurm.node_of(proc.pid)
+        if node and _is_training_worker(proc):
+            found.add(node)
+    return found
+
+
+def _interrupt_and_resume(
+    slurm: SlurmCluster, config: Path, launcher: str, *fixtures
+) -> tuple[str, str, int, int, set[str]]:
     """Submit, send USR1 to the batch shell once the first checkpoint exists, release the requeued
-    job, wait for it; returns (job id, log text, step of the stop, step resumed from)."""
+    job, wait for it; returns (job id, log text, step of the stop, step resumed from, the nodes on
+    which workers were seen before the stop)."""
     out = config.parent
     job, log = _submit(slurm, config, launcher, *fixtures)
     first = out / "grad_diff" / "checkpoints" / f"step_{EVERY:06d}"
-    deadline = time.monotonic() + 600
+    deadline, nodes, looked = time.monotonic() + 600, set(), 0.0
     while not first.is_dir():
         info = slurm.job(job)
         assert info["JobState"] in ("RUNNING", "PENDING"), (info, _log(log)[-4000:])
         assert time.monotonic() < deadline, _log(log)[-4000:]
+        if len(nodes) < len(slurm.nodes) and time.monotonic() - looked > 2:
+            nodes |= _worker_nodes(slurm)
+            looked = time.monotonic()
         time.sleep(0.1)
     slurm.run(["scancel", "--batch", "--signal=USR1", job])
     info = slurm.wait_for(job, {"PENDING", "COMPLETED", "FAILED"}, 300)
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, _log(log)[-4000:])
+    slurm.wait_until_requeued_job_may_start(job)  # what the hold skipped below is for
     slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # skip Slurm's 2-minute requeue hold
     info = _finish(slurm, job, log)
     assert info["Restarts"] == "1"
@@ -160,17 +227,22 @@ def _interrupt_and_resume(slurm: SlurmCluster, config: Path, launcher: str, *fix
     stopped = re.findall(r"stopped on request after step (\d+) of grad_diff", text)
     resumed = set(re.findall(r"\[grad_diff\] resumed from \S+ at step (\d+)", text))  # Ray may echo it twice
     assert len(stopped) == 1 and len(resumed) == 1, text[-6000:]
-    return job, text, int(stopped[0]), int(resumed.pop())
+    return job, text, int(stopped[0]), int(resumed.pop()), nodes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "ray"])
+@pytest.mark.parametrize(("launcher", "cluster"), [("torchrun", "netns_slurm"), ("ray", "slurm")])
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(
-    slurm, small_target, reference_run, tmp_path, launcher, monkeypatch, capsys
+    request, small_target, reference_run, tmp_path, launcher, cluster, monkeypatch, capsys
 ):
+    slurm = request.getfixturevalue(cluster)
     config = _config(tmp_path / "out", small_target)
-    job, text, stopped, resumed = _interrupt_and_resume(slurm, config, launcher, monkeypatch, capsys)
+    job, text, stopped, resumed, nodes = _interrupt_and_resume(slurm, config, launcher, monkeypatch, capsys)
     assert EVERY <= stopped < STEPS and resumed == stopped, (stopped, resumed)
+    if isinstance(slurm, NetnsCluster):  # a worker on every node, and the log says where each one ran
+        assert nodes == {node.name for node in slurm.nodes}, nodes
+        for node in slurm.nodes:
+            assert f"dist-unlearn: node {node.name} ({node.addr}): " in text, text[-4000:]
     assert "dist-unlearn: USR1 at" in text and f"dist-unlearn: requeueing job {job}" in text
     assert "(restart 1)" in text and "dist-unlearn: run exited with 0" in text
     run_dir = tmp_path / "out" / "grad_diff"
