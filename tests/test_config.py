@@ -481,3 +481,22 @@ def test_a_moved_output_directory_still_resumes(tmp_path: Path) -> None:
     check_resumable([job(new, new / "embedded" / "target")], 2)
     with pytest.raises(ConfigError, match="model_dir: 'embedded/target' -> '/models/other'"):
         check_resumable([job(new, Path("/models/other"))], 2)
+
+
+def test_settings_written_before_an_option_existed_still_resume(tmp_path: Path) -> None:
+    """A run started by a version without some option resumes under a version that has it, as long as
+    the option keeps its default; set to anything else, it is a change like any other."""
+    from dist_unlearn.engine.job import Job
+    from dist_unlearn.engine.runner import RUN_SETTINGS_FILE, check_resumable, run_settings
+
+    def job(*overrides: str) -> Job:
+        cfg = config_to_dict(load_config(write_yaml(tmp_path, {}), overrides))
+        return Job(cfg, "unlearn", "ga", "/models/target", str(tmp_path / "ga"))
+
+    older = run_settings(job(), 2)
+    del older["train"]["seed"], older["data"]  # options (and a whole section) the older version lacked
+    (tmp_path / "ga" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ga" / RUN_SETTINGS_FILE).write_text(json.dumps(older))
+    check_resumable([job()], 2)
+    with pytest.raises(ConfigError, match=r"other settings \(train\.seed: None -> 7\)"):
+        check_resumable([job("train.seed=7")], 2)

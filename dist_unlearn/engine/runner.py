@@ -83,7 +83,7 @@ def check_resumable(jobs: list[Job], world_size: int) -> None:
         if not path.is_file() or not any(d.is_dir() for d in progress):
             continue
         old, new = json.loads(path.read_text()), run_settings(job, world_size)
-        changed = _diff(old, new)
+        changed = _diff(old, new, _default_settings())
         if changed:
             problems.append(
                 f"output.dir: {job.run_dir} holds checkpoints of a run with other settings ({', '.join(changed)}). "
@@ -93,15 +93,23 @@ def check_resumable(jobs: list[Job], world_size: int) -> None:
         raise ConfigError("invalid config:\n" + "\n".join(problems), problems)
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def _default_settings() -> dict[str, Any]:
+    """Every config key with its default value (the sections of :class:`RunConfig`)."""
+    return config_to_dict(RunConfig())
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each setting that differs. A key the old settings lack (they were written
+    by a version without that option) counts as its default value, so an upgrade keeps runs resumable."""
     keys = sorted(set(old) | set(new))
     out: list[str] = []
     for key in keys:
-        a, b = old.get(key), new.get(key)
+        default = defaults.get(key)
+        a, b = old.get(key, default), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
+            out += _diff(a, b, default if isinstance(default, dict) else {}, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+            out.append(f"{prefix}{key}: {old.get(key)!r} -> {b!r}")
     return out
 
 
