@@ -139,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
     _quiet_driver(cfg)
-    from dist_unlearn.engine.eval_job import check_targets, eval_targets, run_eval_without_ray
+    from dist_unlearn.engine.eval_job import check_targets, eval_targets, reference_oracle_dir, run_eval_without_ray
     from dist_unlearn.engine.prepare import resolve_model_assets
     from dist_unlearn.eval.report import report_table
 
@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from dist_unlearn.ray.evaluate import run_eval_with_ray
 
         assets = resolve_model_assets(cfg)
-        oracle_dir = cfg.eval.oracle_dir or assets.oracle_dir
+        oracle_dir = reference_oracle_dir(cfg, assets.oracle_dir)
         targets = eval_targets(cfg, assets.target_dir, oracle_dir)
         check_targets(targets)
         run_eval_with_ray(cfg, targets, oracle_dir)

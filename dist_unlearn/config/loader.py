@@ -703,12 +703,36 @@ def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[s
                 f"eval.oracle_dir: {oracle} has no config.json. Fix: point it at a saved model directory trained "
                 "without the forget set (the retrained / retain model), or leave it empty"
             )
+    _check_oracle_stats(cfg, base_dir, problems, bad)
+    if not bad & {"data", "data.chat_template"} and cfg.data.chat_template:
+        template = _resolve(cfg.data.chat_template, base_dir)
+        if template.is_file():  # else template text (checked by the data layer before any work)
+            cfg.data.chat_template = str(template)
     if not bad & {"model", "model.path"} and cfg.model.path != EMBEDDED_MODEL:
         problem, resolved = _check_model_path(cfg.model.path, base_dir)
         if problem:
             problems.append(problem)
         else:
             cfg.model.path = resolved
+
+
+def _check_oracle_stats(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[str]) -> None:
+    """``eval.oracle_stats``: an existing file (made absolute), and not together with ``eval.oracle_dir``."""
+    if bad & {"eval", "eval.oracle_stats"} or not cfg.eval.oracle_stats:
+        return
+    if cfg.eval.oracle_dir:
+        problems.append(
+            "eval.oracle_stats: set together with eval.oracle_dir, but the reference is one or the other. "
+            "Fix: keep eval.oracle_stats (the saved statistics) or eval.oracle_dir (the model), not both"
+        )
+    stats = _resolve(cfg.eval.oracle_stats, base_dir)
+    if stats.is_file():
+        cfg.eval.oracle_stats = str(stats)
+    else:
+        problems.append(
+            f"eval.oracle_stats: file not found: {stats}. Fix: give the oracle_stats.json that dist-unlearn eval "
+            "wrote with the oracle (OUTPUT/oracle_stats.json), or use eval.oracle_dir"
+        )
 
 
 _FORMAT_HINTS = {

@@ -29,6 +29,9 @@ ROBUST_METHODS = ("none", "sam", "sure")
 EVAL_ATTACKS = ("relearn", "nf4", "int8")
 """Robustness attacks (``dist_unlearn.eval.attacks``)."""
 
+PROMPT_FORMATS = ("auto", "plain", "chat")
+"""How a question becomes a prompt (``dist_unlearn.data.qa``)."""
+
 EMBEDDED_MODEL = "embedded"
 FICTITIOUS_SOURCE = "fictitious"
 
@@ -80,6 +83,15 @@ class DataConfig:
     holdout_fraction: float = _opt(0.1, ge=0.0, lt=1.0)
     seed: int = 0
     max_length: int = _opt(64, ge=8)
+    prompt_format: str = _opt("auto", choices=PROMPT_FORMATS, example="chat")
+    """How a question becomes the prompt, in training, evaluation (probabilities, truth ratios, ROUGE
+    generations) and attacks alike: ``chat`` = the tokenizer's chat template (``apply_chat_template``:
+    user turn = question, assistant turn = answer; loss and answer statistics on the answer tokens only);
+    ``plain`` = ``"Question: {question}\nAnswer:"`` (the embedded model's); ``auto`` = ``chat`` when the
+    tokenizer has a chat template (or ``data.chat_template`` gives one), else ``plain``."""
+    chat_template: str = _opt("", example="templates/chat.jinja")
+    """A Jinja chat template replacing the tokenizer's: a file path or the template text; empty = the
+    tokenizer's own."""
 
 
 @dataclass
@@ -222,6 +234,11 @@ class EvalConfig:
     """A model trained without the forget set (TOFU's retain model, MUSE's retrained model), a saved model
     directory: the reference of forget quality and PrivLeak in ``run`` and ``eval``; empty = the embedded
     oracle (only with ``model.path=embedded``)."""
+    oracle_stats: str = _opt("", example="runs/x/oracle_stats.json")
+    """Instead of ``oracle_dir``: the oracle's statistics saved by an earlier ``dist-unlearn eval``
+    (``OUTPUT/oracle_stats.json``: per-question forget truth ratios and attack AUCs; or open-unlearning's
+    retain-model eval JSON with ``forget_truth_ratio``), the reference of forget quality (and PrivLeak,
+    when present) without the oracle model."""
 
 
 @dataclass

@@ -1,9 +1,21 @@
 """Tokenized question/answer examples for causal-LM training and answer scoring.
 
-An example is ``[bos] + prompt + " " + answer + [eos]`` where the prompt is :data:`PROMPT_TEMPLATE`
-filled with the question. Labels are ``-100`` over ``bos`` and the prompt, so the loss (and any
-per-token answer probability) covers only the answer tokens and ``eos``. A tokenizer without a BOS
-token (Qwen-style) gets no ``[bos]``: the example starts with the prompt (:func:`prefix_ids`).
+An example is ``prompt + answer`` with labels ``-100`` over the prompt, so the loss (and any per-token
+answer probability) covers only the answer tokens. How a question becomes a prompt is the tokenizer's
+*prompt format* (:func:`set_prompt_format`; config ``data.prompt_format``), the one place every caller
+(training streams, evaluation probabilities and truth ratios, ROUGE generations, attacks) gets it from:
+
+* ``plain``: ``[bos] + PROMPT_TEMPLATE.format(question) + " " + answer + [eos]`` (:data:`PROMPT_TEMPLATE`;
+  a tokenizer without a BOS token, Qwen-style, gets no ``[bos]``: :func:`prefix_ids`);
+* ``chat``: the tokenizer's chat template (``apply_chat_template``): the prompt is the conversation
+  ``[{"role": "user", "content": question}]`` rendered with the generation prompt (e.g.
+  ``<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n``), the answer is what rendering the
+  conversation with ``{"role": "assistant", "content": answer}`` adds after it, trailing whitespace
+  removed (e.g. ``A<|im_end|>``), followed by ``eos`` unless it already ends with it (as
+  open-unlearning's chat datasets end). The template writes its own BOS, if any.
+
+A tokenizer without a recorded format uses ``chat`` when it has a chat template, else ``plain`` (what
+``data.prompt_format=auto`` means).
 
 A *raw-text* item (empty ``question``, the text in ``answer``; e.g. MUSE's forget / retain corpora, see
 :mod:`dist_unlearn.data.formats`) has no prompt: :func:`encode_text_windows` cuts its tokens into
@@ -15,6 +27,7 @@ as it has windows, so the objectives train on raw text through the same batches.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +37,9 @@ from dist_unlearn.data.facts import QAItem
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 IGNORE_INDEX = -100
+PROMPT_FORMATS = ("auto", "plain", "chat")
+"""``data.prompt_format`` values (the same tuple is declared in :mod:`dist_unlearn.config.schema`)."""
+_FORMAT_ATTR = "dist_unlearn_prompt_format"
 _ANSWER_FIELDS = ("answer", "paraphrased_answer")
 
 
@@ -43,27 +59,120 @@ def prefix_ids(tokenizer: Any) -> list[int]:
     return [] if bos is None else [int(bos)]
 
 
-def encode_qa(tokenizer: Any, question: str, answer: str, max_length: int) -> dict[str, list[int]]:
-    """Tokenize one QA pair.
+def read_chat_template(value: str) -> str:
+    """``data.chat_template`` as template text: the content of the file ``value`` names, else ``value``
+    itself when it looks like a Jinja template (holds ``{{`` or ``{%``); ValueError naming the field otherwise."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(
+        f"data.chat_template: {value!r} is neither a file nor a Jinja template. "
+        "Fix: give the path of a .jinja file, the template text, or leave it empty"
+    )
 
-    Returns ``{"input_ids": [L], "labels": [L]}`` with ``L <= max_length``: ``input_ids`` is
-    ``[bos] + prompt + answer + [eos]`` (answer text prefixed with a space; no ``bos`` when the tokenizer
-    has none, :func:`prefix_ids`), ``labels`` is ``-100`` over ``bos`` + prompt and equal to ``input_ids``
-    elsewhere. Truncation is from the right and always keeps at least one answer token; ValueError if
-    ``bos`` + prompt alone exceed ``max_length - 1``, or if the tokenizer has no eos token.
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """True when ``tokenizer`` carries a chat template (``tokenizer.chat_template`` set)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def set_prompt_format(tokenizer: Any, prompt_format: str = "auto", chat_template: str = "") -> Any:
+    """Record on ``tokenizer`` how prompts are built (``data.prompt_format``, ``data.chat_template``);
+    returns the tokenizer.
+
+    ``chat_template`` (file path or template text, :func:`read_chat_template`) replaces the tokenizer's
+    template. ``auto`` resolves to ``chat`` when the tokenizer then has a template, else ``plain``.
+    ValueError (naming the field and the fix) for ``chat`` without any template, or an unknown format.
+    """
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"data.prompt_format: unknown {prompt_format!r}. Fix: choose from {', '.join(PROMPT_FORMATS)}")
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    resolved = prompt_format
+    if resolved == "auto":
+        resolved = "chat" if has_chat_template(tokenizer) else "plain"
+    if resolved == "chat" and not has_chat_template(tokenizer):
+        raise ValueError(
+            "data.prompt_format: chat, but the tokenizer has no chat template. "
+            "Fix: set data.chat_template=FILE.jinja (or the template text), or data.prompt_format=plain"
+        )
+    setattr(tokenizer, _FORMAT_ATTR, resolved)
+    return tokenizer
+
+
+def prompt_format_of(tokenizer: Any) -> str:
+    """``plain`` or ``chat``: the format :func:`set_prompt_format` recorded, else ``chat`` exactly when the
+    tokenizer has a chat template (``auto``)."""
+    recorded = getattr(tokenizer, _FORMAT_ATTR, None)
+    if recorded is not None:
+        return recorded
+    return "chat" if has_chat_template(tokenizer) else "plain"
+
+
+def _user_turn(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def prompt_text(tokenizer: Any, question: str) -> str:
+    """The prompt as text (without ``bos`` under ``plain``): ``PROMPT_TEMPLATE`` filled with the question,
+    or the chat template's rendering of the user turn with the generation prompt."""
+    if prompt_format_of(tokenizer) == "plain":
+        return PROMPT_TEMPLATE.format(question=question)
+    return tokenizer.apply_chat_template(_user_turn(question), tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """Token ids of the prompt the model answers (the labels' ``-100`` part): ``[bos] +`` the plain prompt
+    (:func:`prefix_ids`), or the chat prompt's tokens (the template writes its own BOS). Training,
+    scoring and generation all use it."""
+    ids = tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+    return [*prefix_ids(tokenizer), *ids] if prompt_format_of(tokenizer) == "plain" else list(ids)
+
+
+def answer_ids(tokenizer: Any, question: str, answer: str) -> list[int]:
+    """Token ids of the answer, scored and trained on, ending with ``eos`` (see the module doc).
+
+    ``plain``: ``" " + answer`` then ``eos``. ``chat``: the text the assistant turn adds after
+    :func:`prompt_text` (trailing whitespace removed), then ``eos`` unless its last token is ``eos``.
+    ValueError when the template does not render the answer as a continuation of the prompt.
     """
     eos = _special_id(tokenizer, "eos_token_id")
-    prompt = tokenizer(PROMPT_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
-    prompt_ids = [*prefix_ids(tokenizer), *prompt]
-    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    prefix_len = len(prompt_ids)
+    if prompt_format_of(tokenizer) == "plain":
+        return [*tokenizer(" " + answer, add_special_tokens=False)["input_ids"], eos]
+    prompt = prompt_text(tokenizer, question)
+    turns = [*_user_turn(question), {"role": "assistant", "content": answer}]
+    full = tokenizer.apply_chat_template(turns, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(
+            "data.chat_template: the template does not render the assistant turn after the generation prompt "
+            f"(prompt {prompt!r}, conversation {full!r}). Fix: use a template whose add_generation_prompt "
+            "output prefixes the answered conversation, or data.prompt_format=plain"
+        )
+    ids = list(tokenizer(full[len(prompt) :].rstrip(), add_special_tokens=False)["input_ids"])
+    return ids if ids and ids[-1] == eos else [*ids, eos]
+
+
+def encode_qa(tokenizer: Any, question: str, answer: str, max_length: int) -> dict[str, list[int]]:
+    """Tokenize one QA pair in the tokenizer's prompt format (:func:`prompt_format_of`).
+
+    Returns ``{"input_ids": [L], "labels": [L]}`` with ``L <= max_length``: ``input_ids`` is
+    :func:`prompt_ids` ``+`` :func:`answer_ids` (plain: ``[bos] + prompt + " " + answer + [eos]``, no
+    ``bos`` when the tokenizer has none), ``labels`` is ``-100`` over the prompt and equal to
+    ``input_ids`` elsewhere. Truncation is from the right and always keeps at least one answer token;
+    ValueError if the prompt alone exceeds ``max_length - 1``, or if the tokenizer has no eos token.
+    """
+    answer = answer_ids(tokenizer, question, answer)
+    prompt = prompt_ids(tokenizer, question)
+    prefix_len = len(prompt)
     if prefix_len > max_length - 1:
         raise ValueError(
             f"prompt needs {prefix_len} tokens (with bos, if any) but max_length={max_length} leaves no room for "
-            f"an answer token; question: {question!r}"
+            f"an answer token; question: {question!r}. Fix: raise data.max_length"
         )
-    input_ids = [*prompt_ids, *answer_ids, eos][:max_length]
-    labels = ([IGNORE_INDEX] * prefix_len + [*answer_ids, eos])[:max_length]
+    input_ids = [*prompt, *answer][:max_length]
+    labels = ([IGNORE_INDEX] * prefix_len + answer)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
 
 

@@ -40,7 +40,7 @@ from dist_unlearn.engine.prepare import load_benchmark
 from dist_unlearn.engine.worker import initialize_engine, progress_bar, start_worker
 from dist_unlearn.eval.answers import evaluate_splits, score_dataset
 from dist_unlearn.io import atomic_path, write_json_atomic
-from dist_unlearn.models.loading import load_tokenizer, model_for_config
+from dist_unlearn.models.loading import model_for_config, tokenizer_for_config
 from dist_unlearn.unlearning import objective_from_config
 from dist_unlearn.unlearning.continual import (
     activate_adapters,
@@ -92,7 +92,7 @@ def run_continual(job: Job, reporter: Reporter | None = None) -> dict[str, Any]:
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
     length = cfg.data.max_length
 
-    tokenizer = load_tokenizer(job.model_dir)
+    tokenizer = tokenizer_for_config(job.model_dir, cfg.data)
     pad_id = tokenizer.pad_token_id
     facts = load_benchmark(cfg.data)
     groups = split_requests(facts.people("forget"), cfg.continual.num_requests)

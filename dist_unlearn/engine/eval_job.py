@@ -4,7 +4,9 @@ group (Ray workers, ``torchrun`` ranks, or one process). Never imports Ray.
 Which models: ``eval.model_dir`` when set, else every method's ``OUTPUT/<method>/model`` that exists,
 plus the starting model (``original``) and the ``oracle`` (``eval.oracle_dir``, else the embedded
 benchmark's), which is also the reference of forget quality and PrivLeak. Each result
-goes to ``OUTPUT/<name>/eval.json`` (rank 0, temporary name then rename).
+goes to ``OUTPUT/<name>/eval.json`` (rank 0, temporary name then rename), and the oracle's statistics to
+``OUTPUT/oracle_stats.json`` (:mod:`dist_unlearn.eval.oracle_stats`). With ``eval.oracle_stats=FILE`` no
+oracle model is loaded: the file is the reference.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from dist_unlearn.config import RunConfig, config_from_dict, config_to_dict
+
+
+def reference_oracle_dir(cfg: RunConfig, assets_oracle_dir: str | None) -> str | None:
+    """The oracle model to evaluate as the reference: ``eval.oracle_dir``, else the embedded one; ``None``
+    when ``eval.oracle_stats`` gives the reference as a file."""
+    if cfg.eval.oracle_stats:
+        return None
+    return cfg.eval.oracle_dir or assets_oracle_dir
 
 
 def eval_targets(cfg: RunConfig, target_dir: str, oracle_dir: str | None) -> dict[str, str]:
@@ -56,6 +66,7 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     from dist_unlearn.distributed.env import is_main_process
     from dist_unlearn.engine.prepare import load_benchmark
     from dist_unlearn.engine.worker import start_worker
+    from dist_unlearn.eval.oracle_stats import ORACLE_STATS_FILE, load_oracle_stats, stats_meta, write_oracle_stats
     from dist_unlearn.eval.suite import evaluate_directory
     from dist_unlearn.io import write_json_atomic
 
@@ -64,7 +75,7 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     facts = load_benchmark(cfg.data)
     out = Path(cfg.output.dir).resolve()
     results: dict[str, Any] = {}
-    oracle_result = None
+    oracle_result = load_oracle_stats(cfg.eval.oracle_stats) if cfg.eval.oracle_stats else None
     for name, model_dir in job["targets"].items():
         evaluation = evaluate_directory(cfg, model_dir, job["oracle_dir"], facts, ctx.device, oracle_result)
         oracle_result = evaluation["oracle"]
@@ -73,6 +84,8 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
             (out / name).mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / name / "eval.json", evaluation)
         results[name] = evaluation
+    if job["oracle_dir"] and oracle_result is not None and is_main_process():
+        write_oracle_stats(out / ORACLE_STATS_FILE, oracle_result, stats_meta(cfg, job["oracle_dir"]))
     return results
 
 
@@ -86,7 +99,7 @@ def run_eval_without_ray(cfg: RunConfig, only: tuple[str, ...] | None = None) ->
     init_distributed()
     try:
         assets = prepared_assets(cfg)
-        oracle_dir = cfg.eval.oracle_dir or assets.oracle_dir
+        oracle_dir = reference_oracle_dir(cfg, assets.oracle_dir)
         targets = eval_targets(cfg, assets.target_dir, oracle_dir)
         targets = {name: path for name, path in targets.items() if only is None or name in only}
         check_targets(targets)

@@ -27,7 +27,7 @@ import torch
 from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, DataConfig, RunConfig
 from dist_unlearn.data.facts import FactsBenchmark, generate_facts, load_qa_file
 from dist_unlearn.data.formats import is_formatted_source, load_formatted
-from dist_unlearn.data.qa import QADataset
+from dist_unlearn.data.qa import QADataset, set_prompt_format
 from dist_unlearn.eval.answers import evaluate_splits
 from dist_unlearn.io import move_into_place, staging_path
 from dist_unlearn.models.encoders import encoder_path
@@ -60,7 +60,11 @@ def load_benchmark(data: DataConfig) -> FactsBenchmark:
 
 def _prepare_inputs(cfg: RunConfig) -> dict[str, object]:
     """Every setting :func:`prepare_embedded` reads: its cache is valid exactly while these are equal."""
-    return {"data": asdict(cfg.data), "prepare": asdict(cfg.prepare), "seed": cfg.train.seed}
+    data = asdict(cfg.data)
+    for key, default in (("prompt_format", "auto"), ("chat_template", "")):
+        if data[key] == default:  # the embedded tokenizer has no chat template: the default is the plain format
+            del data[key]  # models were always prepared with, so caches from before these fields stay valid
+    return {"data": data, "prepare": asdict(cfg.prepare), "seed": cfg.train.seed}
 
 
 def _fingerprint(cfg: RunConfig) -> str:
@@ -101,6 +105,7 @@ def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAss
             num_heads=p.num_heads,
             seed=cfg.train.seed,
         )
+        set_prompt_format(tokenizer, cfg.data.prompt_format, cfg.data.chat_template)  # as unlearning will see it
         items = [item for split in splits for item in facts.split(split)]
         train_set = QADataset(items, tokenizer, cfg.data.max_length)
         log(f"prepare: fine-tuning the {name} model on {'+'.join(splits)} ({len(items)} QA pairs, {p.steps} steps)")

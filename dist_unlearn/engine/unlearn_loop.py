@@ -32,7 +32,7 @@ from dist_unlearn.eval.periodic import RunEvaluator
 from dist_unlearn.eval.suite import headline
 from dist_unlearn.eval.sweep_report import result_numbers
 from dist_unlearn.models.combined import write_inference_spec
-from dist_unlearn.models.loading import load_tokenizer, model_for_config
+from dist_unlearn.models.loading import model_for_config, tokenizer_for_config
 from dist_unlearn.unlearning import build_reference, objective_from_config
 from dist_unlearn.unlearning.robust import robust_plan, unlearning_backward
 from dist_unlearn.unlearning.saliency import saliency_mask_for_run
@@ -59,7 +59,7 @@ def run_unlearning(job: Job, reporter: Reporter | None = None) -> dict[str, Any]
     ctx = start_worker(cfg)
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
 
-    tokenizer = load_tokenizer(job.model_dir)
+    tokenizer = tokenizer_for_config(job.model_dir, cfg.data)
     model = model_for_config(job.model_dir, cfg.model, kind="causal_lm")
     facts = load_benchmark(cfg.data)
     objective = objective_from_config(cfg, job.name)

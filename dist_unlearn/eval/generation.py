@@ -1,7 +1,8 @@
 """Greedy and sampled answers to QA prompts, generated sharded over ranks, scored by ROUGE-L recall.
 
-The prompt is exactly the training prefix (``[bos] + PROMPT_TEMPLATE``, without ``bos`` for a tokenizer
-that has none; :mod:`dist_unlearn.data.qa`).
+The prompt is exactly the training prefix (:func:`dist_unlearn.data.qa.prompt_ids`: ``[bos] +
+PROMPT_TEMPLATE`` in the plain format, the chat template's user turn and generation prompt in the chat
+format).
 Each question is generated on its own (no padding, so the text does not depend on how questions are
 batched or sharded), with ``model.generate`` of the plain ``transformers`` model: generation needs the
 whole weights on every rank, i.e. a plain/exported model or a ZeRO ≤ 2 engine (not a ZeRO-3 engine).
@@ -21,7 +22,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from dist_unlearn.data.facts import QAItem
-from dist_unlearn.data.qa import PROMPT_TEMPLATE, prefix_ids
+from dist_unlearn.data.qa import prompt_ids as qa_prompt_ids
 from dist_unlearn.distributed.seeding import derive_seed
 from dist_unlearn.distributed.sharded import sharded_map
 from dist_unlearn.eval.modes import eval_mode
@@ -39,11 +40,6 @@ def rouge_l_f1(reference: str, prediction: str) -> float:
     """ROUGE-L F1 ``2PR/(P+R)`` with ``P = LCS/|prediction|``, ``R = LCS/|reference|`` (``rouge-score``
     tokens, no stemming; Lin, 2004); MUSE's VerbMem / KnowMem score."""
     return float(_SCORER.score(reference, prediction)["rougeL"].fmeasure)
-
-
-def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
-    ids = tokenizer(PROMPT_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
-    return [*prefix_ids(tokenizer), *ids]
 
 
 @torch.no_grad()
@@ -72,7 +68,7 @@ def generate_token_ids(
     def generate(indices: Sequence[int]) -> torch.Tensor:
         out = torch.full((len(indices), copies * max_new_tokens), -1.0)
         for row, i in enumerate(indices):
-            ids = _prompt_ids(tokenizer, questions[i]) if prompt_ids is None else list(prompt_ids[i])
+            ids = qa_prompt_ids(tokenizer, questions[i]) if prompt_ids is None else list(prompt_ids[i])
             prompt = torch.tensor([ids], device=device)
             kwargs: dict[str, Any] = {"do_sample": False}
             if num_samples:

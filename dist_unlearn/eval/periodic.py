@@ -12,10 +12,12 @@
   :data:`~dist_unlearn.eval.suite.BEST_METRIC_FALLBACK` (−forget probability) for the whole run, and
   ``best.json`` says so (``metric`` used, ``requested``).
 * Final: the exported ``RUN/model`` is evaluated with the full suite and the ``eval.attacks``
-  (:func:`~dist_unlearn.eval.suite.evaluate_directory`), written to ``RUN/eval.json``.
+  (:func:`~dist_unlearn.eval.suite.evaluate_directory`), written to ``RUN/eval.json``; an oracle model's
+  statistics go to ``OUTPUT/oracle_stats.json`` (:mod:`dist_unlearn.eval.oracle_stats`).
 
-The oracle (for forget quality and PrivLeak) is the embedded benchmark's ``oracle`` next to the target
-model directory, when it exists; it is scored once.
+The oracle (for forget quality and PrivLeak) is ``eval.oracle_dir``, else the embedded benchmark's
+``oracle`` next to the target model directory, when it exists; it is scored once. With
+``eval.oracle_stats=FILE`` its saved statistics are the reference instead (:mod:`dist_unlearn.eval.oracle_stats`).
 
 When the trained weights are not themselves the unlearned model (``inference``: the objective's
 ``inference.json`` spec, e.g. ULD's assistant), every evaluation scores the model the spec describes
@@ -66,7 +68,8 @@ class RunEvaluator:
         inference: dict[str, Any] | None = None,
     ):
         self.cfg, self.tokenizer, self.facts, self.run_dir, self.device = cfg, tokenizer, facts, Path(run_dir), device
-        self.oracle_dir = cfg.eval.oracle_dir or oracle_dir_for(model_dir)
+        self.oracle_stats = cfg.eval.oracle_stats  # the reference as a file: no oracle model is loaded
+        self.oracle_dir = None if self.oracle_stats else cfg.eval.oracle_dir or oracle_dir_for(model_dir)
         self.inference = inference
         self._members: dict[str, torch.nn.Module] = {}  # frozen models the spec adds (ULD: the target)
         self.oracle_result: dict[str, Any] | None = None
@@ -78,6 +81,10 @@ class RunEvaluator:
             self.best, self.metric = float(kept["value"]), kept.get("metric", self.metric)
 
     def _reference(self) -> dict[str, Any] | None:
+        if self.oracle_result is None and self.oracle_stats:
+            from dist_unlearn.eval.oracle_stats import load_oracle_stats
+
+            self.oracle_result = load_oracle_stats(self.oracle_stats)
         if self.oracle_result is None and self.oracle_dir is not None:
             from dist_unlearn.models.loading import load_causal_lm
 
@@ -151,6 +158,11 @@ class RunEvaluator:
         if is_main_process():
             evaluation["name"] = self.run_dir.name
             write_json_atomic(self.run_dir / "eval.json", evaluation)
+            if self.oracle_dir is not None and self.oracle_result is not None:  # for eval.oracle_stats later
+                from dist_unlearn.eval.oracle_stats import ORACLE_STATS_FILE, stats_meta, write_oracle_stats
+
+                meta = stats_meta(self.cfg, self.oracle_dir)
+                write_oracle_stats(self.run_dir.parent / ORACLE_STATS_FILE, self.oracle_result, meta)
         return evaluation
 
 

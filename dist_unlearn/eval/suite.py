@@ -384,10 +384,10 @@ def evaluate_directory(
     """
     from dist_unlearn.eval.attacks import attacked_model
     from dist_unlearn.models.combined import load_scoring_model
-    from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
+    from dist_unlearn.models.loading import load_causal_lm, tokenizer_for_config
 
     settings = settings_from_config(cfg)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = tokenizer_for_config(model_dir, cfg.data)
     if oracle_result is None and oracle_dir is not None:
         oracle = load_causal_lm(oracle_dir, torch.float32, "eager")
         oracle_result = evaluate_model(

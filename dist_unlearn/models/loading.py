@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from dist_unlearn.config.schema import LoraSettings, ModelConfig
+from dist_unlearn.data.qa import set_prompt_format
 from dist_unlearn.models.lora import KINDS, add_lora
 from dist_unlearn.models.quantization import load_quantized, prepare_quantized
 
@@ -94,9 +95,18 @@ def model_for_config(path: str | Path, model_cfg: ModelConfig, kind: str = "caus
     )
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer saved with the model; a pad token is set to eos when the tokenizer has none."""
+def load_tokenizer(path: str | Path, prompt_format: str = "auto", chat_template: str = "") -> Any:
+    """The tokenizer saved with the model; a pad token is set to eos when the tokenizer has none.
+
+    ``prompt_format`` / ``chat_template`` (``data.prompt_format`` / ``data.chat_template``) are recorded on
+    it (:func:`dist_unlearn.data.qa.set_prompt_format`), so every QA example, score and generation built
+    with it shares one prompt format."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return set_prompt_format(tokenizer, prompt_format, chat_template)
+
+
+def tokenizer_for_config(path: str | Path, data_cfg: Any) -> Any:
+    """:func:`load_tokenizer` with the run config's ``data.prompt_format`` and ``data.chat_template``."""
+    return load_tokenizer(path, data_cfg.prompt_format, data_cfg.chat_template)
