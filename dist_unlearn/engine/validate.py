@@ -8,8 +8,10 @@ from pathlib import Path
 from dist_unlearn.config import ConfigError, RunConfig
 from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE
 from dist_unlearn.data.formats import is_formatted_source, source_problem
+from dist_unlearn.data.pairs import PairsFormatError, load_pairs_data
 from dist_unlearn.data.qa import read_chat_template
 from dist_unlearn.eval.periodic import oracle_dir_for
+from dist_unlearn.models.encoders import encoder_problem
 from dist_unlearn.unlearning import OBJECTIVES, UnlearningObjective, objective_from_config
 from dist_unlearn.unlearning.reference import choose_reference_mode
 
@@ -70,6 +72,8 @@ def validate_run(cfg: RunConfig) -> None:
                 f"Fix: train.retain_batch_size>={cfg.train.forget_batch_size}"
             )
     problems += _best_metric_problems(cfg)
+    if cfg.job.kind == "contrastive":
+        problems += contrastive_problems(cfg)
     problems += _prompt_format_problems(cfg)
     problems += _oracle_stats_problems(cfg)
     if is_formatted_source(cfg.data.source):  # tofu:DIR / muse:DIR: the subset files are there
@@ -150,3 +154,26 @@ def _oracle_stats_problems(cfg: RunConfig) -> list[str]:
         return [str(exc)]
     return []
 
+
+def contrastive_problems(cfg: RunConfig) -> list[str]:
+    """The contrastive job's encoder and data, checked on the driver before any worker starts: ``model.path``
+    must be a text encoder (:func:`~dist_unlearn.models.encoders.encoder_problem`), and a user
+    ``contrastive.data`` is read in full (every row, the hard negatives asked for, the dev split) by the same
+    function the workers load it with. One line per problem, naming the field (and file line) and the fix."""
+    problems: list[str] = []
+    if cfg.model.path != EMBEDDED_MODEL:
+        problem = encoder_problem(cfg.model.path)
+        if problem:
+            problems.append(problem)
+    c = cfg.contrastive
+    if c.data == FICTITIOUS_SOURCE:
+        return problems
+    field = "contrastive.data"
+    try:
+        load_pairs_data(c.data, c.dev_data or None, c.hard_negatives, c.dev_fraction, cfg.data.seed)
+    except PairsFormatError as exc:
+        problems += [f"{field}: {line}" for line in exc.problems]
+    except (OSError, ValueError) as exc:
+        message = str(exc)
+        problems.append(message if message.startswith("contrastive.") else f"{field}: {message}")
+    return problems

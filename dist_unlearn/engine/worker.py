@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,20 @@ def initialize_engine(cfg: RunConfig, model: torch.nn.Module, micro_batch_size: 
 
 def resume(engine: Any, reporter: Reporter, name: str) -> tuple[int, Any]:
     """Load the reporter's latest checkpoint if any; returns (completed steps, stored ``eval_before``)."""
+    step, state = resume_state(engine, reporter, name)
+    return step, state.get("eval_before")
+
+
+def resume_state(engine: Any, reporter: Reporter, name: str) -> tuple[int, dict[str, Any]]:
+    """:func:`resume` returning the checkpoint's whole client state (``{}`` when starting fresh)."""
     resume_dir = reporter.latest_checkpoint()
     if resume_dir is None:
-        return 0, None
+        return 0, {}
     state = load_checkpoint(engine, resume_dir)
     step = int(state["step"])
     if is_main_process():
         print(f"[{name}] resumed from {resume_dir} at step {step}", flush=True)
-    return step, state.get("eval_before")
+    return step, state
 
 
 class Checkpointer:
@@ -94,9 +101,18 @@ class Checkpointer:
     """
 
     def __init__(
-        self, engine: Any, reporter: Reporter, run_dir: Path, cfg: RunConfig, total_steps: int, eval_before: Any
+        self,
+        engine: Any,
+        reporter: Reporter,
+        run_dir: Path,
+        cfg: RunConfig,
+        total_steps: int,
+        eval_before: Any,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        """``extra_state()``: more client state saved with every checkpoint (read back by :func:`resume_state`)."""
         self.engine, self.reporter = engine, reporter
+        self.extra_state = extra_state
         self.root = Path(run_dir) / "checkpoints"
         self.every, self.keep, self.total = cfg.checkpoint.every_steps, cfg.checkpoint.keep, total_steps
         self.eval_before = eval_before
@@ -111,6 +127,8 @@ class Checkpointer:
         if not ((self.every and completed % self.every == 0) or is_last or stop):
             return
         state = {"step": completed, "eval_before": self.eval_before}
+        if self.extra_state is not None:
+            state.update(self.extra_state())
         self.last = save_checkpoint(self.engine, self.root, completed, state, keep=self.keep)
         if stop:
             metrics = {**values, "step": completed, "preempted": 1}

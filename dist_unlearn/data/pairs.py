@@ -1,0 +1,236 @@
+"""Users' own retrieval pairs and triples for the contrastive job, from JSON Lines files.
+
+One row per line, a JSON object::
+
+    {"query": "who wrote Dune?", "positive": "Dune is a 1965 novel by Frank Herbert.",
+     "negatives": ["Foundation is a novel by Isaac Asimov.", "..."]}
+
+``query`` and ``positive`` are non-empty strings; hard negatives are optional, given as ``negative`` (one
+string) or ``negatives`` (a list of strings, hardest first, as mined by e.g. BM25 or a teacher model; cf. DPR,
+Karpukhin et al., 2020). Other keys (ids, scores) are ignored. Blank lines are skipped; line numbers in
+messages are 1-based file lines.
+
+A location is a file, or a directory holding ``train.jsonl`` and optionally ``dev.jsonl``. The held-out
+evaluation uses the dev rows (the ``dev.jsonl`` beside ``train.jsonl``, an explicit dev file, or a seeded
+fraction of the rows) as a retrieval task: each dev query against the corpus of every distinct positive and
+negative passage of the dev rows (:func:`pairs_eval_set`), scored by recall@k and MRR.
+
+Everything here is plain Python (no torch), so the driver validates a file before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dist_unlearn.data.retrieval import RetrievalEvalSet, RetrievalExample
+
+TRAIN_FILE = "train.jsonl"
+DEV_FILE = "dev.jsonl"
+ROW_HELP = (
+    'each line must be a JSON object {"query": str, "positive": str} with optional "negative": str or '
+    '"negatives": [str, ...]'
+)
+MAX_REPORTED = 5
+"""At most this many malformed rows are reported, then a count of the rest."""
+
+
+class PairsFormatError(ValueError):
+    """A malformed pairs file; ``problems`` holds one line per bad row (``FILE line N: ...``)."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class PairsSource:
+    """Where the rows are: ``train`` file, and the dev file when there is one (else a fraction is held out)."""
+
+    train: Path
+    dev: Path | None
+
+
+def pairs_source(location: str | Path, dev: str | Path | None = None) -> PairsSource:
+    """The train file (``location`` itself, or ``location/train.jsonl``) and the dev file (``dev`` when given,
+    else ``location/dev.jsonl`` when ``location`` is a directory that has one, else None).
+
+    Raises:
+        FileNotFoundError: a directory without ``train.jsonl``, or a path that does not exist.
+    """
+    path = Path(location)
+    if path.is_dir():
+        train = path / TRAIN_FILE
+        if not train.is_file():
+            raise FileNotFoundError(f"{path} is a directory without {TRAIN_FILE}")
+        found = path / DEV_FILE
+        return PairsSource(train, Path(dev) if dev else (found if found.is_file() else None))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    return PairsSource(path, Path(dev) if dev else None)
+
+
+def _text(row: dict[str, Any], key: str) -> str | None:
+    """``row[key]`` when it is a non-empty string, else None."""
+    value = row.get(key)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def parse_row(row: Any) -> RetrievalExample:
+    """One decoded JSON value → an example with every negative of the row (in file order).
+
+    Raises:
+        ValueError: naming the field that is missing or of the wrong type.
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}; {ROW_HELP}")
+    query, positive = _text(row, "query"), _text(row, "positive")
+    for key, value in (("query", query), ("positive", positive)):
+        if value is None:
+            what = "missing" if key not in row else "not a non-empty string"
+            raise ValueError(f"field '{key}' is {what}; {ROW_HELP}")
+    if "negative" in row and "negatives" in row:
+        raise ValueError("has both 'negative' and 'negatives'; give one of them")
+    negatives: tuple[str, ...] = ()
+    if "negative" in row:
+        if _text(row, "negative") is None:
+            raise ValueError("field 'negative' is not a non-empty string; use 'negatives' for a list")
+        negatives = (row["negative"],)
+    elif "negatives" in row:
+        values = row["negatives"]
+        if not isinstance(values, list) or any(not isinstance(v, str) or not v.strip() for v in values):
+            raise ValueError("field 'negatives' is not a list of non-empty strings")
+        negatives = tuple(values)
+    assert query is not None and positive is not None
+    return RetrievalExample(query, positive, negatives)
+
+
+def _numbered_rows(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, line
+
+
+def read_numbered_pairs(path: str | Path) -> list[tuple[int, RetrievalExample]]:
+    """Every row of the JSON Lines file ``path`` with its 1-based line number, negatives as given.
+
+    Raises:
+        PairsFormatError: one line per malformed row (at most :data:`MAX_REPORTED`, then a count), each
+            ``FILE line N: ...`` naming the field; also for a file without rows or not UTF-8.
+    """
+    path = Path(path)
+    rows: list[tuple[int, RetrievalExample]] = []
+    problems: list[str] = []
+    try:
+        for number, line in _numbered_rows(path):
+            try:
+                rows.append((number, parse_row(json.loads(line))))
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            except ValueError as exc:
+                problems.append(f"{path} line {number}: {exc}")
+    except UnicodeDecodeError as exc:
+        raise PairsFormatError([f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})"]) from exc
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        if len(problems) > MAX_REPORTED:
+            shown.append(f"{path}: {len(problems) - MAX_REPORTED} more malformed row(s)")
+        raise PairsFormatError(shown)
+    if not rows:
+        raise PairsFormatError([f"{path}: no rows; {ROW_HELP}"])
+    return rows
+
+
+def read_pairs(path: str | Path) -> list[RetrievalExample]:
+    """:func:`read_numbered_pairs` without the line numbers."""
+    return [example for _, example in read_numbered_pairs(path)]
+
+
+def check_negatives(rows: Sequence[tuple[int, RetrievalExample]], count: int, path: str | Path) -> None:
+    """Every row has at least ``count`` negatives (the job gives each query ``1 + count`` documents).
+
+    Raises:
+        ValueError: naming the first row that falls short (its file line), how many rows do, and the fix.
+    """
+    short = [(number, e) for number, e in rows if len(e.negatives) < count]
+    if not short:
+        return
+    fewest = min(len(e.negatives) for _, e in rows)
+    number, first = short[0]
+    raise ValueError(
+        f"contrastive.hard_negatives={count}, but {path} line {number} has {len(first.negatives)} negative(s) "
+        f"({len(short)} of {len(rows)} rows have fewer than {count}). Fix: contrastive.hard_negatives={fewest} "
+        "(the fewest any row has; 0 = in-batch negatives only), or give every row enough 'negatives'"
+    )
+
+
+def take_negatives(examples: Sequence[RetrievalExample], count: int) -> list[RetrievalExample]:
+    """Each example with its first ``count`` negatives (rows checked by :func:`check_negatives`)."""
+    return [RetrievalExample(e.query, e.positive, e.negatives[:count]) for e in examples]
+
+
+def split_dev(
+    examples: Sequence[RetrievalExample], fraction: float, seed: int
+) -> tuple[list[RetrievalExample], list[RetrievalExample]]:
+    """``(train, dev)``: ``max(1, round(fraction · n))`` rows drawn with ``seed`` for dev, the rest (in file
+    order) for training. Deterministic given ``seed``.
+
+    Raises:
+        ValueError: fewer than 2 rows (nothing would be left on one side).
+    """
+    if len(examples) < 2:
+        raise ValueError(f"{len(examples)} row(s) cannot be split into training and dev rows")
+    size = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    dev = set(random.Random(f"dev-{seed}").sample(range(len(examples)), size))
+    train = [e for i, e in enumerate(examples) if i not in dev]
+    return train, [e for i, e in enumerate(examples) if i in dev]
+
+
+def pairs_eval_set(dev: Sequence[RetrievalExample]) -> RetrievalEvalSet:
+    """Dev queries against the corpus of every distinct passage of the dev rows (positives and negatives).
+
+    ``passages`` lists each distinct text once, in first-seen order; ``relevant[i]`` is the index of query
+    ``i``'s positive. A dev row's positive that is another row's negative stays one passage (relevant to its
+    own query, a distractor for the other).
+    """
+    index: dict[str, int] = {}
+    for example in dev:
+        for text in (example.positive, *example.negatives):
+            index.setdefault(text, len(index))
+    return RetrievalEvalSet([e.query for e in dev], list(index), [index[e.positive] for e in dev])
+
+
+@dataclass(frozen=True)
+class PairsData:
+    """Training examples (``1 + hard_negatives`` documents each) and the held-out retrieval set."""
+
+    train: list[RetrievalExample]
+    eval_set: RetrievalEvalSet
+    source: PairsSource
+
+
+def load_pairs_data(
+    location: str | Path, dev: str | Path | None, hard_negatives: int, dev_fraction: float, seed: int
+) -> PairsData:
+    """Read, check and split a pairs location (see the module docstring); the driver's validation and the
+    workers call the same function, so a file that passed validation loads identically on every rank.
+
+    Raises:
+        FileNotFoundError: see :func:`pairs_source`.
+        PairsFormatError: malformed rows (see :func:`read_pairs`).
+        ValueError: too few negatives (:func:`check_negatives`) or rows to hold out (:func:`split_dev`).
+    """
+    source = pairs_source(location, dev)
+    numbered = read_numbered_pairs(source.train)
+    check_negatives(numbered, hard_negatives, source.train)
+    rows = [example for _, example in numbered]
+    if source.dev is not None:
+        train, held_out = rows, read_pairs(source.dev)
+    else:
+        train, held_out = split_dev(rows, dev_fraction, seed)
+    return PairsData(take_negatives(train, hard_negatives), pairs_eval_set(held_out), source)
