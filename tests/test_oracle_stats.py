@@ -124,3 +124,16 @@ def test_config_checks_oracle_stats_before_any_work(tmp_path):
     cfg = config_from_dict({"eval": {"oracle_stats": str(tmp_path / "empty.json")}})
     with pytest.raises(ConfigError, match="holds no forget truth ratios"):
         validate_run(cfg)
+
+
+def test_sweep_trials_keep_the_stats_file_as_the_reference(tmp_path):
+    """A sweep's trials run with the statistics file, not with the embedded oracle next to the target."""
+    from dist_unlearn.config import config_from_dict
+    from dist_unlearn.engine.prepare import ModelAssets
+    from dist_unlearn.ray.sweep import _trial_base
+
+    stats = str(tmp_path / "oracle_stats.json")
+    (tmp_path / "oracle_stats.json").write_text(json.dumps({"forget_truth_ratio": [0.5, 2.0]}))
+    cfg = config_from_dict({"eval": {"oracle_stats": stats}})
+    base = _trial_base(cfg, ModelAssets(str(tmp_path / "target"), str(tmp_path / "oracle")))
+    assert (base["eval"]["oracle_dir"], base["eval"]["oracle_stats"]) == ("", stats)

@@ -52,6 +52,7 @@ from dist_unlearn.config.sweep import (
     trial_count,
     trial_dirname,
 )
+from dist_unlearn.engine.eval_job import reference_oracle_dir
 from dist_unlearn.engine.preemption import REQUEUE_EXIT_CODE, STOP_FILE_NAME
 from dist_unlearn.engine.prepare import ModelAssets, resolve_model_assets
 from dist_unlearn.engine.runner import plan_jobs, prepare_run_dirs
@@ -289,8 +290,7 @@ def _target_result(cfg: RunConfig, assets: ModelAssets, sweep_dir: Path) -> dict
     path = sweep_dir / "target" / "eval.json"
     if not path.is_file():
         print("evaluating the target model (the reference of the utility constraint) ...", flush=True)
-        oracle_dir = cfg.eval.oracle_dir or assets.oracle_dir
-        evaluate_on_ray(cfg, {"target": assets.target_dir}, oracle_dir)
+        evaluate_on_ray(cfg, {"target": assets.target_dir}, reference_oracle_dir(cfg, assets.oracle_dir))
     return json.loads(path.read_text())["result"]
 
 
@@ -298,7 +298,7 @@ def _trial_base(cfg: RunConfig, assets: ModelAssets) -> dict[str, Any]:
     base = config_to_dict(cfg)
     base["sweep"] = config_to_dict(RunConfig(sweep=SweepConfig()))["sweep"]
     base["model"]["path"] = assets.target_dir
-    base["eval"]["oracle_dir"] = cfg.eval.oracle_dir or (assets.oracle_dir or "")
+    base["eval"]["oracle_dir"] = reference_oracle_dir(cfg, assets.oracle_dir) or ""  # "" with eval.oracle_stats
     return base
 
 
