@@ -1,8 +1,9 @@
 """A Ray cluster started by a batch script (``slurm/ray_cluster.sbatch``): wait until it is up.
 
 ``python -m dist_unlearn.ray.cluster wait HOST:PORT --nodes N --timeout SECONDS`` returns once the
-cluster at ``HOST:PORT`` has ``N`` alive nodes (exit 0), or exits 1 after ``SECONDS`` with the count
-it saw. The sbatch template calls it after starting the head and again after starting the workers.
+cluster at ``HOST:PORT`` has ``N`` alive nodes (exit 0; it prints their addresses and resources), or
+exits 1 after ``SECONDS`` with the count it saw. The sbatch template calls it after starting the
+head and again after starting the workers.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def _port_open(address: str) -> bool:
         return False
 
 
-def wait_for_nodes(address: str, nodes: int, timeout: float) -> dict[str, float]:
-    """Block until the Ray cluster at ``address`` has ``nodes`` alive nodes; returns its resources.
+def wait_for_nodes(address: str, nodes: int, timeout: float) -> tuple[dict[str, float], list[str]]:
+    """Block until the Ray cluster at ``address`` has ``nodes`` alive nodes; returns its resources and
+    the alive nodes' addresses (sorted).
 
     Raises ``TimeoutError`` when that does not happen within ``timeout`` seconds.
     """
@@ -44,13 +46,13 @@ def wait_for_nodes(address: str, nodes: int, timeout: float) -> dict[str, float]
                 raise TimeoutError(f"could not connect to the Ray head at {address}: {exc}") from exc
             time.sleep(2)
     try:
-        alive = 0
+        alive: list[str] = []
         while time.monotonic() <= deadline:
-            alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-            if alive >= nodes:
-                return {key: float(value) for key, value in ray.cluster_resources().items()}
+            alive = sorted(node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive"))
+            if len(alive) >= nodes:
+                return {key: float(value) for key, value in ray.cluster_resources().items()}, alive
             time.sleep(1)
-        raise TimeoutError(f"Ray cluster at {address} has {alive} of {nodes} nodes after {timeout:.0f} s")
+        raise TimeoutError(f"Ray cluster at {address} has {len(alive)} of {nodes} nodes after {timeout:.0f} s")
     finally:
         ray.shutdown()
 
@@ -64,12 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("--timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
     try:
-        resources = wait_for_nodes(args.address, args.nodes, args.timeout)
+        resources, addresses = wait_for_nodes(args.address, args.nodes, args.timeout)
     except TimeoutError as exc:
         print(f"dist-unlearn: {exc}", file=sys.stderr)
         return 1
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    print(f"dist-unlearn: ray cluster at {args.address}: {args.nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs")
+    nodes = f"{len(addresses)} node(s) ({', '.join(addresses)})"
+    print(f"dist-unlearn: ray cluster at {args.address}: {nodes}, {cpus:g} CPUs, {gpus:g} GPUs")
     return 0
 
 
