@@ -34,6 +34,7 @@ from dist_unlearn.data.pairs import load_pairs_data
 from dist_unlearn.data.retrieval import RetrievalEvalSet, RetrievalExample, mine_hard_negatives, retrieval_eval_set
 from dist_unlearn.data.sampling import StepSampler
 from dist_unlearn.distributed.env import is_main_process
+from dist_unlearn.distributed.seeding import rank_seed, seed_everything
 from dist_unlearn.engine.ds_config import torch_dtype
 from dist_unlearn.engine.export import export_hf_model
 from dist_unlearn.engine.job import Job, LocalReporter, Reporter
@@ -132,6 +133,7 @@ def run_contrastive(job: Job, reporter: Reporter | None = None) -> dict[str, Any
     engine.train()
     for step in range(start_step, c.steps):
         started = time.perf_counter()
+        seed_everything(rank_seed(cfg.train.seed, rank, f"contrastive-step-{step}"))  # dropout: same on resume
         batch = [examples[i] for i in sampler.indices(step)]
         queries = tokenize(tokenizer, [e.query for e in batch], c.max_length, device)
         docs = tokenize(tokenizer, [d for e in batch for d in (e.positive, *e.negatives)], c.max_length, device)
