@@ -18,6 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # below, the ones the CLI starts, the Slurm ones) uses this session's own token, not ~/.ray/auth_token.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# The suite's Ray clusters are all on this one machine and never drain a node: Ray Train's preemption
+# watcher (an actor process per run) is off for the runs that join the shared cluster too, as the CLI
+# turns it off for the local clusters it starts itself (dist_unlearn/ray/trainer.connect).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Every process of the suite runs as on a CPU with AVX512-BF16, where bitsandbytes takes a different
 # 4-bit path (tests/force_bnb_cpu_fastpath/sitecustomize.py): the suite then fails on any machine when

@@ -1,9 +1,10 @@
 """The uninterrupted run the recovery tests compare against, made once per session.
 
-The small embedded setup (``conftest.small_run_config``) for ``STEPS`` steps with a checkpoint every
-``EVERY`` steps, on 2 ranks under ``torchrun`` through ``launchers/torchrun_entry.py`` (so the entry
-script is exercised too). Ray and torchrun give identical weights for the same config
-(test_e2e_unlearn.py), so every interrupted run, whatever its launcher, must end with these weights.
+The small embedded setup (``conftest.small_run_config``) with two methods (``METHODS``), each for
+``STEPS`` steps with a checkpoint every ``EVERY`` steps, on 2 ranks under ``torchrun`` through
+``launchers/torchrun_entry.py`` (so the entry script is exercised too). Ray and torchrun give identical
+weights for the same config (test_e2e_unlearn.py), so every interrupted run, whatever its launcher, must
+end with these weights.
 
 Import the fixture into a test module with ``from reference_run import reference_run``.
 """
@@ -24,14 +25,18 @@ STEPS, EVERY = 16, 4
 _made: dict[str, Path] = {}
 
 
+METHODS = ("grad_diff", "ga")  # the interruptions come during the first; a second shows what is skipped or redone
+
+
 def recovery_config(out: Path, target: str, **sections) -> dict:
     """The reference config with ``output.dir=out`` (and ``sections`` merged in)."""
-    return small_run_config(out, target, train={"steps": STEPS}, checkpoint={"every_steps": EVERY}, **sections)
+    sections = {"method": {"names": list(METHODS)}, "train": {"steps": STEPS}, **sections}
+    return small_run_config(out, target, checkpoint={"every_steps": EVERY}, **sections)
 
 
 @pytest.fixture(scope="session")
 def reference_run(small_target, tmp_path_factory) -> Path:
-    """Output dir of the uninterrupted run (``grad_diff/model``, ``metrics.jsonl``, ``summary.json``)."""
+    """Output dir of the uninterrupted run (``<method>/model``, ``<method>/metrics.jsonl``, ``summary.json``)."""
     if small_target not in _made:  # several test modules import this fixture: run it once
         out = tmp_path_factory.mktemp("reference")
         config = write_config(out / "run.yaml", recovery_config(out, small_target))

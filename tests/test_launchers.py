@@ -114,3 +114,21 @@ def test_an_unset_ray_address_starts_a_cluster_and_never_joins_a_stray_one():
     assert cluster_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"}) == "10.0.0.1:6379"  # Ray job entrypoints
     assert cluster_address("auto", {"RAY_ADDRESS": "10.0.0.1:6379"}) == "auto"
     assert cluster_address("", {"RAY_ADDRESS": ""}) == "local"
+
+
+def test_a_job_counts_as_finished_only_in_the_fit_that_finished_it(tmp_path):
+    """What a restarted Ray worker group skips: the marker of this fit, never a file's time (a ``metrics.json``
+    dated in the future, as a node with a fast clock writes it, does not make a job finished)."""
+    import os
+    import time
+
+    from dist_unlearn.io import write_text_atomic
+    from dist_unlearn.ray.trainer import FIT_FINISHED_FILE, finished_in_fit
+
+    (tmp_path / "metrics.json").write_text("{}")
+    future = time.time() + 3600
+    os.utime(tmp_path / "metrics.json", (future, future))
+    assert not finished_in_fit(tmp_path, "fit-b")
+    write_text_atomic(tmp_path / FIT_FINISHED_FILE, "fit-a")  # finished in an earlier fit of this directory
+    assert not finished_in_fit(tmp_path, "fit-b")
+    assert finished_in_fit(tmp_path, "fit-a")

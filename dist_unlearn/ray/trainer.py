@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import os
 import shutil
-import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from dist_unlearn.engine.job import Job
 from dist_unlearn.engine.preemption import Preempted, reinstall_signal_handlers
 from dist_unlearn.engine.prepare import ModelAssets
 from dist_unlearn.engine.runner import plan_jobs, prepare_run_dirs, read_summaries
+from dist_unlearn.io import write_text_atomic
 
 JOB_MARKER = "dist_unlearn_job"
 """File in each reported checkpoint naming the job (method) it belongs to: one Ray run holds every
@@ -64,23 +65,65 @@ class RayReporter:
         ray.train.report({**metrics, "job": self.job_name}, checkpoint=checkpoint)
 
 
+FIT_FINISHED_FILE = ".finished_in_fit"
+"""In a job's run directory: the id of the fit (one ``TorchTrainer.fit``) in which the job last finished."""
+
+
+def finished_in_fit(run_dir: str | Path, fit_id: str) -> bool:
+    """True when the job of ``run_dir`` already finished within the fit ``fit_id`` (see :func:`_train_fn`)."""
+    marker = Path(run_dir) / FIT_FINISHED_FILE
+    return marker.is_file() and marker.read_text() == fit_id
+
+
 def _train_fn(config: dict[str, Any]) -> None:
-    """Run the jobs in order on this worker group. After a worker failure Ray calls it again: jobs that
-    finished during this fit (``metrics.json`` newer than its start) are skipped, the interrupted one resumes."""
+    """Run the jobs in order on this worker group. After a worker failure Ray calls it again within the same
+    fit: the jobs this fit already finished are skipped, the interrupted one resumes from its checkpoint.
+
+    A job counts as finished in this fit when its run directory's :data:`FIT_FINISHED_FILE` holds this fit's
+    id (a fresh random id per fit, written by rank 0 once the job returned). No file time is compared, so
+    clocks that differ between nodes, or outputs of an earlier run of the same directory, cannot make a job
+    count as finished."""
     for job in config["jobs"]:
-        summary = Path(job["run_dir"]) / "metrics.json"
-        if summary.is_file() and summary.stat().st_mtime >= config["started_at"]:
+        if finished_in_fit(job["run_dir"], config["fit_id"]):
             continue
         try:
             run_job(Job(**job), RayReporter(job["run_dir"], job["name"]))
         except Preempted:
             return  # checkpoint saved and reported with ``preempted: 1``; ending normally is no failure to retry
+        if ray.train.get_context().get_world_rank() == 0:
+            write_text_atomic(Path(job["run_dir"]) / FIT_FINISHED_FILE, config["fit_id"])
 
 
 def _wants_gpu(cfg: DistUnlearnConfig) -> bool:
     if cfg.ray.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
     return cfg.ray.use_gpu == "true"
+
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train's controller
+
+
+# Ray Train callbacks that only serve a cluster which outlives this process; left out on the one-machine
+# cluster :func:`connect` starts (it ends with the process): the placement-group cleaner, whose actor polls
+# Ray's state API (unavailable without the dashboard; with a second Ray instance on the machine its poll
+# dies with a traceback on the console) to free the workers' resources should the driver die.
+_SHARED_CLUSTER_CALLBACKS = ("PlacementGroupCleanerCallback",)
+_started_local_cluster = False  # set by connect() when it starts the cluster itself
+
+
+class _Trainer(TorchTrainer):
+    """``TorchTrainer`` without the actors this project has no use for: Ray Data's dataset manager when no Ray
+    Datasets are given (the jobs read their own data), and on a cluster :func:`connect` started itself the
+    callbacks of ``_SHARED_CLUSTER_CALLBACKS``. Ray Train otherwise starts each of those actors, one more
+    process importing Ray Train (and Ray Data), for every worker group. Should Ray rename the hook
+    overridden here, the override is simply never called."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        dropped = set() if self.datasets else {"DatasetsCallback"}
+        if _started_local_cluster:
+            dropped.update(_SHARED_CLUSTER_CALLBACKS)
+        return [cb for cb in callbacks if type(cb).__name__ not in dropped]
 
 
 def worker_env(cfg: DistUnlearnConfig) -> dict[str, str]:
@@ -124,8 +167,14 @@ def connect(cfg: DistUnlearnConfig) -> bool:
     if address == "local":
         kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.ray.num_workers * max(1, cfg.ray.cpus_per_worker))
         kwargs.update(num_gpus=torch.cuda.device_count(), include_dashboard=False)
+        # Ray Train's preemption watcher polls for nodes the cluster is draining; this one-machine cluster
+        # drains none. Off, a run starts one actor process fewer and its console error line about the
+        # watcher's constructor arguments is gone. Stop requests (signals, OUTPUT/STOP) are unaffected.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     if address == "local":
+        global _started_local_cluster
         ray.init(**kwargs)
+        _started_local_cluster = True
     else:
         try:
             ray.init(**kwargs)
@@ -153,10 +202,12 @@ def disconnect(started: bool) -> None:
     own directory on its command line, so what is left of *this* cluster is found by that directory
     and ended (TERM, then KILL after 5 s); nothing of another Ray cluster on the machine is touched.
     """
+    global _started_local_cluster
     if not ray.is_initialized():
         return
     session = _session_dir() if started else None
     ray.shutdown()
+    _started_local_cluster = False
     if session:
         stop_processes_naming(session)
 
@@ -197,9 +248,9 @@ def run_jobs_on_ray(cfg: DistUnlearnConfig, jobs: list[Job], callbacks: list[Any
     (a sweep's trial passes the one that forwards periodic evaluations to Ray Tune).
     """
     use_gpu = _wants_gpu(cfg)
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         _train_fn,
-        train_loop_config={"jobs": [job.to_dict() for job in jobs], "started_at": time.time()},
+        train_loop_config={"jobs": [job.to_dict() for job in jobs], "fit_id": uuid.uuid4().hex},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=use_gpu,
