@@ -156,9 +156,13 @@ def test_the_job_reads_the_users_file_or_the_fictitious_default(tmp_path):
     assert user.contrastive.data == str(tmp_path / "pairs.jsonl")  # absolute for workers elsewhere
     examples, eval_set = contrastive_data(user)
     assert len(examples) == 8 and len(eval_set.queries) == 2 and len(eval_set.passages) == 4
-    default = config_from_dict(contrastive_config(tmp_path, hard_negatives=2), base_dir=tmp_path)
+    data = {"num_people": 60, "questions_per_person": 4, "forget_fraction": 0.05, "holdout_fraction": 0.2}
+    default = config_from_dict({**contrastive_config(tmp_path, hard_negatives=2), "data": data}, base_dir=tmp_path)
     examples, eval_set = contrastive_data(default)
-    assert all(len(e.negatives) == 2 for e in examples) and eval_set.queries
+    assert len(examples) == 48 * 4 and all(len(e.negatives) == 2 for e in examples)
+    # held-out people's questions against every item's passage (60 people x 4) + 7 attributes of 8 look-alikes
+    # per held-out person (12)
+    assert len(eval_set.queries) == 48 and len(eval_set.passages) == 60 * 4 + 12 * 8 * 7
 
 
 # --- encoders -------------------------------------------------------------------------------------
