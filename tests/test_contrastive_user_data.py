@@ -120,6 +120,27 @@ def test_too_few_hard_negatives_names_the_first_short_row_and_the_fix(tmp_path):
     assert problems_of(tmp_path, data="t.jsonl", hard_negatives=1) == []
 
 
+def test_parquet_files_read_like_json_lines_with_nulls_as_absent_fields(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = {"query": ["a", "b", "c"], "positive": ["A", "B", None], "negatives": [["x", "y"], None, ["z"]]}
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table(table), tmp_path / "d" / "train.parquet")
+    problems = problems_of(tmp_path, data="d", hard_negatives=0)
+    assert problems == [
+        f"contrastive.data: {tmp_path / 'd' / 'train.parquet'} row 3: field 'positive' is missing; each row needs "
+        '"query" and "positive" (strings), optionally "negative" (a string) or "negatives" (a list)'
+    ]
+    table["positive"][2] = "C"
+    pq.write_table(pa.table(table), tmp_path / "d" / "train.parquet")
+    assert read_pairs(tmp_path / "d" / "train.parquet")[:2] == [
+        RetrievalExample("a", "A", ("x", "y")),
+        RetrievalExample("b", "B", ()),
+    ]
+    assert "train.parquet row 2 has 0 negative(s)" in problems_of(tmp_path, data="d", hard_negatives=1)[0]
+
+
 # --- splits and the held-out set ------------------------------------------------------------------
 
 

@@ -728,7 +728,7 @@ def _check_pairs_paths(cfg: RunConfig, base_dir: Path, problems: list[str], bad:
     )
     if "contrastive.data" not in bad and c.data != FICTITIOUS_SOURCE:
         path = _resolve(c.data, base_dir)
-        if path.is_dir() and not (path / "train.jsonl").is_file():
+        if path.is_dir() and not any((path / name).is_file() for name in ("train.jsonl", "train.parquet")):
             problems.append(f"contrastive.data: {path} is a directory without train.jsonl. {fix}")
         elif not path.exists():
             problems.append(f"contrastive.data: file not found: {path}. {fix}")

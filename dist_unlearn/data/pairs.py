@@ -1,4 +1,4 @@
-"""Users' own retrieval pairs and triples for the contrastive job, from JSON Lines files.
+"""Users' own retrieval pairs and triples for the contrastive job, from JSON Lines (or Parquet) files.
 
 One row per line, a JSON object::
 
@@ -10,7 +10,8 @@ string) or ``negatives`` (a list of strings, hardest first, as mined by e.g. BM2
 Karpukhin et al., 2020). Other keys (ids, scores) are ignored. Blank lines are skipped; line numbers in
 messages are 1-based file lines.
 
-A location is a file, or a directory holding ``train.jsonl`` and optionally ``dev.jsonl``. The held-out
+A location is a file, or a directory holding ``train.jsonl`` and optionally ``dev.jsonl`` (or their ``.parquet``
+twins, read with pyarrow: the same columns, a null is an absent field, messages name the table row). The held-out
 evaluation uses the dev rows (the ``dev.jsonl`` beside ``train.jsonl``, an explicit dev file, or a seeded
 fraction of the rows) as a retrieval task: each dev query against the corpus of every distinct positive and
 negative passage of the dev rows (:func:`pairs_eval_set`), scored by recall@k and MRR.
@@ -31,10 +32,10 @@ from dist_unlearn.data.retrieval import RetrievalEvalSet, RetrievalExample
 
 TRAIN_FILE = "train.jsonl"
 DEV_FILE = "dev.jsonl"
-ROW_HELP = (
-    'each line must be a JSON object {"query": str, "positive": str} with optional "negative": str or '
-    '"negatives": [str, ...]'
-)
+PARQUET = ".parquet"
+"""A file with this suffix is read as Parquet (columns ``query``, ``positive``, ``negative`` / ``negatives``; null =
+absent); a directory may hold ``train.parquet`` / ``dev.parquet`` instead of the JSON Lines files."""
+ROW_HELP = 'each row needs "query" and "positive" (strings), optionally "negative" (a string) or "negatives" (a list)'
 MAX_REPORTED = 5
 """At most this many malformed rows are reported, then a count of the rest."""
 
@@ -64,14 +65,21 @@ def pairs_source(location: str | Path, dev: str | Path | None = None) -> PairsSo
     """
     path = Path(location)
     if path.is_dir():
-        train = path / TRAIN_FILE
-        if not train.is_file():
-            raise FileNotFoundError(f"{path} is a directory without {TRAIN_FILE}")
-        found = path / DEV_FILE
-        return PairsSource(train, Path(dev) if dev else (found if found.is_file() else None))
+        train = split_file(path, TRAIN_FILE)
+        if train is None:
+            raise FileNotFoundError(f"{path} is a directory without {TRAIN_FILE} (or train{PARQUET})")
+        return PairsSource(train, Path(dev) if dev else split_file(path, DEV_FILE))
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     return PairsSource(path, Path(dev) if dev else None)
+
+
+def split_file(directory: Path, name: str) -> Path | None:
+    """``directory/name`` (``train.jsonl``, ``dev.jsonl``), else its Parquet twin (``train.parquet``), else None."""
+    for candidate in (directory / name, (directory / name).with_suffix(PARQUET)):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _text(row: dict[str, Any], key: str) -> str | None:
@@ -116,26 +124,58 @@ def _numbered_rows(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, line
 
 
-def read_numbered_pairs(path: str | Path) -> list[tuple[int, RetrievalExample]]:
-    """Every row of the JSON Lines file ``path`` with its 1-based line number, negatives as given.
+def where(path: str | Path, number: int) -> str:
+    """``FILE line N`` (JSON Lines: the file line) or ``FILE row N`` (Parquet: the table row), 1-based."""
+    return f"{path} {'row' if Path(path).suffix == PARQUET else 'line'} {number}"
 
-    Raises:
-        PairsFormatError: one line per malformed row (at most :data:`MAX_REPORTED`, then a count), each
-            ``FILE line N: ...`` naming the field; also for a file without rows or not UTF-8.
-    """
-    path = Path(path)
-    rows: list[tuple[int, RetrievalExample]] = []
-    problems: list[str] = []
+
+def _parquet_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The rows of a Parquet table as dicts without their null values, numbered from 1."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pragma: no cover - a dependency of datasets
+        raise PairsFormatError([f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"]) from exc
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+        raise PairsFormatError([f"{path}: not a readable Parquet file ({exc})"]) from exc
+    return [(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(table.to_pylist(), 1)]
+
+
+def _parse_parquet(path: Path) -> tuple[list[tuple[int, RetrievalExample]], list[str]]:
+    rows, problems = [], []
+    for number, row in _parquet_rows(path):
+        try:
+            rows.append((number, parse_row(row)))
+        except ValueError as exc:
+            problems.append(f"{where(path, number)}: {exc}")
+    return rows, problems
+
+
+def _parse_jsonl(path: Path) -> tuple[list[tuple[int, RetrievalExample]], list[str]]:
+    rows, problems = [], []
     try:
         for number, line in _numbered_rows(path):
             try:
                 rows.append((number, parse_row(json.loads(line))))
             except json.JSONDecodeError as exc:
-                problems.append(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
+                problems.append(f"{where(path, number)}: not valid JSON ({exc.msg} at column {exc.colno})")
             except ValueError as exc:
-                problems.append(f"{path} line {number}: {exc}")
+                problems.append(f"{where(path, number)}: {exc}")
     except UnicodeDecodeError as exc:
         raise PairsFormatError([f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})"]) from exc
+    return rows, problems
+
+
+def read_numbered_pairs(path: str | Path) -> list[tuple[int, RetrievalExample]]:
+    """Every row of the JSON Lines (or Parquet) file ``path`` with its 1-based line (row) number, negatives as given.
+
+    Raises:
+        PairsFormatError: one line per malformed row (at most :data:`MAX_REPORTED`, then a count), each
+            ``FILE line N: ...`` naming the field; also for a file without rows, not UTF-8 or not Parquet.
+    """
+    path = Path(path)
+    rows, problems = _parse_parquet(path) if path.suffix == PARQUET else _parse_jsonl(path)
     if problems:
         shown = problems[:MAX_REPORTED]
         if len(problems) > MAX_REPORTED:
@@ -163,7 +203,7 @@ def check_negatives(rows: Sequence[tuple[int, RetrievalExample]], count: int, pa
     fewest = min(len(e.negatives) for _, e in rows)
     number, first = short[0]
     raise ValueError(
-        f"contrastive.hard_negatives={count}, but {path} line {number} has {len(first.negatives)} negative(s) "
+        f"contrastive.hard_negatives={count}, but {where(path, number)} has {len(first.negatives)} negative(s) "
         f"({len(short)} of {len(rows)} rows have fewer than {count}). Fix: contrastive.hard_negatives={fewest} "
         "(the fewest any row has; 0 = in-batch negatives only), or give every row enough 'negatives'"
     )
