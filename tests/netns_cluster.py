@@ -25,9 +25,15 @@ is the host's. Each step ``exec``s the next, so the process id started is the co
 ``slurmd`` started this way passes all of it on to what it starts: the batch script, ``srun`` steps,
 ``torchrun`` agents, Ray nodes all run "on" that node.
 
+Shared as-is includes ``/tmp``, which is node-local on a real cluster: a Ray job's temp dir
+(``/tmp/ray-JOBID``) is then one directory for both nodes, so each node's Ray log monitor also echoes
+the other node's worker lines (the job log shows some lines twice, once without ``ip=``).
+
 Clean-up is by handle: :meth:`NetnsCluster.stop` ends the daemons by pid, then any process still in
 one of this object's namespaces (``ip netns pids``), deletes each namespace (which deletes its veth
-pair) and the bridge by name, and removes the hosts file. A failed start calls it too.
+pair) and the bridge by name, and removes the hosts file. A failed start calls it too. Only a test
+process killed outright (SIGKILL) leaves them behind: ``ip netns list`` and ``ip link`` show them by
+their ``du<pid>`` names.
 
 Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and ``ip`` (iproute2); :func:`unavailable_reason` says
 why the cluster cannot be made here.
