@@ -141,6 +141,16 @@ def test_parquet_files_read_like_json_lines_with_nulls_as_absent_fields(tmp_path
     assert "train.parquet row 2 has 0 negative(s)" in problems_of(tmp_path, data="d", hard_negatives=1)[0]
 
 
+def test_a_global_batch_larger_than_the_training_rows_is_refused(tmp_path):
+    write_rows(tmp_path / "d" / "train.jsonl", triples(5, negatives=0))  # 1 row held out for dev, 4 train
+    problems = problems_of(tmp_path, data="d", hard_negatives=0, global_batch_size=8)
+    assert problems == [
+        f"contrastive.global_batch_size (8) is more than the 4 training rows of {tmp_path / 'd' / 'train.jsonl'}: a "
+        "batch would hold a row twice, its positive then also one of its negatives. Fix: "
+        "contrastive.global_batch_size=4 or less, or more rows"
+    ]
+
+
 # --- splits and the held-out set ------------------------------------------------------------------
 
 

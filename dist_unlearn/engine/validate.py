@@ -170,10 +170,17 @@ def contrastive_problems(cfg: RunConfig) -> list[str]:
         return problems
     field = "contrastive.data"
     try:
-        load_pairs_data(c.data, c.dev_data or None, c.hard_negatives, c.dev_fraction, cfg.data.seed)
+        pairs = load_pairs_data(c.data, c.dev_data or None, c.hard_negatives, c.dev_fraction, cfg.data.seed)
     except PairsFormatError as exc:
-        problems += [f"{field}: {line}" for line in exc.problems]
+        return problems + [f"{field}: {line}" for line in exc.problems]
     except (OSError, ValueError) as exc:
         message = str(exc)
-        problems.append(message if message.startswith("contrastive.") else f"{field}: {message}")
+        return problems + [message if message.startswith("contrastive.") else f"{field}: {message}"]
+    if len(pairs.train) < c.global_batch_size:
+        largest = len(pairs.train) // cfg.ray.num_workers * cfg.ray.num_workers
+        problems.append(
+            f"contrastive.global_batch_size ({c.global_batch_size}) is more than the {len(pairs.train)} training rows "
+            f"of {pairs.source.train}: a batch would hold a row twice, its positive then also one of its negatives. "
+            f"Fix: contrastive.global_batch_size={largest} or less, or more rows"
+        )
     return problems
