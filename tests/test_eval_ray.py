@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ONE_PROCESS_EVAL, copy_prepared_models, run_cli, small_run_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,13 @@ def test_eval_on_two_ray_workers_equals_one_process(tmp_path, small_target, ray_
         assert sharded[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
-def test_periodic_eval_keeps_the_best_checkpoint(tmp_path, small_target):
+def test_periodic_eval_on_two_zero3_ranks_keeps_the_best_checkpoint(tmp_path, small_target):
+    """``eval.every_steps`` under ``torchrun`` on 2 ranks at ZeRO-3: evaluations at steps 2 and 4, ``best.json``
+    names the better one, and ``best_model`` holds exactly the weights of the checkpoint of that step
+    (consolidated from its ZeRO-3 partitions with DeepSpeed's own ``zero_to_fp32``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
     cfg = small_run_config(
         tmp_path,
         small_target,
@@ -52,9 +59,10 @@ def test_periodic_eval_keeps_the_best_checkpoint(tmp_path, small_target):
         train={"steps": 4, "lr": 3.0e-3},
         ray={"enabled": False},
         eval={"every_steps": 2, "best_metric": "forget_quality", "sampled_generations": 0},
-        deepspeed={"zero_stage": 2},
+        checkpoint={"every_steps": 2},
+        deepspeed={"zero_stage": 3},
     )
-    run_cli(["run", str(write_config(tmp_path / "run.yaml", cfg))], timeout=900)
+    run_cli(["run", str(write_config(tmp_path / "run.yaml", cfg))], nproc=2, timeout=900)
     run = tmp_path / "grad_diff"
     rows = [json.loads(line) for line in (run / "eval_steps.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4]
@@ -63,3 +71,10 @@ def test_periodic_eval_keeps_the_best_checkpoint(tmp_path, small_target):
     assert best["metric"] == "forget_quality" and best["value"] == pytest.approx(max(values.values()))
     assert values[best["step"]] == pytest.approx(best["value"])
     assert (run / "best_model" / "config.json").is_file() and (run / "eval.json").is_file()
+
+    exported = {k: v for f in sorted((run / "best_model").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    checkpoint = run / "checkpoints" / f"step_{best['step']:06d}"
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="state")
+    shared = exported.keys() & saved.keys()
+    assert len(shared) == len(exported), sorted(exported.keys() - saved.keys())
+    assert all(torch.equal(exported[k].float(), saved[k].float()) for k in shared)

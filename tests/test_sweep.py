@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -264,11 +265,18 @@ def test_results_files(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # alone, the session's fixtures (a prepared model, a Ray cluster) are made first
-def test_sweep_interrupted_after_a_trial_resumes_without_redoing_it(tmp_path, small_target, ray_address):
+def test_sweep_interrupted_after_a_trial_resumes_without_redoing_it(
+    tmp_path, small_target, ray_address, one_process_eval
+):
     """2 trials (a grid over train.lr), one at a time, 1 Ray worker each, on the session's cluster. The driver
     gets SIGTERM once the first trial has finished; the same command then completes the second only. Its
-    cost is mostly Ray Train worker-group starts (the target's evaluation and three trial runs)."""
+    cost is mostly Ray Train worker-group starts (three trial runs). The target's evaluation, which the
+    sweep makes once and keeps in SWEEP/target/eval.json, is the session's one-process evaluation of the
+    same target with the same generation settings (making it goes through ``evaluate_on_ray``, tested in
+    test_eval_ray)."""
     out = tmp_path / "sweep"
+    (out / "target").mkdir(parents=True)
+    shutil.copy(one_process_eval[0] / "original" / "eval.json", out / "target" / "eval.json")
     cfg = small_run_config(
         out,
         small_target,
@@ -304,6 +312,7 @@ def test_sweep_interrupted_after_a_trial_resumes_without_redoing_it(tmp_path, sm
     first_s = time.monotonic() - started
     assert proc.returncode == 75, first_out[-4000:]
     assert "Run the same command again to resume" in first_out
+    assert "evaluating the target model" not in first_out  # the kept evaluation is reused
     (first,) = records.glob("trial_000_*")
     assert json.loads((first / "trial.json").read_text())["status"] == "done"
     metrics_before = (first / "grad_diff" / "metrics.jsonl").read_text()
