@@ -27,6 +27,7 @@ as it has windows, so the objectives train on raw text through the same batches.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,36 @@ def encode_qa(tokenizer: Any, question: str, answer: str, max_length: int) -> di
     input_ids = [*prompt, *answer][:max_length]
     labels = ([IGNORE_INDEX] * prefix_len + answer)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
+
+
+@dataclass(frozen=True)
+class LengthFit:
+    """How QA examples fit ``max_length`` tokens (:func:`length_fit`)."""
+
+    examples: int
+    longest: int
+    """Tokens of the longest ``prompt + answer`` (with ``bos``/``eos``)."""
+    truncated: int
+    """Examples whose answer :func:`encode_qa` cuts at ``max_length`` (scored and trained on in part)."""
+    prompt_too_long: str | None
+    """A question whose prompt alone leaves no room for an answer token (:func:`encode_qa` refuses it)."""
+
+
+def length_fit(tokenizer: Any, items: Sequence[Any], max_length: int) -> LengthFit:
+    """Tokenize each QA item's prompt and true answer as :func:`encode_qa` does and count what does not fit
+    in ``max_length`` tokens. Raw-text items (empty question) are cut into windows and always fit."""
+    longest, truncated, too_long, count = 0, 0, None, 0
+    for item in items:
+        if not item.question:
+            continue
+        prompt = len(prompt_ids(tokenizer, item.question))
+        total = prompt + len(answer_ids(tokenizer, item.question, item.answer))
+        count += 1
+        longest = max(longest, total)
+        truncated += total > max_length
+        if too_long is None and prompt > max_length - 1:
+            too_long = item.question
+    return LengthFit(count, longest, truncated, too_long)
 
 
 def encode_text_windows(tokenizer: Any, text: str, max_length: int) -> list[dict[str, list[int]]]:

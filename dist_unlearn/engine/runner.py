@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dist_unlearn.config import ConfigError, RunConfig, config_to_dict
+from dist_unlearn.config import ConfigError, RunConfig, config_from_dict, config_to_dict
+from dist_unlearn.data.qa import length_fit
 from dist_unlearn.distributed.env import (
     barrier,
     destroy_process_group,
@@ -18,8 +19,9 @@ from dist_unlearn.distributed.env import (
 )
 from dist_unlearn.engine.dispatch import run_job
 from dist_unlearn.engine.job import Job
-from dist_unlearn.engine.prepare import ModelAssets, resolve_model_assets
+from dist_unlearn.engine.prepare import ModelAssets, load_benchmark, resolve_model_assets
 from dist_unlearn.io import write_json_atomic
+from dist_unlearn.models.loading import tokenizer_for_config
 
 
 def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[Job]:
@@ -113,8 +115,37 @@ def _diff(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any], pr
     return out
 
 
+def check_answer_lengths(job: Job, log: Any = print) -> None:
+    """Before any work, the run's QA examples (every split, and TOFU's evaluation sets) against
+    ``data.max_length``, tokenized as training and scoring will tokenize them: a prompt with no room for an
+    answer is refused (:class:`ConfigError`); answers cut short get one warning line naming the length
+    that fits them all (cut answers are trained on and scored in part, so their numbers are not comparable
+    with published ones)."""
+    if job.kind == "contrastive":
+        return
+    data = config_from_dict(job.config).data
+    benchmark = load_benchmark(data)
+    items = [*benchmark.items, *(item for _, group in getattr(benchmark, "evaluation", ()) for item in group)]
+    fit = length_fit(tokenizer_for_config(job.model_dir, data), items, data.max_length)
+    if fit.prompt_too_long is not None:
+        problem = (
+            f"data.max_length ({data.max_length}) leaves no room for an answer after the prompt of "
+            f"{fit.prompt_too_long!r}. Fix: data.max_length={fit.longest}"
+        )
+        raise ConfigError(f"invalid config:\n{problem}", [problem])
+    if fit.truncated:
+        log(
+            f"dist-unlearn: data.max_length={data.max_length} cuts {fit.truncated} of {fit.examples} answers short "
+            f"(the longest example needs {fit.longest} tokens); they are trained on and scored in part. "
+            f"Fix: data.max_length={fit.longest}",
+            flush=True,
+        )
+
+
 def prepare_run_dirs(jobs: list[Job], world_size: int, restart: bool = False) -> None:
-    """Driver side, before launching: optionally wipe old runs, check resumability, record settings."""
+    """Driver side, before launching: check the answers' lengths, optionally wipe old runs, check
+    resumability, record settings."""
+    check_answer_lengths(jobs[0])
     if restart:
         for job in jobs:
             shutil.rmtree(job.run_dir, ignore_errors=True)
