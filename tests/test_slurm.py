@@ -4,7 +4,9 @@
 (``torchrun`` across 2 nodes, ``ray``) to completion, each interrupted on the way: USR1 to the batch
 shell mid-run (what ``--signal=B:USR1@120`` delivers before the time limit) -> checkpoint at the
 next step -> ``scontrol requeue`` -> the requeued job resumes from that checkpoint and finishes with
-the weights of the uninterrupted one-node :mod:`reference_run` (same global batch).
+the weights of the uninterrupted one-node :mod:`reference_run` (same global batch). A node failure
+(the job's processes on node 2 killed) ends a torchrun job at once, and submitting it again resumes
+from its last checkpoint to the same weights.
 
 Requeued jobs are held by Slurm for about two minutes (``BeginTime``); the tests release them with
 ``scontrol update JobId=N StartTime=now`` once the nodes are clean again, so the suite does not sleep.
@@ -14,6 +16,7 @@ namespaces, skips the tests that need them, except under CI (``DIST_UNLEARN_CI=1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,7 +28,7 @@ import pytest
 from conftest import BIN, write_config
 from netns_cluster import NetnsCluster, unavailable_reason
 from reference_run import EVERY, STEPS, logged_steps, max_diff, recovery_config, reference_run, weights
-from slurm_cluster import SlurmCluster, missing_binaries
+from slurm_cluster import Node, SlurmCluster, missing_binaries
 
 from dist_unlearn.cli import main
 
@@ -188,14 +191,8 @@ def _worker_nodes(slurm: NetnsCluster) -> set[str]:
     return found
 
 
-def _interrupt_and_resume(
-    slurm: NetnsCluster, config: Path, launcher: str, *fixtures
-) -> tuple[str, str, int, int, set[str]]:
-    """Submit, send USR1 to the batch shell once the first checkpoint exists, release the requeued
-    job, wait for it; returns (job id, log text, step of the stop, step resumed from, the nodes on
-    which workers were seen before the stop)."""
-    out = config.parent
-    job, log = _submit(slurm, config, launcher, *fixtures)
+def _wait_for_first_checkpoint(slurm: NetnsCluster, job: str, log: Path, out: Path) -> set[str]:
+    """Wait until the run's first checkpoint exists; returns the nodes on which workers were seen."""
     first = out / "grad_diff" / "checkpoints" / f"step_{EVERY:06d}"
     deadline, nodes, looked = time.monotonic() + 600, set(), 0.0
     while not first.is_dir():
@@ -206,6 +203,17 @@ def _interrupt_and_resume(
             nodes |= _worker_nodes(slurm)
             looked = time.monotonic()
         time.sleep(0.1)
+    return nodes
+
+
+def _interrupt_and_resume(
+    slurm: NetnsCluster, config: Path, launcher: str, *fixtures
+) -> tuple[str, str, int, int, set[str]]:
+    """Submit, send USR1 to the batch shell once the first checkpoint exists, release the requeued
+    job, wait for it; returns (job id, log text, step of the stop, step resumed from, the nodes on
+    which workers were seen before the stop)."""
+    job, log = _submit(slurm, config, launcher, *fixtures)
+    nodes = _wait_for_first_checkpoint(slurm, job, log, config.parent)
     slurm.run(["scancel", "--batch", "--signal=USR1", job])
     info = slurm.wait_for(job, {"PENDING", "COMPLETED", "FAILED"}, 300)
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, _log(log)[-4000:])
@@ -252,3 +260,41 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(
         tag = f"/tmp/ray-{job}/"
         leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if tag in " ".join(p.info["cmdline"] or [])]
         assert not leftovers, leftovers
+
+
+def _kill_job_processes_on(slurm: NetnsCluster, node: Node) -> list[int]:
+    """SIGKILL what a node crash takes with it: every process in ``node``'s namespace but its
+    ``slurmd`` and step daemons (so Slurm sees the job's task die, not the node)."""
+    keep = {proc.pid for proc in slurm.procs.values()}
+    killed = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or [""]
+        if proc.pid in keep or cmdline[0].startswith("slurmstepd") or slurm.node_of(proc.pid) != node.name:
+            continue
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+            killed.append(proc.pid)
+    return killed
+
+
+@pytest.mark.slow
+def test_a_node_failure_ends_the_torchrun_job_and_the_same_submit_resumes(
+    netns_slurm, small_target, reference_run, tmp_path, monkeypatch, capsys
+):
+    slurm, out = netns_slurm, tmp_path / "out"
+    config = _config(out, small_target)
+    job, log = _submit(slurm, config, "torchrun", monkeypatch, capsys)
+    _wait_for_first_checkpoint(slurm, job, log, out)
+    assert _kill_job_processes_on(slurm, slurm.nodes[1])
+    info = slurm.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 120)  # no hang in a collective
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, _log(log)[-4000:])
+    slurm.wait_until_requeued_job_may_start(job)  # the nodes are clean again
+    again, log = _submit(slurm, config, "torchrun", monkeypatch, capsys)
+    _finish(slurm, again, log)
+    resumed = re.findall(r"\[grad_diff\] resumed from \S+ at step (\d+)", _log(log))
+    assert len(resumed) == 1 and EVERY <= int(resumed[0]) < STEPS, _log(log)[-4000:]
+    run_dir = out / "grad_diff"
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    diff = max_diff(weights(run_dir), weights(reference_run / "grad_diff"))
+    print(f"node 2 killed in job {job}; job {again} resumed at step {resumed[0]}, max |dw| = {diff:.3g}")
+    assert diff < 1e-6
