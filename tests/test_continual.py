@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import run_cli, small_run_config, write_config
 
+from dist_unlearn.config import config_from_dict
+from dist_unlearn.engine.prepare import load_benchmark
 from dist_unlearn.unlearning.continual import activate_adapters, orthogonality_penalty, split_requests
 
 
@@ -123,9 +125,11 @@ def test_config_refuses_continual_without_lora_or_under_zero3_and_saliency_with_
         config_from_dict({"method": {"saliency": 1.5}})
 
 
-def test_a_stop_during_the_second_request_resumes_to_the_uninterrupted_result(tmp_path, small_target, penalised):
-    """STOP once request 1's adapter is saved: exit 75 with request 2 dropped; the same command loads
-    adapter 1 and redoes request 2. Metrics and both adapters equal the uninterrupted run's."""
+def test_two_ranks_stopped_and_resumed_equal_one_uninterrupted_rank(tmp_path, small_target, penalised):
+    """The penalised run again, on 2 ``torchrun`` ranks: STOP once request 1's adapter is saved, exit 75 with
+    request 2 dropped; the same command loads adapter 1 and redoes request 2. Metrics and both adapters equal
+    the uninterrupted one-rank run's, and the requests split the forget people into disjoint groups that
+    cover them all, in order."""
     import os
     import subprocess
     import time
@@ -140,9 +144,10 @@ def test_a_stop_during_the_second_request_resumes_to_the_uninterrupted_result(tm
     config = write_config(out / "config.yaml", _config(out, small_target, 1.0))
     run_dir = out / "npo_gd"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    two_ranks = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dist_unlearn.cli"]
     with (tmp_path / "stopped.log").open("w") as log:
         proc = subprocess.Popen(
-            [str(BIN / "dist-unlearn"), "run", str(config)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            [*two_ranks, "run", str(config)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
         deadline = time.monotonic() + 300
@@ -150,24 +155,33 @@ def test_a_stop_during_the_second_request_resumes_to_the_uninterrupted_result(tm
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stopped.log").read_text()[-3000:]
             time.sleep(0.05)
         stop_file(out).touch()
-        assert proc.wait(timeout=300) == REQUEUE_EXIT_CODE, (tmp_path / "stopped.log").read_text()[-3000:]
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    text = (tmp_path / "stopped.log").read_text()
+    # each rank exits 75; torchrun reports it per rank and exits 1 itself (any non-zero child exit)
+    assert proc.returncode == 1 and text.count(f"exitcode  : {REQUEUE_EXIT_CODE}") == 2, text[-3000:]
+    assert "stopped on request after step 8 of npo_gd" in text
     assert not (run_dir / "adapters" / "request2").exists() and not (run_dir / "model").exists()
     assert [e["request"] for e in json.loads((run_dir / "continual.json").read_text())] == [0, 1]
 
-    resumed = run_cli(["run", str(config)])
+    resumed = run_cli(["run", str(config)], nproc=2)
     assert "[npo_gd] resumed after request 1 of 2" in resumed.stdout + resumed.stderr
     history = json.loads((run_dir / "continual.json").read_text())
     assert [e["request"] for e in history] == [0, 1, 2]
+    assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
+    groups = [e["people"] for e in history[1:]]
+    forget = load_benchmark(config_from_dict(_config(out, small_target, 1.0)).data).people("forget")
+    assert [p for group in groups for p in group] == list(forget) and all(groups)  # in order, disjoint, covering
     for ours, theirs in zip(history, reference):
         for split, values in theirs["eval"].items():
             assert ours["eval"][split]["prob"] == pytest.approx(values["prob"], rel=1e-5), (ours["request"], split)
     for adapter in ("request1", "request2"):
         (mine,), (straight,) = ((d / "adapters" / adapter).rglob("*.safetensors") for d in (run_dir, reference_dir))
         a, b = load_file(mine), load_file(straight)
-        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+        # 2 ranks add the gradient up in another order than 1: float32 rounding, not a different update
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
