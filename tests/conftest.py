@@ -104,6 +104,29 @@ def small_run_config(output_dir: Path, target_dir: str | None = None, **sections
     return cfg
 
 
+def save_tiny_qwen2(out: Path, tokenizer, seed: int = 0, max_positions: int = 256) -> Path:
+    """Save ``tokenizer`` and a tiny random Qwen2 sized for it (1 layer, H=32, 2 heads, 1 KV head, no BOS
+    token id, as Qwen2) to ``out``: a real architecture without BOS for the tests that need one."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer.save_pretrained(out)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_positions,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    return out
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))

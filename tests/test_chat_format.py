@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL_DATA, run_cli, small_run_config, write_config
+from conftest import SMALL_DATA, run_cli, save_tiny_qwen2, small_run_config, write_config
 
 from dist_unlearn.data import generate_facts
 from dist_unlearn.data.qa import (
@@ -30,8 +30,6 @@ CHAT_TEMPLATE = (
 
 def _save_qwen(out, facts, chat_template: str | None, seed: int = 0):
     """A tiny random Qwen2 and a BPE tokenizer of ``facts`` (no bos; eos ``<|im_end|>``) saved to ``out``."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from dist_unlearn.models import train_tokenizer
 
     tok = train_tokenizer(facts.corpus(), vocab_size=300)
@@ -39,21 +37,7 @@ def _save_qwen(out, facts, chat_template: str | None, seed: int = 0):
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.eos_token = "<|im_end|>"
     tok.chat_template = chat_template
-    tok.save_pretrained(out)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    Qwen2ForCausalLM(config).save_pretrained(out)
+    save_tiny_qwen2(out, tok, seed)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import save_tiny_qwen2
 
 from dist_unlearn.data import generate_facts
 from dist_unlearn.data.qa import PROMPT_TEMPLATE, QADataset, collate_qa, encode_qa
@@ -13,29 +14,13 @@ from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from dist_unlearn.models import train_tokenizer
 
     facts = generate_facts(num_people=6, questions_per_person=2, seed=1)
     tok = train_tokenizer(facts.corpus(), vocab_size=300)
     tok.bos_token = None  # as Qwen2's tokenizer: eos and pad, no bos
     out = tmp_path_factory.mktemp("qwen_no_bos")
-    tok.save_pretrained(out)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(out)
+    save_tiny_qwen2(out, tok, max_positions=128)
     return out, facts
 
 
