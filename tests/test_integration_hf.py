@@ -6,10 +6,13 @@ One ``torchrun`` launch on 2 CPU ranks under DeepSpeed ZeRO-3 runs, for ``npo_gd
 data, seed, batch sizes and the CLI's own DeepSpeed config: the per-step losses agree (rel 1e-4). The
 same launch resumes the ``npo_gd`` Trainer run from its step-2 checkpoint (the cached π_ref comes from
 the checkpoint), checks the TensorBoard events hold the forget/retain terms, and runs nf4 + LoRA
-(QLoRA, reference ``adapter_disabled``), whose saved adapter the test reloads. A 1-rank launch runs the
-Trainer alone: 1 rank equals 2 ranks, and the Trainer without DeepSpeed in this process equals both. The
-bad-input checks construct the Trainer in this process; the two examples (``torchrun`` and Ray Train on
-2 workers) are checked against one process's step-1 loss.
+(QLoRA, reference ``adapter_disabled``), whose saved adapter the test reloads. The same launch also runs
+``npo_gd`` under DDP (no DeepSpeed), ZeRO-1 and ZeRO-2, keeping the trained weights, and under ZeRO-3
+with the ``quantized`` (nf4) reference. A 1-rank launch runs the Trainer alone: 1 rank equals 2 ranks.
+The Trainer without DeepSpeed in this process (cached and quantized π_ref) is the one-process run the
+2-rank curves (ZeRO-3, DDP, ZeRO-1/2, quantized) and weights (DDP, ZeRO-1/2) are held to. The bad-input
+checks construct the Trainer in this process; the two examples (``torchrun`` and Ray Train on 2
+workers) are checked against one process's step-1 loss.
 
 This file is also the worker: ``torchrun tests/test_integration_hf.py compare|trainer|qlora MODEL_DIR OUT_DIR``.
 """
@@ -33,6 +36,7 @@ OBJECTIVES = {"npo_gd": {}, "npo_kl": {}, "rmu": {"steering": 20.0}}
 REFERENCES = {"npo_gd": "cached", "npo_kl": "sharded", "rmu": "cached"}
 STEPS, BATCH = 3, 4
 TERMS = ("loss", "forget_loss", "retain_loss")
+BACKENDS = {"ddp": None, "zero1": 1, "zero2": 2}  # label → ZeRO stage (None: no DeepSpeed)
 
 
 # --- worker (runs under torchrun) ------------------------------------------------------------------
@@ -56,17 +60,41 @@ def _cli_config(out: Path, model_dir: str, world: int, saliency: float = 1.0) ->
 
 
 def _trainer_run(
-    name: str, model_dir: str, out: Path, world: int, resume: str | None = None, callbacks=(), **extra
+    name: str,
+    model_dir: str,
+    out: Path,
+    world: int,
+    resume: str | None = None,
+    callbacks=(),
+    zero: int | None = 3,
+    reference: str = "auto",
+    save_weights: bool = False,
+    **extra,
 ) -> dict:
-    """One UnlearningTrainer run; its per-step rows, evaluations and best checkpoint."""
+    """One UnlearningTrainer run; its per-step rows, evaluations, best checkpoint, what it ran on (the
+    wrapper's class and ZeRO stage) and its wall time. ``zero=None``: no DeepSpeed (DDP on several ranks,
+    the plain Trainer on one), torch AdamW. ``save_weights``: rank 0 writes the trained weights (whole on
+    every rank without ZeRO-3) to ``out/weights.pt``."""
+    import time
+
+    import deepspeed
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from dist_unlearn.data import QADataset, generate_facts
     from dist_unlearn.engine.ds_config import build_deepspeed_config
     from dist_unlearn.integrations.hf import UnlearningTrainer
 
-    ds = build_deepspeed_config(zero_stage=3, micro_batch_size=BATCH // world, world_size=world, lr=1e-3)
+    start = time.perf_counter()
+    ds = None
+    if zero is None:
+        # Earlier DeepSpeed runs of this process leave HF's zero.Init config and ACCELERATE_USE_DEEPSPEED
+        # (accelerate sets it, never clears it): with it a Trainer without args.deepspeed builds an engine.
+        unset_hf_deepspeed_config()
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    else:
+        ds = build_deepspeed_config(zero_stage=zero, micro_batch_size=BATCH // world, world_size=world, lr=1e-3)
     settings = {
         "output_dir": str(out),
         "per_device_train_batch_size": BATCH // world,
@@ -78,14 +106,14 @@ def _trainer_run(
         "save_strategy": "no",
         "report_to": [],
         "deepspeed": ds,
+        "optim": "adamw_torch",  # used without DeepSpeed (the DeepSpeed config has its own torch AdamW)
         "use_cpu": True,
         "seed": 0,
         "disable_tqdm": True,
     }
     args = TrainingArguments(**{**settings, **extra})
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    if ds is not None or world > 1:
+        deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # ZeRO-3: zero.Init shards
     facts = generate_facts(**SMALL_DATA, seed=0)
@@ -96,17 +124,31 @@ def _trainer_run(
         retain_dataset=QADataset(facts.split("retain"), tokenizer, 64),
         objective=name,
         objective_params=OBJECTIVES[name],
+        reference=reference,
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
-    assert trainer.reference_mode == REFERENCES[name]
+    assert trainer.reference_mode == (REFERENCES[name] if reference == "auto" else reference)
     trainer.train(resume_from_checkpoint=resume)
+    if save_weights and trainer.args.process_index == 0:
+        torch.save({key: value.detach().cpu() for key, value in trainer.model.state_dict().items()}, out / "weights.pt")
     history = trainer.state.log_history
+    wrapped = trainer.model_wrapped
     return {
         "steps": [row for row in history if "unlearn_loss" in row],
         "evals": [row for row in history if "eval_forget_prob" in row],
         "best": trainer.state.best_model_checkpoint,
+        "wrapper": type(wrapped).__name__,
+        "zero": wrapped.zero_optimization_stage() if trainer.is_deepspeed_enabled else None,
+        "reference_4bit": sum(type(m).__name__ == "Linear4bit" for m in _modules(trainer.reference)),
+        "seconds": time.perf_counter() - start,
     }
+
+
+def _modules(reference) -> list:
+    """The modules of a reference that holds a model (none for ``cached``)."""
+    model = getattr(reference, "model", None)
+    return list(model.modules()) if model is not None else []
 
 
 def _forget_set(model_dir: str):
@@ -204,6 +246,9 @@ def _worker(mode: str, model_dir: str, out_dir: str) -> None:
     if mode == "compare":
         checkpoint = str(out / "hf-npo_gd" / "checkpoint-2")
         result["resumed"] = _trainer_run("npo_gd", model_dir, out / "hf-npo_gd", world, checkpoint)["steps"]
+        for label, zero in BACKENDS.items():  # npo_gd without DeepSpeed (DDP) and under ZeRO-1/2, weights kept
+            result[label] = _trainer_run("npo_gd", model_dir, out / f"hf-{label}", world, zero=zero, save_weights=True)
+        result["quantized"] = _trainer_run("npo_gd", model_dir, out / "hf-quantized", world, reference="quantized")
     if mode in ("compare", "qlora"):
         result["qlora"] = _qlora_run(model_dir, out / "qlora", world)
     if dist.get_rank() == 0:
@@ -308,45 +353,81 @@ def test_nf4_lora_under_zero3_lowers_forget_probability_and_saves_a_loadable_ada
     assert forget_prob(loaded) < forget_prob(AutoModelForCausalLM.from_pretrained(tiny_dir))
 
 
-@pytest.mark.slow
-def test_one_process_without_deepspeed_matches_zero3(tmp_path, launches, tiny_dir):
-    """The Trainer's plain path (accelerate backward, torch AdamW, its own clipping) in this one process gives
-    the per-step losses of the ZeRO-3 runs (1 rank here, equal to 2 ranks above)."""
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_dir) -> dict:
+    """The plain Trainer (accelerate backward, torch AdamW, its own clipping) in this one process on the
+    whole global batch: ``npo_gd`` with the cached π_ref (its rows and trained weights) and with the
+    quantized π_ref (its rows)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from dist_unlearn.data import QADataset, generate_facts
-    from dist_unlearn.integrations.hf import UnlearningTrainer
+    root = tmp_path_factory.mktemp("one_process")
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:  # _trainer_run clears accelerate's DeepSpeed switch
+        patch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+        for reference in ("cached", "quantized"):
+            save = reference == "cached"
+            runs[reference] = _trainer_run(
+                "npo_gd", tiny_dir, root / reference, 1, zero=None, reference=reference, save_weights=save
+            )
+    runs["cached"]["weights"] = torch.load(root / "cached" / "weights.pt", weights_only=True)
+    return runs
 
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    facts = generate_facts(**SMALL_DATA, seed=0)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=BATCH,
-        max_steps=STEPS,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        optim="adamw_torch",
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    trainer = UnlearningTrainer(
-        AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
-        args,
-        forget_dataset=QADataset(facts.split("forget"), tok, 64),
-        retain_dataset=QADataset(facts.split("retain"), tok, 64),
-        objective="npo_gd",
-        processing_class=tok,
-    )
-    trainer.train()
-    losses = [row["unlearn_loss"] for row in trainer.state.log_history if "unlearn_loss" in row]
+
+@pytest.mark.slow
+def test_one_process_without_deepspeed_matches_zero3(launches, one_process):
+    """The Trainer's plain path in this one process gives the per-step losses of the ZeRO-3 runs (1 rank
+    here, equal to 2 ranks above)."""
     _, one, _ = launches
+    assert one_process["cached"]["wrapper"] == "LlamaForCausalLM"  # no DeepSpeed engine, no DDP
+    losses = [row["unlearn_loss"] for row in one_process["cached"]["steps"]]
     assert losses == pytest.approx([row["unlearn_loss"] for row in one["trainer"]["npo_gd"]], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_and_zero1_zero2_on_two_ranks_equal_one_process(launches, one_process, tiny_dir):
+    """``npo_gd`` on 2 ranks under DDP (no DeepSpeed), DeepSpeed ZeRO-1 and ZeRO-2 draws the same global
+    forget/retain batches as one process: the same per-step losses and terms (rel 1e-4) and, after the
+    last step, the same weights (each tensor within 1e-4 of its norm; training moved them far more)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    two, _, root = launches
+    expected = one_process["cached"]
+    start = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).state_dict()
+    moved = max(float((expected["weights"][k] - start[k]).norm() / start[k].norm()) for k in start)
+    assert moved > 1e-2
+    for label, zero in BACKENDS.items():
+        run = two[label]
+        assert (run["wrapper"], run["zero"]) == (
+            ("DistributedDataParallel", None) if zero is None else ("DeepSpeedEngine", zero)
+        ), label
+        assert [r["step"] for r in run["steps"]] == [1, 2, 3], label
+        for term in TERMS:
+            key = "unlearn_loss" if term == "loss" else term
+            got = [r[key] for r in run["steps"]]
+            assert got == pytest.approx([r[key] for r in expected["steps"]], rel=1e-4), (label, term)
+        weights = torch.load(root / "w2" / f"hf-{label}" / "weights.pt", weights_only=True)
+        assert weights.keys() == expected["weights"].keys(), label
+        for key, value in expected["weights"].items():
+            assert float((weights[key] - value).norm() / value.norm()) <= 1e-4, (label, key)
+
+
+@pytest.mark.slow
+def test_quantized_reference_under_zero3_equals_one_process(launches, one_process):
+    """``reference="quantized"``: π_ref is a frozen nf4 copy of the starting model (bitsandbytes
+    ``Linear4bit`` layers), loaded on every rank next to the ZeRO-3 engine. On 2 ranks it gives one
+    process's curve (rel 1e-4); at step 1, where the cached π_ref equals π_θ and NPO's term is exactly
+    2/β·log 2, the 4-bit π_ref is close to, not equal to, the full-precision one."""
+    two, _, _ = launches
+    run, expected = two["quantized"], one_process["quantized"]
+    assert run["zero"] == 3 and run["reference_4bit"] > 0 and expected["reference_4bit"] > 0
+    for term in TERMS:
+        key = "unlearn_loss" if term == "loss" else term
+        got = [r[key] for r in run["steps"]]
+        assert got == pytest.approx([r[key] for r in expected["steps"]], rel=1e-4), term
+    first = run["steps"][0]["forget_loss"]
+    assert first != pytest.approx(20 * math.log(2), rel=1e-5)
+    assert first == pytest.approx(20 * math.log(2), rel=1e-2)
 
 
 @pytest.fixture(scope="module")
