@@ -100,17 +100,13 @@ def cli(argv: list[str]) -> int:
     returns the exit code.
 
     One torch thread, as in the CLI subprocesses of the suite (``OMP_NUM_THREADS=1``), so that runs here and
-    in a subprocess sum in the same order. Each run creates and destroys its own process group, so DeepSpeed's
-    cached copy of an earlier one is dropped first; the environment the run's one-process group exports
-    (``RANK``, ``MASTER_PORT``, ...) is taken back, so a later subprocess does not take itself for a torchrun
-    rank."""
-    from deepspeed.utils import groups
-
+    in a subprocess sum in the same order. Each run creates and destroys its own one-process group (a second
+    run in one process is what a notebook user does too); the environment that group exports (``RANK``,
+    ``MASTER_PORT``, ...) is taken back, so a later subprocess does not take itself for a torchrun rank."""
     from dist_unlearn.cli import main
 
     saved_env, saved_threads = dict(os.environ), torch.get_num_threads()
     torch.set_num_threads(1)
-    groups._WORLD_GROUP = None  # DeepSpeed's clone of an earlier run's process group, destroyed with it
     try:
         return main(argv)
     finally:

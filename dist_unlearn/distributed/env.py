@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,22 @@ def init_distributed(backend: str | None = None) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
+    _forget_deepspeed_world_group()
+
+
+def _forget_deepspeed_world_group() -> None:
+    """Drop DeepSpeed's cached clone of an earlier default group.
+
+    DeepSpeed clones the default group once per process (``deepspeed.utils.groups._WORLD_GROUP``) and reuses
+    the clone ever after. When that group has been destroyed (a run that ended with
+    :func:`destroy_process_group`, then another run in the same process: a notebook, a script calling the
+    runner twice), the next ``deepspeed.initialize`` fails with "Group ... is not registered". A newly
+    created default group makes any earlier clone stale, so it is cleared here and DeepSpeed clones the new
+    group on first use. Imports nothing: no effect before DeepSpeed is imported.
+    """
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and getattr(groups, "_WORLD_GROUP", None) is not None:
+        groups._WORLD_GROUP = None
 
 
 def get_rank() -> int:
