@@ -15,11 +15,11 @@ same on any number of ranks. ROUGE-L recall is ``LCS(answer, generation)/|answer
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from rouge_score import rouge_scorer
 
 from dist_unlearn.data.facts import QAItem
 from dist_unlearn.data.qa import prompt_ids as qa_prompt_ids
@@ -28,18 +28,25 @@ from dist_unlearn.distributed.sharded import sharded_map
 from dist_unlearn.eval.modes import eval_mode
 from dist_unlearn.models.chunked_lm import unwrap_model
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+@functools.cache
+def _scorer() -> Any:
+    """The ROUGE-L scorer, made on first use (``rouge_score`` imports nltk: seconds of start-up that a
+    process which never scores, such as a Ray driver, need not pay)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l_recall(reference: str, prediction: str) -> float:
     """ROUGE-L recall of ``prediction`` against ``reference`` (``rouge-score``)."""
-    return float(_SCORER.score(reference, prediction)["rougeL"].recall)
+    return float(_scorer().score(reference, prediction)["rougeL"].recall)
 
 
 def rouge_l_f1(reference: str, prediction: str) -> float:
     """ROUGE-L F1 ``2PR/(P+R)`` with ``P = LCS/|prediction|``, ``R = LCS/|reference|`` (``rouge-score``
     tokens, no stemming; Lin, 2004); MUSE's VerbMem / KnowMem score."""
-    return float(_SCORER.score(reference, prediction)["rougeL"].fmeasure)
+    return float(_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
 @torch.no_grad()

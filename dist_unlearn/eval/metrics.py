@@ -45,7 +45,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 
 def truth_ratio(perturbed_norm_logprob: np.ndarray, paraphrased_norm_logprob: np.ndarray) -> np.ndarray:
@@ -78,6 +77,8 @@ def forget_quality(tr_unlearned: np.ndarray, tr_oracle: np.ndarray) -> float:
     a, b = np.asarray(tr_unlearned, dtype=np.float64), np.asarray(tr_oracle, dtype=np.float64)
     if a.size == 0 or b.size == 0:
         raise ValueError("forget_quality needs at least one truth ratio from each model")
+    from scipy import stats  # here, not at import: scipy.stats costs a second or two of every start-up
+
     return float(stats.ks_2samp(a, b).pvalue)
 
 
@@ -112,6 +113,8 @@ def auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
     n = np.asarray(nonmember_scores, dtype=np.float64)
     if m.size == 0 or n.size == 0:
         raise ValueError("auc needs at least one member and one non-member score")
+    from scipy import stats
+
     ranks = stats.rankdata(np.concatenate([m, n]))  # average ranks for ties
     u = ranks[: m.size].sum() - m.size * (m.size + 1) / 2.0
     return float(u / (m.size * n.size))
