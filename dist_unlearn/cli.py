@@ -62,6 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             clear_stop_request(cfg.output.dir)  # honoured: the next run of this command starts clean
         raise
     if os.environ.get("RANK", "0") == "0":  # the driver, or rank 0 of a torchrun launch
+        # a stop asked for during the last step came too late to matter; left on disk it would stop the
+        # next run of this directory (an extension, say) at its first step
+        clear_stop_request(cfg.output.dir)
         out = Path(cfg.output.dir)
         write_json_atomic(out / "summary.json", summaries)
         if cfg.job.kind == "contrastive":

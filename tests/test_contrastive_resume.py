@@ -172,7 +172,11 @@ def test_stopped_run_resumes_to_the_uninterrupted_weights_and_a_finished_run_ext
     # before that step, each τ after it, so equal lines mean equal weights and τ (and τ's AdamW state)
     assert parted_lines[: STEPS - 1] == uninterrupted
 
+    # the extension runs one step, its last; a stop asked for by then comes too late: the run finishes, and
+    # the request does not outlive it (left on disk, it would stop the next run of this directory)
+    stop_file(straight).touch()
     assert cli(["run", str(straight_config), f"contrastive.steps={STEPS}"]) == 0
+    assert not stop_file(straight).exists()
     resumed_from = straight_dir / "checkpoints" / f"step_{STEPS - 1:06d}"
     assert f"[contrastive] resumed from {resumed_from} at step {STEPS - 1}" in capsys.readouterr().out
     assert metrics_lines(straight_dir) == parted_lines

@@ -61,7 +61,9 @@ def request_stop(output_dir: str | Path | None = None) -> None:
 
 
 def clear_stop_request(output_dir: str | Path) -> None:
-    """Forget earlier stop requests (called once when a run starts: an old ``STOP`` file is stale)."""
+    """Forget earlier stop requests: called when a run stopped on request (the request was honoured) and when
+    a run finished (a request that came during its last step is void); never at start, where a ``STOP``
+    file may be a scheduler's warning that arrived while the run was starting."""
     _requested.clear()
     stop_file(output_dir).unlink(missing_ok=True)
 
