@@ -79,13 +79,14 @@ def check_resumable(jobs: list[Job], world_size: int) -> None:
     anything else would silently mix two experiments.
     """
     problems = []
+    defaults = _default_settings()
     for job in jobs:
         path = Path(job.run_dir) / RUN_SETTINGS_FILE
         progress = [Path(job.run_dir) / d for d in ("checkpoints", "adapters")]  # adapters: continual requests
         if not path.is_file() or not any(d.is_dir() for d in progress):
             continue
         old, new = json.loads(path.read_text()), run_settings(job, world_size)
-        changed = _diff(old, new, _default_settings())
+        changed = _diff(old, new, defaults)
         if changed:
             problems.append(
                 f"output.dir: {job.run_dir} holds checkpoints of a run with other settings ({', '.join(changed)}). "
