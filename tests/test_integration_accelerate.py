@@ -65,7 +65,9 @@ def reference() -> dict[str, torch.Tensor]:
 def test_accelerate_launch_two_processes_zero2_equals_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "weights.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    # the suite's PYTHONPATH stays on it (tests/force_bnb_cpu_fastpath: no JIT build of DeepSpeed's shm op)
+    path = os.pathsep.join((str(REPO), os.environ["PYTHONPATH"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     args = ["--zero-stage", "2", "--steps", str(STEPS), "--batch", str(BATCH), "--chunk", "2"]
     args += ["--lr", str(LR), "--temperature", str(TEMPERATURE), "--dropout", "0", "--out", str(out)]

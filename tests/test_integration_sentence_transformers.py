@@ -256,7 +256,9 @@ def two_ranks(tmp_path_factory) -> dict[str, Any]:
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("st_trainer")
     make_model_dir(out / "model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    # the suite's PYTHONPATH stays on it (tests/force_bnb_cpu_fastpath: no JIT build of DeepSpeed's shm op)
+    path = os.pathsep.join((str(REPO), os.environ["PYTHONPATH"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     start = time.perf_counter()
     run = subprocess.run([*command, __file__, str(out)], capture_output=True, text=True, env=env, cwd=out, timeout=600)
