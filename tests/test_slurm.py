@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, write_config
+from conftest import BIN, NF4_EVERY, NF4_STEPS, nf4_run_config, write_config
 from netns_cluster import NetnsCluster, unavailable_reason
 from reference_run import EVERY, STEPS, logged_steps, max_diff, recovery_config, reference_run, weights
 from slurm_cluster import Node, SlurmCluster, missing_binaries
@@ -36,7 +36,8 @@ __all__ = ["reference_run"]  # a fixture
 
 
 def _config(out: Path, target: str | None = None) -> Path:
-    return write_config(out / "run.yaml", recovery_config(out, target))
+    """The first method of the session's :mod:`reference_run` config (the one it compares with)."""
+    return write_config(out / "run.yaml", recovery_config(out, target, method={"names": ["grad_diff"]}))
 
 
 # --- rendering and errors (no Slurm needed) ---------------------------------------------------
@@ -191,9 +192,10 @@ def _worker_nodes(slurm: NetnsCluster) -> set[str]:
     return found
 
 
-def _wait_for_first_checkpoint(slurm: NetnsCluster, job: str, log: Path, out: Path) -> set[str]:
-    """Wait until the run's first checkpoint exists; returns the nodes on which workers were seen."""
-    first = out / "grad_diff" / "checkpoints" / f"step_{EVERY:06d}"
+def _wait_for_first_checkpoint(slurm: NetnsCluster, job: str, log: Path, out: Path, every: int = EVERY) -> set[str]:
+    """Wait until the run's first checkpoint (step ``every``) exists; returns the nodes on which workers
+    were seen."""
+    first = out / "grad_diff" / "checkpoints" / f"step_{every:06d}"
     deadline, nodes, looked = time.monotonic() + 600, set(), 0.0
     while not first.is_dir():
         info = slurm.job(job)
@@ -207,13 +209,13 @@ def _wait_for_first_checkpoint(slurm: NetnsCluster, job: str, log: Path, out: Pa
 
 
 def _interrupt_and_resume(
-    slurm: NetnsCluster, config: Path, launcher: str, *fixtures
+    slurm: NetnsCluster, config: Path, launcher: str, every: int, *fixtures
 ) -> tuple[str, str, int, int, set[str]]:
-    """Submit, send USR1 to the batch shell once the first checkpoint exists, release the requeued
-    job, wait for it; returns (job id, log text, step of the stop, step resumed from, the nodes on
-    which workers were seen before the stop)."""
+    """Submit, send USR1 to the batch shell once the first checkpoint (step ``every``) exists, release the
+    requeued job, wait for it; returns (job id, log text, step of the stop, step resumed from, the nodes
+    on which workers were seen before the stop)."""
     job, log = _submit(slurm, config, launcher, *fixtures)
-    nodes = _wait_for_first_checkpoint(slurm, job, log, config.parent)
+    nodes = _wait_for_first_checkpoint(slurm, job, log, config.parent, every)
     slurm.run(["scancel", "--batch", "--signal=USR1", job])
     info = slurm.wait_for(job, {"PENDING", "COMPLETED", "FAILED"}, 300)
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, _log(log)[-4000:])
@@ -231,12 +233,19 @@ def _interrupt_and_resume(
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "ray"])
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(
-    netns_slurm, small_target, reference_run, tmp_path, launcher, monkeypatch, capsys
+    netns_slurm, small_target, tmp_path, launcher, monkeypatch, capsys, request
 ):
-    slurm = netns_slurm
-    config = _config(tmp_path / "out", small_target)
-    job, text, stopped, resumed, nodes = _interrupt_and_resume(slurm, config, launcher, monkeypatch, capsys)
-    assert EVERY <= stopped < STEPS and resumed == stopped, (stopped, resumed)
+    """torchrun: the reference config. Ray: the README's quantized command (nf4 base, LoRA r=8, ZeRO-3)
+    with checkpoints, which must end with the weights of the same config's uninterrupted 2-rank run."""
+    slurm, out = netns_slurm, tmp_path / "out"
+    if launcher == "torchrun":
+        config, steps, every = _config(out, small_target), STEPS, EVERY
+        reference = request.getfixturevalue("reference_run")
+    else:
+        config, steps, every = write_config(out / "run.yaml", nf4_run_config(out, small_target)), NF4_STEPS, NF4_EVERY
+        reference = request.getfixturevalue("nf4_torchrun_run")
+    job, text, stopped, resumed, nodes = _interrupt_and_resume(slurm, config, launcher, every, monkeypatch, capsys)
+    assert every <= stopped < steps and resumed == stopped, (stopped, resumed)
     assert nodes == {node.name for node in slurm.nodes}, nodes  # a worker on every node
     if launcher == "torchrun":  # and the log says where each node's part ran
         where = [f"dist-unlearn: node {node.name} ({node.addr}): torchrun" for node in slurm.nodes]
@@ -245,13 +254,15 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(
     assert all(line in text for line in where), (where, text[-4000:])
     assert "dist-unlearn: USR1 at" in text and f"dist-unlearn: requeueing job {job}" in text
     assert "(restart 1)" in text and "dist-unlearn: run exited with 0" in text
-    run_dir = tmp_path / "out" / "grad_diff"
-    assert (run_dir / "checkpoints" / f"step_{STEPS:06d}").is_dir()
-    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
-    assert not (tmp_path / "out" / "STOP").exists()
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["grad_diff"]
+    run_dir = out / "grad_diff"
+    assert (run_dir / "checkpoints" / f"step_{steps:06d}").is_dir()
+    assert logged_steps(run_dir) == list(range(1, steps + 1))
+    assert not (out / "STOP").exists()
+    summary = json.loads((out / "summary.json").read_text())["grad_diff"]
     assert summary["world_size"] == 2 and summary["after"]["forget"]["prob"] < summary["before"]["forget"]["prob"]
-    diff = max_diff(weights(run_dir), weights(reference_run / "grad_diff"))
+    if launcher == "ray":
+        assert (run_dir / "model" / "adapter" / "adapter_config.json").is_file()
+    diff = max_diff(weights(run_dir), weights(reference / "grad_diff"))
     print(f"{launcher}: job {job} stopped after step {stopped}, resumed at step {resumed}, max |dw| = {diff:.3g}")
     assert diff < 1e-6
     if launcher == "ray":  # the job's own Ray processes and temp dir are gone
