@@ -33,8 +33,11 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# the suite on TEST_WORKERS pytest-xdist processes (one per core; 1 runs it in this process), a test
+# file per worker at a time, the long files first (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/pytest -q --durations=25
+	$(BIN)/pytest -q --durations=25 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 clean:
 	rm -rf runs .pytest_cache

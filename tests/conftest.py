@@ -6,6 +6,7 @@ import importlib.util
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,31 @@ _FASTPATH = str(Path(__file__).resolve().parent / "force_bnb_cpu_fastpath")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_FASTPATH, os.environ.get("PYTHONPATH", "")) if p)
 _spec = importlib.util.spec_from_file_location("force_bnb_cpu_fastpath", Path(_FASTPATH) / "sitecustomize.py")
 _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+
+
+# The test files that take minutes, longest first. `make test` splits the suite over pytest-xdist workers
+# file by file in collection order (`--dist loadfile --no-loadscope-reorder`); starting these first keeps
+# one of them from being the last thing left running on one worker while the others sit idle.
+LONG_FILES = (
+    "test_slurm.py",
+    "test_failure_recovery.py",
+    "test_e2e_unlearn.py",
+    "test_integration_hf.py",
+    "test_sweep.py",
+    "test_eval_ray.py",
+    "test_first_run.py",
+    "test_continual.py",
+    "test_integration_accelerate.py",
+    "test_reference.py",
+    "test_e2e_objectives.py",
+    "test_bench.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the :data:`LONG_FILES` first (in that order); every other file keeps its place after them."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # a stable sort
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +130,25 @@ def small_run_config(output_dir: Path, target_dir: str | None = None, **sections
     return cfg
 
 
+def fresh_run_config(out: Path, **sections) -> dict:
+    """The small setup from nothing (first runs): the embedded models prepared by the run itself, briefly
+    (the flow is under test, not how well the models learn); 2 steps, no checkpoints."""
+    sections = {"train": {"steps": 2}, "checkpoint": {"every_steps": 0}, "eval": {"generate": False}, **sections}
+    return small_run_config(out, None, prepare={"steps": 20}, **sections)
+
+
+# What the suite sets (above) and a user's shell does not: first-run tests start their commands without.
+TEST_ONLY_ENV = (
+    "TOKENIZERS_PARALLELISM",
+    "HF_HUB_OFFLINE",
+    "PYTHONWARNINGS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+    "RAY_ADDRESS",
+)
+
+
 def save_tiny_qwen2(out: Path, tokenizer, seed: int = 0, max_positions: int = 256) -> Path:
     """Save ``tokenizer`` and a tiny random Qwen2 sized for it (1 layer, H=32, 2 heads, 1 KV head, no BOS
     token id, as Qwen2) to ``out``: a real architecture without BOS for the tests that need one."""
@@ -146,6 +191,33 @@ def run_cli(args: list[str], nproc: int | None = None, timeout: int = 600, check
             f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The directory ``name``, filled by ``make(directory)`` once per test session.
+
+    Under pytest-xdist a session is split over worker processes, each with its own session fixtures;
+    the expensive ones (prepared models, reference runs) are then made by the first worker that needs
+    them, under a file lock in the run's shared temp root, and reused by the others (a marker file next to
+    the directory says it is complete). Without xdist this is ``make(tmp_path_factory.mktemp(name))``.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name)
+        make(out)
+        return out
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # shared by the run's workers
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            make(out)
+            done.touch()
+    return out
 
 
 def _free_port() -> int:
@@ -196,12 +268,13 @@ def tiny_dir(tmp_path_factory) -> str:
     from dist_unlearn.data import generate_facts
     from dist_unlearn.models import build_embedded_model
 
-    facts = generate_facts(**SMALL_DATA, seed=0)
-    model, tok = build_embedded_model(facts.corpus(), vocab_size=400, hidden_size=32, num_layers=2, num_heads=2)
-    out = tmp_path_factory.mktemp("tiny") / "target"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    def make(out: Path) -> None:
+        facts = generate_facts(**SMALL_DATA, seed=0)
+        model, tok = build_embedded_model(facts.corpus(), vocab_size=400, hidden_size=32, num_layers=2, num_heads=2)
+        model.save_pretrained(out / "target")
+        tok.save_pretrained(out / "target")
+
+    return str(made_once(tmp_path_factory, "tiny", make) / "target")
 
 
 @pytest.fixture(scope="session")
@@ -210,9 +283,11 @@ def small_target(tmp_path_factory) -> str:
     from dist_unlearn.config import config_from_dict
     from dist_unlearn.engine.prepare import prepare_embedded
 
-    out = tmp_path_factory.mktemp("embedded")
-    cfg = config_from_dict(small_run_config(out))
-    return prepare_embedded(cfg, log=lambda *_: None).target_dir
+    def make(out: Path) -> None:
+        target = prepare_embedded(config_from_dict(small_run_config(out)), log=lambda *_: None).target_dir
+        (out / "target_dir").write_text(target)
+
+    return (made_once(tmp_path_factory, "embedded", make) / "target_dir").read_text()
 
 
 # Evaluation settings of the one-process `dist-unlearn eval` below (shared by test_report and test_eval_ray).
@@ -230,12 +305,21 @@ def copy_prepared_models(small_target: str, output_dir: Path) -> None:
 def one_process_eval(small_target, tmp_path_factory) -> tuple[Path, str]:
     """``dist-unlearn eval`` of the small target and oracle in one process (settings ``ONE_PROCESS_EVAL``),
     run once per session; returns (output dir, stdout). Tests may add files there but not change any."""
-    out = tmp_path_factory.mktemp("one_process_eval")
-    copy_prepared_models(small_target, out)
-    cfg = small_run_config(out, ray={"enabled": False}, eval=dict(ONE_PROCESS_EVAL))
-    cfg["model"] = {"path": "embedded"}
-    result = run_cli(["eval", str(write_config(out / "eval.yaml", cfg))], timeout=900)
-    return out, result.stdout
+
+    def make(out: Path) -> None:
+        copy_prepared_models(small_target, out)
+        cfg = small_run_config(out, ray={"enabled": False}, eval=dict(ONE_PROCESS_EVAL))
+        cfg["model"] = {"path": "embedded"}
+        result = run_cli(["eval", str(write_config(out / "eval.yaml", cfg))], timeout=900)
+        _stdout_of(out).write_text(result.stdout)
+
+    out = made_once(tmp_path_factory, "one_process_eval", make)
+    return out, _stdout_of(out).read_text()
+
+
+def _stdout_of(out: Path) -> Path:
+    """Where a shared run keeps what its command printed: next to its directory, not in it."""
+    return out.with_name(out.name + ".stdout")
 
 
 # The README's quantized command (nf4 base, LoRA r=8) at the small setup: 8 steps, a checkpoint every 2.
@@ -261,7 +345,9 @@ def nf4_run_config(output_dir: Path, target_dir: str, **sections) -> dict:
 def nf4_torchrun_run(small_target, tmp_path_factory) -> Path:
     """The quantized run on 2 ``torchrun`` ZeRO-3 ranks, uninterrupted, once per session: its own test
     checks the export, and the stopped-and-resumed run on Ray must end with its weights."""
-    out = tmp_path_factory.mktemp("nf4_torchrun")
-    cfg = nf4_run_config(out, small_target, ray={"enabled": False})
-    run_cli(["run", str(write_config(out / "run.yaml", cfg))], nproc=2)
-    return out
+
+    def make(out: Path) -> None:
+        cfg = nf4_run_config(out, small_target, ray={"enabled": False})
+        run_cli(["run", str(write_config(out / "run.yaml", cfg))], nproc=2)
+
+    return made_once(tmp_path_factory, "nf4_torchrun", make)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, REPO, small_run_config, write_config
+from conftest import BIN, REPO, made_once, small_run_config, write_config
 from safetensors.torch import load_file
 
 STEPS, EVERY = 16, 4
@@ -37,14 +37,16 @@ def recovery_config(out: Path, target: str, **sections) -> dict:
 @pytest.fixture(scope="session")
 def reference_run(small_target, tmp_path_factory) -> Path:
     """Output dir of the uninterrupted run (``<method>/model``, ``<method>/metrics.jsonl``, ``summary.json``)."""
-    if small_target not in _made:  # several test modules import this fixture: run it once
-        out = tmp_path_factory.mktemp("reference")
+
+    def make(out: Path) -> None:
         config = write_config(out / "run.yaml", recovery_config(out, small_target))
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "launchers/torchrun_entry.py", str(config)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
-        _made[small_target] = out
+
+    if small_target not in _made:  # several test modules import this fixture: run it once
+        _made[small_target] = made_once(tmp_path_factory, "reference", make)
     return _made[small_target]
 
 

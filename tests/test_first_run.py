@@ -14,20 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, small_run_config, write_config
+from conftest import BIN, REPO, TEST_ONLY_ENV, fresh_run_config, write_config
 
 pytestmark = pytest.mark.slow
-
-# what the suite sets (conftest.py) and a user's shell does not
-TEST_ONLY_ENV = (
-    "TOKENIZERS_PARALLELISM",
-    "HF_HUB_OFFLINE",
-    "PYTHONWARNINGS",
-    "RAY_AUTH_MODE",
-    "RAY_AUTH_TOKEN",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
-    "RAY_ADDRESS",
-)
 
 
 def _user_env() -> dict[str, str]:
@@ -43,18 +32,11 @@ def _torchrun(args: list[str], timeout: int = 420) -> subprocess.CompletedProces
     return result
 
 
-def _fresh_config(out: Path, **sections) -> dict:
-    """The small setup from nothing: the embedded models prepared by the run itself, briefly (the flow is
-    under test here, not how well the models learn)."""
-    sections = {"train": {"steps": 2}, "checkpoint": {"every_steps": 0}, "eval": {"generate": False}, **sections}
-    return small_run_config(out, None, prepare={"steps": 20}, **sections)
-
-
 def test_ray_run_on_an_empty_output_dir(tmp_path: Path) -> None:
     """``dist-unlearn run`` as the README starts it: a local Ray cluster of its own, the driver prepares the
     models, 2 Ray workers train."""
     out = tmp_path / "fresh"
-    config = write_config(tmp_path / "run.yaml", _fresh_config(out))
+    config = write_config(tmp_path / "run.yaml", fresh_run_config(out))
     cmd = [str(BIN / "dist-unlearn"), "run", str(config)]
     result = subprocess.run(cmd, cwd=REPO, env=_user_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -66,7 +48,7 @@ def test_ray_run_on_an_empty_output_dir(tmp_path: Path) -> None:
 
 def test_torchrun_run_then_eval_on_an_empty_output_dir(tmp_path: Path) -> None:
     out = tmp_path / "fresh"
-    cfg = _fresh_config(out, ray={"enabled": False})
+    cfg = fresh_run_config(out, ray={"enabled": False})
     config = write_config(tmp_path / "run.yaml", cfg)
     assert not out.exists()
 
