@@ -1,12 +1,14 @@
 """``dist-unlearn submit`` on a real Slurm cluster (Debian's slurm-wlm and munge, started by
 :mod:`slurm_cluster` in a temporary directory; two nodes as network namespaces from
 :mod:`netns_cluster`), running the small embedded unlearning job through both sbatch templates
-(``torchrun`` across 2 nodes, ``ray``) to completion, each interrupted on the way: USR1 to the batch
-shell mid-run (what ``--signal=B:USR1@120`` delivers before the time limit) -> checkpoint at the
-next step -> ``scontrol requeue`` -> the requeued job resumes from that checkpoint and finishes with
-the weights of the uninterrupted one-node :mod:`reference_run` (same global batch). A node failure
+(``torchrun`` across 2 nodes; ``ray`` with the README's quantized nf4 + LoRA command) to completion,
+each interrupted on the way: USR1 to the batch shell mid-run (what ``--signal=B:USR1@120`` delivers
+before the time limit) -> checkpoint at the next step -> ``scontrol requeue`` -> the requeued job
+resumes from that checkpoint and finishes with the weights of the uninterrupted one-node run of the
+same config and global batch (:mod:`reference_run`, ``conftest.nf4_torchrun_run``). A node failure
 (the job's processes on node 2 killed) ends a torchrun job at once, and submitting it again resumes
-from its last checkpoint to the same weights.
+from its last checkpoint to the same weights. A torchrun job from nothing (empty output directory,
+models not prepared, no test-only environment) prepares the models once and runs.
 
 Requeued jobs are held by Slurm for about two minutes (``BeginTime``); the tests release them with
 ``scontrol update JobId=N StartTime=now`` once the nodes are clean again, so the suite does not sleep.
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, NF4_EVERY, NF4_STEPS, nf4_run_config, write_config
+from conftest import BIN, NF4_EVERY, NF4_STEPS, TEST_ONLY_ENV, fresh_run_config, nf4_run_config, write_config
 from netns_cluster import NetnsCluster, unavailable_reason
 from reference_run import EVERY, STEPS, logged_steps, max_diff, recovery_config, reference_run, weights
 from slurm_cluster import Node, SlurmCluster, missing_binaries
@@ -309,3 +311,22 @@ def test_a_node_failure_ends_the_torchrun_job_and_the_same_submit_resumes(
     diff = max_diff(weights(run_dir), weights(reference_run / "grad_diff"))
     print(f"node 2 killed in job {job}; job {again} resumed at step {resumed[0]}, max |dw| = {diff:.3g}")
     assert diff < 1e-6
+
+
+@pytest.mark.slow
+def test_torchrun_job_from_nothing_prepares_the_models_once(netns_slurm, tmp_path, monkeypatch, capsys):
+    """``submit --launcher torchrun`` as a user's first job: an empty output directory, the embedded models
+    not prepared, none of the suite's environment settings. The first rank prepares the target and oracle
+    while the ranks on both nodes wait for it (see test_first_run for the one-machine launches)."""
+    for name in TEST_ONLY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "fresh"
+    config = write_config(tmp_path / "run.yaml", fresh_run_config(out))
+    assert not out.exists()
+    job, log = _submit(netns_slurm, config, "torchrun", monkeypatch, capsys)
+    _finish(netns_slurm, job, log)
+    assert set(json.loads((out / "embedded" / "prepare.json").read_text())) >= {"target", "oracle", "fingerprint"}
+    assert not (out / "embedded.tmp").exists()
+    summary = json.loads((out / "summary.json").read_text())["grad_diff"]
+    assert summary["steps"] == 2 and summary["world_size"] == 2
+    assert "Traceback" not in _log(log)
