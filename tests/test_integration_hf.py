@@ -24,6 +24,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,8 @@ OBJECTIVES = {"npo_gd": {}, "npo_kl": {}, "rmu": {"steering": 20.0}}
 REFERENCES = {"npo_gd": "cached", "npo_kl": "sharded", "rmu": "cached"}
 STEPS, BATCH = 3, 4
 TERMS = ("loss", "forget_loss", "retain_loss")
-BACKENDS = {"ddp": None, "zero1": 1, "zero2": 2}  # label → ZeRO stage (None: no DeepSpeed)
+BACKENDS = {"ddp": None, "zero0": 0, "zero1": 1, "zero2": 2}  # label → ZeRO stage (None: no DeepSpeed)
+CALLBACK_STEPS = 2  # the DDP run with the saliency and evaluation callbacks
 
 
 # --- worker (runs under torchrun) ------------------------------------------------------------------
@@ -159,6 +162,78 @@ def _forget_set(model_dir: str):
     return QADataset(generate_facts(**SMALL_DATA, seed=0).split("forget"), AutoTokenizer.from_pretrained(model_dir), 64)
 
 
+@contextmanager
+def _rows_through(model) -> Iterator[list[int]]:
+    """Count the example rows that go through ``model``'s transformers module (inside DDP) in the block."""
+    from dist_unlearn.models.chunked_lm import unwrap_model
+
+    rows = [0]
+
+    def count(_module, args: tuple, kwargs: dict) -> None:
+        rows[0] += int(kwargs.get("input_ids", args[0] if args else None).shape[0])
+
+    handle = unwrap_model(model).register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def _callbacks_run(model_dir: str, out: Path, world: int, resume: str | None = None) -> dict:
+    """npo_gd without DeepSpeed (DDP on several ranks, the plain Trainer on one), 2 steps, a checkpoint
+    every step, with ``SaliencyCallback(0.5)`` and ``UnlearningEvalCallback`` (forget and 5 retain rows, at
+    the start and every step), each counting the rows this rank scored; what the test compares."""
+    from dist_unlearn.integrations.hf import SaliencyCallback, UnlearningEvalCallback
+
+    class CountedSaliency(SaliencyCallback):
+        def setup(self, trainer, model, resume_dir) -> None:
+            with _rows_through(model) as rows:
+                super().setup(trainer, model, resume_dir)
+            self.rows = rows[0]
+
+    class CountedEval(UnlearningEvalCallback):
+        rows: list[int]
+
+        def evaluate(self, trainer, prefix="eval", model=None):
+            with _rows_through(model if model is not None else trainer.model) as rows:
+                metrics = super().evaluate(trainer, prefix, model)
+            self.rows = [*getattr(self, "rows", []), rows[0]]
+            return metrics
+
+    saliency = CountedSaliency(0.5)
+    evaluation = CountedEval(_callback_eval_sets(model_dir), every_steps=1, batch_size=4, at_start=True)
+    run = _trainer_run(
+        "npo_gd",
+        model_dir,
+        out,
+        world,
+        resume,
+        callbacks=[saliency, evaluation],
+        zero=None,
+        max_steps=CALLBACK_STEPS,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    run.update(
+        masks=saliency.mask.full_masks(),
+        selected=saliency.mask.selected,
+        saliency_rows=saliency.rows,
+        at_start=evaluation.at_start,
+        eval_rows=evaluation.rows,
+    )
+    return run
+
+
+def _callback_eval_sets(model_dir: str) -> dict:
+    from transformers import AutoTokenizer
+
+    from dist_unlearn.data import QADataset, generate_facts
+
+    facts, tok = generate_facts(**SMALL_DATA, seed=0), AutoTokenizer.from_pretrained(model_dir)
+    forget, retain = facts.split("forget"), facts.split("retain")[:5]
+    return {"forget": QADataset(forget, tok, 64), "retain": QADataset(retain, tok, 64)}
+
+
 def _qlora_run(model_dir: str, out: Path, world: int) -> dict:
     """npo_gd on an nf4 base with LoRA adapters under ZeRO-3 (reference: adapter_disabled); saves the adapter."""
     import deepspeed
@@ -211,6 +286,7 @@ def _qlora_run(model_dir: str, out: Path, world: int) -> dict:
 
 
 def _worker(mode: str, model_dir: str, out_dir: str) -> None:
+    import torch
     import torch.distributed as dist
 
     from dist_unlearn.integrations.hf import SaliencyCallback, UnlearningEvalCallback
@@ -246,8 +322,14 @@ def _worker(mode: str, model_dir: str, out_dir: str) -> None:
     if mode == "compare":
         checkpoint = str(out / "hf-npo_gd" / "checkpoint-2")
         result["resumed"] = _trainer_run("npo_gd", model_dir, out / "hf-npo_gd", world, checkpoint)["steps"]
-        for label, zero in BACKENDS.items():  # npo_gd without DeepSpeed (DDP) and under ZeRO-1/2, weights kept
+        for label, zero in BACKENDS.items():  # npo_gd without DeepSpeed (DDP) and under ZeRO-0/1/2, weights kept
             result[label] = _trainer_run("npo_gd", model_dir, out / f"hf-{label}", world, zero=zero, save_weights=True)
+        # DDP with the saliency and evaluation callbacks, then resumed from its checkpoint-1: every rank
+        # keeps its own record (masks, rows it scored) for the test
+        folder = out / "hf-ddp-callbacks"
+        runs = {"first": _callbacks_run(model_dir, folder, world)}
+        runs["resumed"] = _callbacks_run(model_dir, folder, world, str(folder / "checkpoint-1"))
+        torch.save(runs, folder / f"record-rank{dist.get_rank()}.pt")
         result["quantized"] = _trainer_run("npo_gd", model_dir, out / "hf-quantized", world, reference="quantized")
     if mode in ("compare", "qlora"):
         result["qlora"] = _qlora_run(model_dir, out / "qlora", world)
@@ -356,19 +438,25 @@ def test_nf4_lora_under_zero3_lowers_forget_probability_and_saves_a_loadable_ada
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_dir) -> dict:
     """The plain Trainer (accelerate backward, torch AdamW, its own clipping) in this one process on the
-    whole global batch: ``npo_gd`` with the cached π_ref (its rows and trained weights) and with the
-    quantized π_ref (its rows)."""
+    whole global batch: ``npo_gd`` with the cached π_ref (its rows and trained weights), with the
+    quantized π_ref (its rows), and with the saliency and evaluation callbacks (:func:`_callbacks_run`)."""
     import torch
 
     root = tmp_path_factory.mktemp("one_process")
     runs = {}
-    with pytest.MonkeyPatch.context() as patch:  # _trainer_run clears accelerate's DeepSpeed switch
-        patch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-        for reference in ("cached", "quantized"):
-            save = reference == "cached"
-            runs[reference] = _trainer_run(
-                "npo_gd", tiny_dir, root / reference, 1, zero=None, reference=reference, save_weights=save
-            )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank of the launches; a second thread on a loaded 2-core machine only contends
+    try:
+        with pytest.MonkeyPatch.context() as patch:  # _trainer_run clears accelerate's DeepSpeed switch
+            patch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+            for reference in ("cached", "quantized"):
+                save = reference == "cached"
+                runs[reference] = _trainer_run(
+                    "npo_gd", tiny_dir, root / reference, 1, zero=None, reference=reference, save_weights=save
+                )
+            runs["callbacks"] = _callbacks_run(tiny_dir, root / "callbacks", 1)
+    finally:
+        torch.set_num_threads(threads)
     runs["cached"]["weights"] = torch.load(root / "cached" / "weights.pt", weights_only=True)
     return runs
 
@@ -384,8 +472,8 @@ def test_one_process_without_deepspeed_matches_zero3(launches, one_process):
 
 
 @pytest.mark.slow
-def test_ddp_and_zero1_zero2_on_two_ranks_equal_one_process(launches, one_process, tiny_dir):
-    """``npo_gd`` on 2 ranks under DDP (no DeepSpeed), DeepSpeed ZeRO-1 and ZeRO-2 draws the same global
+def test_ddp_and_zero0_zero1_zero2_on_two_ranks_equal_one_process(launches, one_process, tiny_dir):
+    """``npo_gd`` on 2 ranks under DDP (no DeepSpeed), DeepSpeed ZeRO-0, ZeRO-1 and ZeRO-2 draws the same global
     forget/retain batches as one process: the same per-step losses and terms (rel 1e-4) and, after the
     last step, the same weights (each tensor within 1e-4 of its norm; training moved them far more)."""
     import torch
@@ -410,6 +498,48 @@ def test_ddp_and_zero1_zero2_on_two_ranks_equal_one_process(launches, one_proces
         assert weights.keys() == expected["weights"].keys(), label
         for key, value in expected["weights"].items():
             assert float((weights[key] - value).norm() / value.norm()) <= 1e-4, (label, key)
+
+
+def _eval_rows(run: dict) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k.startswith("eval_")} for row in run["evals"]]
+
+
+@pytest.mark.slow
+def test_saliency_and_evaluation_callbacks_under_ddp_are_sharded_and_equal_one_process(launches, one_process, tiny_dir):
+    """Under DDP (2 ranks, no DeepSpeed) each rank scores only its share of the forget set for the
+    saliency mask (every 2nd example; DDP's all-reduce averages the gradients), and the mask is one
+    process's, element for element, on both ranks; each evaluation scores only its share of each split
+    (padded to equal batches) and logs one process's numbers. Resumed from checkpoint-1 under DDP, the
+    mask is read back (nothing rescored) and step 2 and its evaluation are the uninterrupted run's."""
+    import torch
+
+    _, _, root = launches
+    one = one_process["callbacks"]
+    sizes = {split: len(ds) for split, ds in _callback_eval_sets(tiny_dir).items()}
+    n = sizes["forget"]
+    assert one["wrapper"] == "LlamaForCausalLM" and one["saliency_rows"] == n  # one process scores all
+    assert 0 < one["selected"] < sum(mask.numel() for mask in one["masks"].values())
+    for rank in range(2):
+        record = torch.load(root / "w2" / "hf-ddp-callbacks" / f"record-rank{rank}.pt", weights_only=False)
+        run, resumed = record["first"], record["resumed"]
+        assert run["wrapper"] == "DistributedDataParallel", rank
+        assert run["saliency_rows"] == len(range(rank, n, 2)), rank
+        assert run["selected"] == one["selected"] and run["masks"].keys() == one["masks"].keys()
+        for name, mask in one["masks"].items():
+            assert torch.equal(run["masks"][name], mask), (rank, name)
+        assert run["eval_rows"] == [sum(-(-size // 2) for size in sizes.values())] * (CALLBACK_STEPS + 1), rank
+        assert [row["step"] for row in run["evals"]] == list(range(CALLBACK_STEPS + 1)), rank
+        assert run["at_start"] == pytest.approx(one["at_start"], rel=1e-6), rank
+        for got, want in zip(_eval_rows(run), _eval_rows(one), strict=True):
+            assert len(got) == 6 and got == pytest.approx(want, rel=1e-5), rank  # prob, acc, nll × 2 splits
+        losses = [row["unlearn_loss"] for row in run["steps"]]
+        assert losses == pytest.approx([row["unlearn_loss"] for row in one["steps"]], rel=1e-5), rank
+        assert resumed["saliency_rows"] == 0 and resumed["selected"] == one["selected"], rank
+        for name, mask in one["masks"].items():
+            assert torch.equal(resumed["masks"][name], mask), (rank, name)
+        assert [row["step"] for row in resumed["steps"]] == [1, 2], rank
+        assert resumed["steps"][-1]["unlearn_loss"] == pytest.approx(losses[-1], rel=1e-6), rank
+        assert _eval_rows(resumed)[-1] == pytest.approx(_eval_rows(run)[-1], rel=1e-6), rank
 
 
 @pytest.mark.slow

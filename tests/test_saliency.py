@@ -3,6 +3,7 @@ against a single-process computation, and training that leaves every weight outs
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -69,9 +70,28 @@ def test_single_process_mask_equals_independent_sort() -> None:
     assert all(p.grad is None for p in model.parameters())  # gradients cleared after the mask
 
 
+def _ddp_mask(rank: int, world_size: int) -> dict:
+    """The run's mask (:func:`saliency_mask_for_run`) of the tiny Llama wrapped in DDP, and the forget
+    rows this rank put through the model for it."""
+    from dist_unlearn.unlearning.saliency import saliency_mask_for_run
+
+    model, items, pad = _model_and_forget()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    rows = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
+    mask = saliency_mask_for_run(ddp, items, pad, FRACTION)
+    handle.remove()
+    return {
+        "masks": mask.full_masks(),
+        "rows": sum(rows),
+        "grads_cleared": all(p.grad is None for p in model.parameters()),
+    }
+
+
 def _masked_training(rank: int, world_size: int, stage: int, steps: int) -> dict:
     """ZeRO-``stage`` engine (partitioning forced), mask from this rank's forget share, ``steps`` masked
-    GA steps; returns the whole mask and the whole parameters before/after."""
+    GA steps; returns the whole mask and the whole parameters before/after (and, in the same process
+    group, :func:`_ddp_mask`)."""
     import deepspeed
 
     from dist_unlearn.data import collate_qa
@@ -117,13 +137,19 @@ def _masked_training(rank: int, world_size: int, stage: int, steps: int) -> dict
         "total": mask.total,
     }
     engine.destroy()
+    out["ddp"] = _ddp_mask(rank, world_size)
     return out
+
+
+@functools.cache
+def _two_rank_results() -> list[dict]:
+    """One 2-rank spawn for the module: ZeRO-3 masked training, then the DDP mask."""
+    return run_on_ranks(_masked_training, 2, 3, 3, timeout=300)
 
 
 def test_zero3_mask_on_two_ranks_equals_single_process_and_freezes_the_rest() -> None:
     expected, grads, threshold = _independent_mask(FRACTION)
-    results = run_on_ranks(_masked_training, 2, 3, 3, timeout=300)
-    r0, r1 = results
+    r0, r1 = _two_rank_results()
     total = sum(g.numel() for g in grads.values())
     assert r0["total"] == total and r0["selected"] == r1["selected"] == math.ceil(FRACTION * total)
     for name, want in expected.items():
@@ -141,6 +167,24 @@ def test_zero3_mask_on_two_ranks_equals_single_process_and_freezes_the_rest() ->
         assert torch.equal(delta[~mask], torch.zeros_like(delta[~mask])), f"{name} changed outside the mask"
         moved += int((delta[mask] != 0).sum())
     assert moved > 0.9 * r0["selected"]  # the salient weights did train
+
+
+def test_ddp_mask_scores_each_rank_share_and_equals_single_process() -> None:
+    """Under DDP (the HF Trainer's path without DeepSpeed) each rank puts only its share of the forget set
+    through the model (2 of 4 examples) and DDP's all-reduce averages the gradients, so both ranks hold
+    exactly the mask one process computes from all 4 examples (from the same 2-rank spawn as the ZeRO-3
+    test above, whose results are cached)."""
+    from dist_unlearn.data import collate_qa
+
+    model, items, pad = _model_and_forget()
+    expected = forget_saliency_mask(model, collate_qa(items, pad), len(items), FRACTION).full_masks()
+    for rank, result in enumerate(_two_rank_results()):
+        ddp = result["ddp"]
+        assert ddp["rows"] == len(rank_share(items, rank, 2)) == 2, rank
+        assert ddp["grads_cleared"], rank
+        assert ddp["masks"].keys() == expected.keys()  # names of the module inside DDP
+        for name, mask in expected.items():
+            assert torch.equal(ddp["masks"][name], mask), (rank, name)
 
 
 def test_lora_a_with_zero_gradient_is_not_ranked_and_warned() -> None:

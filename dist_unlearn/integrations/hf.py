@@ -163,8 +163,11 @@ class UnlearningCallback(TrainerCallback):
 class SaliencyCallback(UnlearningCallback):
     """SalUn/WAGLE weight saliency (:mod:`dist_unlearn.unlearning.saliency`): only the top ``fraction`` of
     the trainable weights by ``|∂L_forget(θ₀)/∂θ|`` are updated. The mask is computed from every forget
-    example at the starting weights (collective, exact under ZeRO-3) and applied to the gradients every
-    step before the optimizer step. With AdamW, use ``weight_decay=0`` so masked weights stay at θ₀.
+    example at the starting weights and applied to the gradients every step before the optimizer step.
+    Under DDP or DeepSpeed (any ZeRO stage) it is collective: each rank scores only its share of the
+    forget set (every ``world``-th example) and the backward averages the gradients over ranks, so the
+    mask is the one-process mask (exact under ZeRO-3 too, where each rank holds its partition of it).
+    With AdamW, use ``weight_decay=0`` so masked weights stay at θ₀.
 
     Saved with each checkpoint (each rank its share) and read back on resume.
     """
@@ -184,7 +187,7 @@ class SaliencyCallback(UnlearningCallback):
         if saved is not None and saved.is_file():
             state = torch.load(saved, weights_only=True)
             slots, partitioned = _slots(model)
-            masks = [m.to(s.get().device) for m, s in zip(state["masks"], slots, strict=True)]
+            masks = [m.to(s.device) for m, s in zip(state["masks"], slots, strict=True)]  # before any backward
             self.mask = SaliencyMask(slots, masks, partitioned, float(state["threshold"]), state["unranked"])
             return
         if resume_dir:
@@ -211,7 +214,9 @@ class UnlearningEvalCallback(UnlearningCallback):
     """Periodic forget/retain evaluation: every ``every_steps`` steps (and when the Trainer evaluates)
     the mean answer probability, token accuracy and NLL of each split
     (:func:`dist_unlearn.eval.answers.evaluate_splits`, sharded over ranks) are logged as
-    ``eval_<split>_<metric>`` (e.g. ``eval_forget_prob``).
+    ``eval_<split>_<metric>`` (e.g. ``eval_forget_prob``). On several ranks (DDP or DeepSpeed) each rank
+    scores only every ``world``-th example and the per-example scores are all-gathered, so every rank
+    logs the numbers one process would, without repeating the others' work.
 
     It serves as the Trainer's evaluation (``UnlearningTrainer.evaluate``), so the Trainer's
     best-checkpoint machinery works: ``TrainingArguments(save_strategy="best",

@@ -36,6 +36,13 @@ binary search over the 31-bit patterns finds τ with one ``all_reduce`` of a cou
 (:func:`global_kth_largest`). At ZeRO 0-2 every rank sees whole gradients
 (``safe_get_full_grad`` / ``safe_set_full_grad``), and the same code runs with no reduction. A plain
 ``nn.Module`` (no DeepSpeed) takes the ZeRO 0 path, which gives the single-process mask.
+
+Data parallel (a DeepSpeed engine at any stage, or a ``DistributedDataParallel`` module, e.g. the HF
+Trainer's DDP path): rank ``r`` of ``w`` scores only the forget examples ``r, r+w, ...`` with the loss
+``(w/N) Σ_{i on rank} NLL_i/|y_i|``; the backward averages gradients over ranks (DeepSpeed's reduction or
+DDP's all-reduce), so every rank ends with ``(1/N) Σ_{i ∈ D_f} ∇ NLL_i/|y_i|``, the gradient of ``L_f``
+above, and at ZeRO 0-2 and DDP every rank then computes the same mask as one process. A plain module
+inside a process group averages nothing, so it scores the whole forget set on its own.
 """
 
 from __future__ import annotations
@@ -59,10 +66,21 @@ def _is_engine(model: Any) -> bool:
     return hasattr(model, "zero_optimization_stage") and hasattr(model, "module")
 
 
+def _is_ddp(model: Any) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def data_parallel_world(model: Any) -> tuple[int, int]:
+    """``(rank, world)`` over which ``model``'s backward averages gradients: the process group for a
+    DeepSpeed engine or a ``DistributedDataParallel`` module, ``(0, 1)`` for a plain module (its
+    backward reduces nothing across ranks, so it must see every example itself)."""
+    return _world() if _is_engine(model) or _is_ddp(model) else (0, 1)
 
 
 @dataclass
@@ -79,6 +97,11 @@ class _Slot:
     partitioned: bool
     start: int
     valid: int
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's share of the parameter lives (read without needing a gradient)."""
+        return self.param.ds_tensor.device if self.partitioned else self.param.device
 
     def get(self) -> torch.Tensor:
         """The gradient elements this rank owns, flat ``[valid]`` (fp32 copy)."""
@@ -105,9 +128,9 @@ class _Slot:
 
 
 def _slots(model: Any) -> tuple[list[_Slot], bool]:
-    """The trainable parameters of ``model`` (engine or plain module) and whether they are
-    partitioned over ranks (ZeRO-3 with more than one rank)."""
-    module = model.module if _is_engine(model) else model
+    """The trainable parameters of ``model`` (engine, DDP module or plain module; named as in the
+    module inside a wrapper) and whether they are partitioned over ranks (ZeRO-3 with more than one rank)."""
+    module = model.module if _is_engine(model) or _is_ddp(model) else model
     rank, world = _world()
     zero3 = _is_engine(model) and model.zero_optimization_stage() == 3
     slots = []
@@ -233,7 +256,8 @@ class SaliencyMask:
         ``engine.backward(loss)`` and ``engine.step()`` on every rank. ``model`` is accepted for
         readability (the mask already knows its parameters)."""
         for slot, mask in zip(self._slots, self._masks, strict=True):
-            slot.set(slot.get() * mask)
+            grad = slot.get()
+            slot.set(grad * mask.to(grad.device))  # no copy unless the gradient lives elsewhere (offload)
 
     def full_masks(self) -> dict[str, torch.Tensor]:
         """Every parameter's whole mask (``bool``, parameter shape), by parameter name. Collective under
@@ -271,15 +295,16 @@ def forget_saliency_mask(model: Any, forget_batch: Batch, num_examples: int, fra
     """SalUn's mask from one backward of the forget NLL at the current weights; gradients cleared after.
 
     Args:
-        model: a DeepSpeed engine (any ZeRO stage; collective) or a plain module (single process).
+        model: a DeepSpeed engine (any ZeRO stage), a ``DistributedDataParallel`` module (both
+            collective) or a plain module (single process).
         forget_batch: this rank's share of the forget examples (``collate_qa`` dict, ``[b, T]``).
-        num_examples: N, the forget examples over all ranks together (for an engine; ``b`` otherwise).
+        num_examples: N, the forget examples over all ranks together (for an engine or DDP; ``b`` otherwise).
         fraction: x ∈ (0, 1], the share of trainable weights kept.
     Returns:
-        The mask of ``|∇ (1/N) Σ_i NLL_i/|y_i||`` (module doc); DeepSpeed averages gradients over the
-        ``w`` ranks, so each rank's loss is ``(w/N) Σ_{i on rank} NLL_i/|y_i|``.
+        The mask of ``|∇ (1/N) Σ_i NLL_i/|y_i||`` (module doc); DeepSpeed and DDP average gradients over
+        the ``w`` ranks, so each rank's loss is ``(w/N) Σ_{i on rank} NLL_i/|y_i|``.
     """
-    world = _world()[1] if _is_engine(model) else 1
+    world = data_parallel_world(model)[1]
     stats = forward_sequence_stats(model, forget_batch)
     loss = stats.mean_nll.sum() * (world / num_examples)
     _backward(model, loss)
@@ -298,15 +323,16 @@ def saliency_mask_for_run(
 ) -> SaliencyMask | None:
     """The mask of a run (``method.saliency``) from every forget example, or ``None`` when ``fraction == 1``.
 
-    Each rank scores every ``world``-th example of ``forget_set`` (a ``QADataset``) in one batch, so the
-    gradient is that of the whole forget set. Collective for an engine. Call it before loading a
-    checkpoint: the saliency belongs to the starting weights θ₀.
+    Each rank of an engine or DDP module scores every ``world``-th example of ``forget_set`` (a
+    ``QADataset``) in one batch and the backward averages over ranks, so the gradient is that of the
+    whole forget set (a plain module scores all of it). Collective for an engine or DDP module. Call it
+    before loading a checkpoint: the saliency belongs to the starting weights θ₀.
     """
     from dist_unlearn.data.qa import collate_qa
 
     if fraction >= 1.0:
         return None
-    rank, world = _world() if _is_engine(model) else (0, 1)
+    rank, world = data_parallel_world(model)
     share = rank_share(range(len(forget_set)), rank, world)
     if not share:
         raise ValueError(f"saliency needs a forget example on every rank: {len(forget_set)} examples, {world} ranks")
