@@ -24,6 +24,14 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 # turns it off for the local clusters it starts itself (dist_unlearn/ray/trainer.connect).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+# Under pytest-xdist (`make test`) one worker process per core runs tests side by side: each computes on
+# one thread, and so do the processes it starts. Several intra-op threads per process on an
+# oversubscribed machine wait for each other at every operation (a tiny model's step then takes
+# seconds instead of milliseconds).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # Every process of the suite runs as on a CPU with AVX512-BF16, where bitsandbytes takes a different
 # 4-bit path (tests/force_bnb_cpu_fastpath/sitecustomize.py): the suite then fails on any machine when
 # the project is wrong on such CPUs. This process imports the hook now; the processes it starts find it
