@@ -330,3 +330,31 @@ def test_torchrun_job_from_nothing_prepares_the_models_once(netns_slurm, tmp_pat
     summary = json.loads((out / "summary.json").read_text())["grad_diff"]
     assert summary["steps"] == 2 and summary["world_size"] == 2
     assert "Traceback" not in _log(log)
+
+
+@pytest.mark.slow
+def test_a_node_failure_requeues_the_ray_job_which_resumes(
+    netns_slurm, small_target, reference_run, tmp_path, monkeypatch, capsys
+):
+    """Node 2's processes killed mid-run under the Ray template: Ray cannot place the 2 workers on the one
+    node left, so the batch script sees its Ray node step end, ends the run and requeues the job, which
+    resumes from the last checkpoint to the uninterrupted weights."""
+    slurm, out = netns_slurm, tmp_path / "out"
+    config = _config(out, small_target)
+    job, log = _submit(slurm, config, "ray", monkeypatch, capsys)
+    _wait_for_first_checkpoint(slurm, job, log, out)
+    assert _kill_job_processes_on(slurm, slurm.nodes[1])
+    info = slurm.wait_for(job, {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}, 180)  # no wait for ever
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, _log(log)[-4000:])
+    slurm.wait_until_requeued_job_may_start(job)
+    slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    _finish(slurm, job, log)
+    text = _log(log)
+    assert "dist-unlearn: a Ray node of this job stopped" in text, text[-4000:]
+    resumed = set(re.findall(r"\[grad_diff\] resumed from \S+ at step (\d+)", text))
+    assert len(resumed) == 1 and EVERY <= int(resumed.pop()) < STEPS, text[-4000:]
+    run_dir = out / "grad_diff"
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    diff = max_diff(weights(run_dir), weights(reference_run / "grad_diff"))
+    print(f"node 2 killed in Ray job {job}; requeued, resumed; max |dw| = {diff:.3g}")
+    assert diff < 1e-6
