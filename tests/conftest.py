@@ -141,8 +141,9 @@ def small_run_config(output_dir: Path, target_dir: str | None = None, **sections
 def fresh_run_config(out: Path, **sections) -> dict:
     """The small setup from nothing (first runs): the embedded models prepared by the run itself, briefly
     (the flow is under test, not how well the models learn); 2 steps, no checkpoints."""
-    sections = {"train": {"steps": 2}, "checkpoint": {"every_steps": 0}, "eval": {"generate": False}, **sections}
-    return small_run_config(out, None, prepare={"steps": 20}, **sections)
+    brief = {"prepare": {"steps": 20}, "train": {"steps": 2}, "checkpoint": {"every_steps": 0}}
+    brief["eval"] = {"generate": False}
+    return small_run_config(out, None, **{**brief, **sections})
 
 
 # What the suite sets (above) and a user's shell does not: first-run tests start their commands without.

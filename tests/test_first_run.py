@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,39 @@ def test_torchrun_run_then_eval_on_an_empty_output_dir(tmp_path: Path) -> None:
     assert "original" in evaluated.stdout and "oracle" in evaluated.stdout
     # the same seed and settings give the same prepared models in both directories
     assert json.loads((out2 / "embedded" / "prepare.json").read_text())["fingerprint"] == prepared["fingerprint"]
+
+
+def test_a_stop_during_the_preparation_ends_it_on_every_launcher(tmp_path: Path) -> None:
+    """Minutes of preparation are not finished for a run told to stop. ``dist-unlearn run`` (Ray: the
+    driver prepares before any Ray process starts) gets SIGTERM during the target's fine-tuning; 2
+    ``torchrun`` ranks start with ``OUTPUT/STOP`` present (rank 0 prepares, rank 1 waits and is told).
+    Each exits 75 at once, and nothing half-prepared is left under the final name."""
+    out = tmp_path / "ray"
+    config = write_config(tmp_path / "ray.yaml", fresh_run_config(out, prepare={"steps": 100_000}))
+    cmd = [str(BIN / "dist-unlearn"), "run", str(config)]
+    env = {**_user_env(), "PYTHONUNBUFFERED": "1"}  # each line as it is printed, as on a terminal
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("prepare: fine-tuning the target model"):
+                break
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    assert time.monotonic() - started < 60
+    assert "of preparing the target model; nothing saved: it starts again" in err, err[-3000:]
+    assert not (out / "embedded").exists() and not (out / "STOP").exists()
+
+    out = tmp_path / "torchrun"
+    config = write_config(tmp_path / "torchrun.yaml", fresh_run_config(out, ray={"enabled": False}))
+    out.mkdir()
+    (out / "STOP").touch()
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dist_unlearn.cli", "run", str(config)]
+    result = subprocess.run(cmd, cwd=REPO, env=_user_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and re.search(r"exitcode\s*:\s*75\b", result.stderr), result.stderr[-3000:]
+    assert "after step 1 of preparing the target model" in result.stderr
+    assert not (out / "embedded").exists() and not (out / "STOP").exists()

@@ -43,7 +43,11 @@ class Preempted(Exception):
     def __init__(self, step: int, checkpoint: str | Path | None, job: str = "") -> None:
         self.step, self.checkpoint, self.job = int(step), checkpoint, job
         where = f" of {job}" if job else ""
-        super().__init__(f"stopped on request after step {step}{where}; checkpoint: {checkpoint}")
+        saved = f"checkpoint: {checkpoint}" if checkpoint else "nothing saved: it starts again"
+        super().__init__(f"stopped on request after step {step}{where}; {saved}")
+
+    def __reduce__(self) -> tuple:  # picklable (sent from rank 0 to the others), whatever ``args`` holds
+        return (type(self), (self.step, self.checkpoint, self.job))
 
 
 def stop_file(output_dir: str | Path) -> Path:

@@ -28,6 +28,7 @@ from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, DataCo
 from dist_unlearn.data.facts import FactsBenchmark, generate_facts, load_qa_file
 from dist_unlearn.data.formats import is_formatted_source, load_formatted
 from dist_unlearn.data.qa import QADataset, set_prompt_format
+from dist_unlearn.engine.preemption import Preempted, stop_requested
 from dist_unlearn.eval.answers import evaluate_splits
 from dist_unlearn.io import move_into_place, staging_path
 from dist_unlearn.models.encoders import encoder_path
@@ -118,6 +119,7 @@ def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAss
             p.lr,
             seed=cfg.train.seed,
             desc=f"prepare {name}",
+            on_step=_stop_when_asked(cfg.output.dir, f"preparing the {name} model"),
         )
         evals = evaluate_splits(
             model,
@@ -133,6 +135,18 @@ def prepare_embedded(cfg: RunConfig, force: bool = False, log=print) -> ModelAss
     (staging / "prepare.json").write_text(json.dumps(summary, indent=2))
     move_into_place(staging, root)
     return ModelAssets(str(root / "target"), str(root / "oracle"))
+
+
+def _stop_when_asked(output_dir: str, what: str):
+    """A fine-tuning step callback that ends the preparation when a stop was asked for (a signal or
+    ``OUTPUT/STOP``): minutes of preparation are not worth finishing for a run that is told to stop. The
+    models appear only when complete (staging directory), so the next run prepares them again."""
+
+    def check(step: int, _loss: float) -> None:
+        if stop_requested(output_dir):
+            raise Preempted(step + 1, None, what)
+
+    return check
 
 
 def resolve_model_assets(cfg: RunConfig, log=print) -> ModelAssets:

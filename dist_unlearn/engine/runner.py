@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from dist_unlearn.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from dist_unlearn.data.qa import length_fit
 from dist_unlearn.distributed.env import (
@@ -19,6 +21,7 @@ from dist_unlearn.distributed.env import (
 )
 from dist_unlearn.engine.dispatch import run_job
 from dist_unlearn.engine.job import Job
+from dist_unlearn.engine.preemption import Preempted
 from dist_unlearn.engine.prepare import ModelAssets, load_benchmark, resolve_model_assets
 from dist_unlearn.io import write_json_atomic
 from dist_unlearn.models.loading import tokenizer_for_config
@@ -164,10 +167,18 @@ def read_summaries(jobs: list[Job]) -> dict[str, dict[str, Any]]:
 
 def prepared_assets(cfg: RunConfig) -> ModelAssets:
     """:func:`resolve_model_assets` inside a process group: rank 0 prepares the embedded models (if
-    needed) while the other ranks wait; then every rank reads the finished cache. Collective."""
+    needed) while the other ranks wait; then every rank reads the finished cache. A stop asked for during
+    the preparation stops every rank (:class:`Preempted`). Collective."""
+    stopped: list[Preempted | None] = [None]
     if is_main_process():
-        assets = resolve_model_assets(cfg)
-    barrier()
+        try:
+            assets = resolve_model_assets(cfg)
+        except Preempted as exc:
+            stopped[0] = exc
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(stopped, src=0)  # also the barrier the other ranks wait at
+    if stopped[0] is not None:
+        raise stopped[0]
     return assets if is_main_process() else resolve_model_assets(cfg, log=lambda *_: None)
 
 
