@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import REPO, write_config
@@ -132,3 +134,52 @@ def test_a_job_counts_as_finished_only_in_the_fit_that_finished_it(tmp_path):
     write_text_atomic(tmp_path / FIT_FINISHED_FILE, "fit-a")  # finished in an earlier fit of this directory
     assert not finished_in_fit(tmp_path, "fit-b")
     assert finished_in_fit(tmp_path, "fit-a")
+
+
+def _lives(proc) -> bool:  # noqa: ANN001 (a psutil.Process)
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.slow
+def test_stopping_a_ray_cluster_by_its_temp_dir_leaves_no_process_behind(tmp_path):
+    """What the suite does with the Ray cluster it starts with ``ray start`` (conftest.ray_address), and the
+    CLI with what is left of its own local cluster: every process naming the cluster's temp dir ends, and
+    so do those its raylet started that renamed themselves (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``), which outlived a raylet ended alone."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from dist_unlearn.ray.trainer import processes_naming, stop_processes_naming
+
+    temp_dir = tempfile.mkdtemp(prefix="du-rs-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray = str(Path(sys.executable).parent / "ray")
+    cmd = [ray, "start", "--head", "--port=0", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"]
+    cmd.append(f"--temp-dir={temp_dir}")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    try:
+        subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=180)
+        deadline = time.monotonic() + 60
+        while True:  # until the raylet has started its agents
+            procs = processes_naming(temp_dir)
+            renamed = [p for p in procs if p.cmdline() and p.cmdline()[0].startswith("ray::")]
+            if len(renamed) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert len(renamed) >= 2, [" ".join(p.cmdline())[:80] for p in procs]
+        names = {p.pid: " ".join(p.cmdline())[:80] for p in procs}
+        stop_processes_naming(temp_dir)
+        deadline = time.monotonic() + 10  # a KILL takes effect a moment after it is sent
+        while (left := [names[p.pid] for p in procs if _lives(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, left
+    finally:
+        stop_processes_naming(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -198,37 +198,61 @@ def disconnect(started: bool) -> None:
     """Leave Ray; when this process started the local cluster (``started``), stop all of it.
 
     ``ray.shutdown()`` stops the GCS and the raylet it started, but their agents (dashboard agent,
-    runtime-env agent) can outlive them as orphans. Every process of a Ray session names the session's
-    own directory on its command line, so what is left of *this* cluster is found by that directory
-    and ended (TERM, then KILL after 5 s); nothing of another Ray cluster on the machine is touched.
+    runtime-env agent) can outlive them as orphans. The processes of a Ray session name the session's
+    own directory on their command line, or were started by one that does (the agents rename
+    themselves), so what is left of *this* cluster is found from that directory before the shutdown
+    and ended after it (TERM, then KILL after 5 s); nothing of another Ray cluster on the machine is
+    touched.
     """
     global _started_local_cluster
     if not ray.is_initialized():
         return
     session = _session_dir() if started else None
+    leftovers = processes_naming(session) if session else []  # before the raylet goes: its agents are found by it
     ray.shutdown()
     _started_local_cluster = False
     if session:
-        stop_processes_naming(session)
+        stop_processes(leftovers + processes_naming(session))
 
 
-def stop_processes_naming(marker: str, grace_s: float = 5.0) -> list[int]:
-    """End every process (other than this one) whose command line contains ``marker``; returns their pids."""
+def processes_naming(marker: str) -> list[Any]:
+    """Every process (other than this one) whose command line contains ``marker``, and every process they
+    started (``psutil.Process`` objects). Some of Ray's processes rename themselves (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``, started by the raylet) and outlive their raylet as orphans: they are found as
+    its descendants, which is why this is collected while the session still runs."""
     import psutil
 
     mine = os.getpid()
-    found = []
+    named = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         if proc.info["pid"] != mine and any(marker in part for part in proc.info["cmdline"] or ()):
-            found.append(proc)
-    for proc in found:
+            named.append(proc)
+    found = {proc.pid: proc for proc in named}
+    for proc in named:
+        with contextlib.suppress(psutil.Error):
+            found.update({child.pid: child for child in proc.children(recursive=True) if child.pid != mine})
+    return list(found.values())
+
+
+def stop_processes(procs: list[Any], grace_s: float = 5.0) -> list[int]:
+    """End ``procs`` (``psutil.Process`` objects; TERM, then KILL after ``grace_s``); returns their pids.
+    A process that already ended, or whose pid now belongs to another process, is left alone (psutil
+    checks the start time)."""
+    import psutil
+
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(found, timeout=grace_s)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    return [proc.pid for proc in found]
+    return [proc.pid for proc in procs]
+
+
+def stop_processes_naming(marker: str, grace_s: float = 5.0) -> list[int]:
+    """End every process of :func:`processes_naming` ``(marker)``; returns their pids."""
+    return stop_processes(processes_naming(marker), grace_s)
 
 
 def ray_run_name(jobs: list[Job]) -> str:
