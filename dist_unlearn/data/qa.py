@@ -155,6 +155,12 @@ def answer_ids(tokenizer: Any, question: str, answer: str) -> list[int]:
     return ids if ids and ids[-1] == eos else [*ids, eos]
 
 
+def leaves_room_for_an_answer(prompt_tokens: int, max_length: int) -> bool:
+    """Whether a prompt of ``prompt_tokens`` tokens (with ``bos``) leaves at least one of ``max_length`` for
+    the answer: the rule :func:`encode_qa` enforces and :func:`length_fit` reports on."""
+    return prompt_tokens <= max_length - 1
+
+
 def encode_qa(tokenizer: Any, question: str, answer: str, max_length: int) -> dict[str, list[int]]:
     """Tokenize one QA pair in the tokenizer's prompt format (:func:`prompt_format_of`).
 
@@ -167,7 +173,7 @@ def encode_qa(tokenizer: Any, question: str, answer: str, max_length: int) -> di
     answer = answer_ids(tokenizer, question, answer)
     prompt = prompt_ids(tokenizer, question)
     prefix_len = len(prompt)
-    if prefix_len > max_length - 1:
+    if not leaves_room_for_an_answer(prefix_len, max_length):
         raise ValueError(
             f"prompt needs {prefix_len} tokens (with bos, if any) but max_length={max_length} leaves no room for "
             f"an answer token; question: {question!r}. Fix: raise data.max_length"
@@ -202,7 +208,7 @@ def length_fit(tokenizer: Any, items: Sequence[Any], max_length: int) -> LengthF
         count += 1
         longest = max(longest, total)
         truncated += total > max_length
-        if too_long is None and prompt > max_length - 1:
+        if too_long is None and not leaves_room_for_an_answer(prompt, max_length):
             too_long = item.question
     return LengthFit(count, longest, truncated, too_long)
 

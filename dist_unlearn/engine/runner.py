@@ -146,10 +146,12 @@ def check_answer_lengths(job: Job, log: Any = print) -> None:
         )
 
 
-def prepare_run_dirs(jobs: list[Job], world_size: int, restart: bool = False) -> None:
-    """Driver side, before launching: check the answers' lengths, optionally wipe old runs, check
-    resumability, record settings."""
-    check_answer_lengths(jobs[0])
+def prepare_run_dirs(jobs: list[Job], world_size: int, restart: bool = False, check_lengths: bool = True) -> None:
+    """Driver side, before launching: check the answers' lengths (unless a caller that runs many jobs of
+    one dataset did so once: ``check_lengths=False``), optionally wipe old runs, check resumability,
+    record settings."""
+    if check_lengths:
+        check_answer_lengths(jobs[0])
     if restart:
         for job in jobs:
             shutil.rmtree(job.run_dir, ignore_errors=True)

@@ -55,7 +55,7 @@ from dist_unlearn.config.sweep import (
 from dist_unlearn.engine.eval_job import reference_oracle_dir
 from dist_unlearn.engine.preemption import REQUEUE_EXIT_CODE, STOP_FILE_NAME
 from dist_unlearn.engine.prepare import ModelAssets, resolve_model_assets
-from dist_unlearn.engine.runner import plan_jobs, prepare_run_dirs
+from dist_unlearn.engine.runner import check_answer_lengths, plan_jobs, prepare_run_dirs
 from dist_unlearn.eval.sweep_report import (
     DONE,
     ERROR,
@@ -129,7 +129,8 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     job = plan_jobs(cfg, ModelAssets(setup.target_dir, setup.oracle_dir))[0]
     run_dir = Path(job.run_dir)
     if not _finished(run_dir):
-        prepare_run_dirs([job], cfg.ray.num_workers)
+        data_changed = any(key.startswith("data.") for key in overrides)  # else the sweep checked it once
+        prepare_run_dirs([job], cfg.ray.num_workers, check_lengths=data_changed)
         run_jobs_on_ray(cfg, [job], callbacks=[PeriodicEvalToTune(setup.objective, cfg.train.steps)])
     final = json.loads((run_dir / "eval.json").read_text())["result"]
     tune.report({"step": cfg.train.steps, "final": 1, **setup.objective.measure(result_numbers(final))})
@@ -335,6 +336,7 @@ def run_sweep(
     total = trial_count(dims, cfg.sweep.num_samples)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console tables off (verbose=0 then prints nothing)
     assets = resolve_model_assets(cfg)
+    check_answer_lengths(plan_jobs(cfg, assets)[0])  # once for every trial that keeps the data settings
     started = connect(cfg)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
