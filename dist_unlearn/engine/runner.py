@@ -17,7 +17,7 @@ from dist_unlearn.distributed.env import (
     init_distributed,
     is_main_process,
 )
-from dist_unlearn.engine.dispatch import run_job
+from dist_unlearn.engine.driver import run_job
 from dist_unlearn.engine.job import Job
 from dist_unlearn.engine.prepare import ModelAssets, load_benchmark, resolve_model_assets
 from dist_unlearn.io import write_json_atomic
