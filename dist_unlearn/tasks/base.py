@@ -61,6 +61,8 @@ class Task:
     """One job kind (see the module docstring for the order of calls). Subclasses set, in ``__init__``,
     ``label`` (progress bars, printed lines), ``total_steps`` and ``engine`` or ``progress_dir``."""
 
+    per_method: bool = True
+    """One job per ``method.names`` entry (the job's name is the method); False: one job named after the kind."""
     label: str = ""
     total_steps: int = 0
     phase_steps: int = 0

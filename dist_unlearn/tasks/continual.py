@@ -110,12 +110,8 @@ class ContinualTask(Task):
 
     def eval_sets(self, k: int) -> dict[str, QADataset]:
         """Evaluation sets with requests ``1..k`` done: each request's forget set, forget so far / to come, retain."""
-        limit, length, tok, forget = (
-            self.run.cfg.eval.max_examples or None,
-            self.run.cfg.data.max_length,
-            self.tokenizer,
-            self.facts.split("forget"),
-        )
+        limit, length, tok = self.run.cfg.eval.max_examples or None, self.run.cfg.data.max_length, self.tokenizer
+        forget = self.facts.split("forget")
         sets = {f"forget_request{j + 1}": QADataset(self.forget_sets[j].items[:limit], tok, length) for j in range(k)}
         done = [p for group in self.groups[:k] for p in group]
         todo = [p for group in self.groups[k:] for p in group]

@@ -72,6 +72,8 @@ def _say(line: str) -> None:
 class ContrastiveTask(Task):
     """Train the encoder at ``run.model_dir`` contrastively on the global batch of every rank."""
 
+    per_method = False
+
     def __init__(self, run: Run) -> None:
         super().__init__(run)
         self.c = c = run.cfg.contrastive
