@@ -32,7 +32,7 @@ from dist_unlearn.models.combined import write_inference_spec
 from dist_unlearn.models.loading import model_for_config, tokenizer_for_config
 from dist_unlearn.tasks.base import Run, Task
 from dist_unlearn.unlearning import build_reference, objective_from_config
-from dist_unlearn.unlearning.reference import choose_reference_mode
+from dist_unlearn.unlearning.reference import resolve_reference_mode
 from dist_unlearn.unlearning.robust import robust_plan, unlearning_backward
 from dist_unlearn.unlearning.saliency import saliency_mask_for_run
 from dist_unlearn.unlearning.streams import StepBatches, qa_streams
@@ -50,9 +50,7 @@ class UnlearnTask(Task):
         self.facts = load_benchmark(cfg.data)
         self.objective = objective = objective_from_config(cfg, run.name)
         needs = objective.needs
-        self.reference_mode = choose_reference_mode(
-            needs.reference, cfg.method.reference, lora=cfg.model.lora.r > 0, method=run.name
-        )
+        self.reference_mode = resolve_reference_mode(cfg, run.name, objective)
         self.streams = streams = qa_streams(self.facts.split, needs, self.tokenizer, cfg.data.max_length)
         objective.prepare_model(model)  # e.g. RMU: only the chosen layers train
         self.robust = robust_plan(cfg)  # method.robust: SAM step, or SURE's saliency fraction and learning rate
