@@ -1,4 +1,4 @@
-"""Step time of ``UnlearningTrainer`` vs the CLI's loop (``run_unlearning``) on the same job, side by side in
+"""Step time of ``UnlearningTrainer`` vs the CLI's loop (``run_job``) on the same job, side by side in
 one ``torchrun`` launch: npo_gd with a cached reference, DeepSpeed ZeRO-3, the CLI's own DeepSpeed config
 for both, the same model, data, seed and batches (the losses agree; the script checks it).
 
@@ -61,9 +61,9 @@ def model_dir(root: Path, size: str) -> str:
 
 def cli_run(path: str, out: Path, steps: int, batch: int, world: int) -> list[dict]:
     from dist_unlearn.config import config_from_dict, config_to_dict
+    from dist_unlearn.engine.driver import run_job
     from dist_unlearn.engine.job import Job
     from dist_unlearn.engine.metrics_log import read_metrics
-    from dist_unlearn.engine.unlearn_loop import run_unlearning
 
     cfg = config_to_dict(
         config_from_dict(
@@ -80,7 +80,7 @@ def cli_run(path: str, out: Path, steps: int, batch: int, world: int) -> list[di
             }
         )
     )
-    run_unlearning(Job(cfg, "unlearn", "npo_gd", path, str(out / "npo_gd")))
+    run_job(Job(cfg, "unlearn", "npo_gd", path, str(out / "npo_gd")))
     return read_metrics(out / "npo_gd")
 
 

@@ -18,9 +18,9 @@ from dist_unlearn.contrastive import InfoNCELoss, SigmoidLoss
 from dist_unlearn.contrastive.loss_params import LossParameterStepper, build_contrastive_loss, loss_parameter_values
 from dist_unlearn.data.pairs import load_pairs_data, pairs_eval_set, read_pairs, split_dev
 from dist_unlearn.data.retrieval import RetrievalExample
-from dist_unlearn.engine.contrastive_loop import contrastive_data
 from dist_unlearn.engine.validate import validate_run
 from dist_unlearn.models.encoders import encoder_path, encoder_problem, transformer_dir
+from dist_unlearn.tasks.contrastive import contrastive_data
 
 
 def write_rows(path: Path, rows: list[dict | str]) -> Path:

@@ -2,7 +2,7 @@
 
 One ``torchrun`` launch on 2 CPU ranks under DeepSpeed ZeRO-3 runs, for ``npo_gd`` (cached reference),
 ``npo_kl`` (sharded reference) and ``rmu`` (hidden states, cached reference), first the CLI's loop
-(``run_unlearning``, which writes ``metrics.jsonl``) and then ``UnlearningTrainer`` with the same model,
+(``run_job``, which writes ``metrics.jsonl``) and then ``UnlearningTrainer`` with the same model,
 data, seed, batch sizes and the CLI's own DeepSpeed config: the per-step losses agree (rel 1e-4). The
 same launch resumes the ``npo_gd`` Trainer run from its step-2 checkpoint (the cached π_ref comes from
 the checkpoint), writes TensorBoard events (the forget/retain terms are checked in them when
@@ -298,16 +298,16 @@ def _worker(mode: str, model_dir: str, out_dir: str) -> None:
     out = Path(out_dir)
     result: dict = {"world": world, "trainer": {}, "cli": {}}
     if mode == "compare":
+        from dist_unlearn.engine.driver import run_job
         from dist_unlearn.engine.job import Job
         from dist_unlearn.engine.metrics_log import read_metrics
-        from dist_unlearn.engine.unlearn_loop import run_unlearning
 
         cfg = _cli_config(out / "cli", model_dir, world)
         for name in OBJECTIVES:
-            run_unlearning(Job(cfg, "unlearn", name, model_dir, str(out / "cli" / name)))
+            run_job(Job(cfg, "unlearn", name, model_dir, str(out / "cli" / name)))
             result["cli"][name] = read_metrics(out / "cli" / name)
         cfg = _cli_config(out / "cli-saliency", model_dir, world, saliency=0.5)
-        run_unlearning(Job(cfg, "unlearn", "npo_gd", model_dir, str(out / "cli-saliency" / "npo_gd")))
+        run_job(Job(cfg, "unlearn", "npo_gd", model_dir, str(out / "cli-saliency" / "npo_gd")))
         result["cli"]["saliency"] = read_metrics(out / "cli-saliency" / "npo_gd")
     for name in OBJECTIVES if mode in ("compare", "trainer") else ():
         extra = {}

@@ -83,11 +83,11 @@ def test_reference_strategies_agree_under_zero3_two_ranks(tiny_dir):
 def _loop(rank: int, world: int, cfg: dict, model_dir: str, names: list[str]) -> None:
     """The real unlearning loop (no Ray), each method in its own run directory."""
     os.environ["LOCAL_RANK"] = str(rank)
+    from dist_unlearn.engine.driver import run_job
     from dist_unlearn.engine.job import Job
-    from dist_unlearn.engine.unlearn_loop import run_unlearning
 
     for name in names:
-        run_unlearning(Job(cfg, "unlearn", name, model_dir, str(Path(cfg["output"]["dir"]) / name)))
+        run_job(Job(cfg, "unlearn", name, model_dir, str(Path(cfg["output"]["dir"]) / name)))
 
 
 def _losses(run_dir: Path) -> list[float]:

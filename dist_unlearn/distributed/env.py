@@ -108,3 +108,15 @@ def destroy_process_group() -> None:
     """Tear the group down (avoids intermittent SIGABRT at interpreter exit with gloo)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Average each value over all ranks (collective; every rank must pass the same keys). With more than
+    one rank the result's keys are sorted (one float64 all-reduce of the values in key order)."""
+    if get_world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    tensor /= get_world_size()
+    return dict(zip(keys, tensor.tolist(), strict=True))

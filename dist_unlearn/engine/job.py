@@ -1,5 +1,5 @@
 """A job for the workers (plain data that crosses process boundaries) and the reporter interface the
-launcher provides. :mod:`dist_unlearn.engine.dispatch` runs a job."""
+launcher provides. :mod:`dist_unlearn.engine.driver` runs a job."""
 
 from __future__ import annotations
 

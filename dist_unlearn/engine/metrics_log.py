@@ -1,26 +1,12 @@
-"""Step metrics: averaged over ranks, written by rank 0 to ``metrics.jsonl`` and TensorBoard."""
+"""Step metrics, written by rank 0 to ``metrics.jsonl`` and TensorBoard."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from dist_unlearn.distributed.env import get_world_size, is_main_process
+from dist_unlearn.distributed.env import is_main_process
 from dist_unlearn.io import write_text_atomic
-
-
-def mean_over_ranks(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
-    """Average each value over all ranks (collective; every rank must pass the same keys)."""
-    if get_world_size() == 1 or not values:
-        return dict(values)
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    tensor /= get_world_size()
-    return dict(zip(keys, tensor.tolist(), strict=True))
 
 
 class MetricsLog:

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, DataConfig, RunConfig
-from dist_unlearn.data.facts import FactsBenchmark, generate_facts, load_qa_file
-from dist_unlearn.data.formats import is_formatted_source, load_formatted
+from dist_unlearn.config.schema import EMBEDDED_MODEL, RunConfig
+from dist_unlearn.data.benchmark import load_benchmark
 from dist_unlearn.data.qa import QADataset, set_prompt_format
 from dist_unlearn.engine.preemption import Preempted, stop_requested
 from dist_unlearn.eval.answers import evaluate_splits
@@ -42,21 +41,6 @@ class ModelAssets:
 
     target_dir: str
     oracle_dir: str | None
-
-
-def load_benchmark(data: DataConfig) -> FactsBenchmark:
-    """The QA data of a run: the deterministic generator or a local file."""
-    if data.source == FICTITIOUS_SOURCE:
-        return generate_facts(
-            num_people=data.num_people,
-            questions_per_person=data.questions_per_person,
-            forget_fraction=data.forget_fraction,
-            holdout_fraction=data.holdout_fraction,
-            seed=data.seed,
-        )
-    if is_formatted_source(data.source):  # tofu:DIR[@forgetNN] / muse:DIR (or hub names)
-        return load_formatted(data.source)
-    return load_qa_file(data.source)
 
 
 def _prepare_inputs(cfg: RunConfig) -> dict[str, object]:

@@ -19,22 +19,23 @@ from dist_unlearn.distributed.env import (
     init_distributed,
     is_main_process,
 )
-from dist_unlearn.engine.dispatch import run_job
+from dist_unlearn.engine.driver import run_job
 from dist_unlearn.engine.job import Job
 from dist_unlearn.engine.preemption import Preempted
 from dist_unlearn.engine.prepare import ModelAssets, load_benchmark, resolve_model_assets
 from dist_unlearn.io import write_json_atomic
 from dist_unlearn.models.loading import tokenizer_for_config
+from dist_unlearn.tasks import TASKS
 
 
 def plan_jobs(cfg: RunConfig, assets: ModelAssets) -> list[Job]:
-    """Unlearning: one job per method, each writing to ``OUTPUT/<method>/``; contrastive: one job
-    writing to ``OUTPUT/contrastive/``."""
+    """One job per method for a kind whose task runs methods (unlearn, continual), each writing to
+    ``OUTPUT/<method>/``; otherwise one job named after the kind (contrastive: ``OUTPUT/contrastive/``)."""
     out = Path(cfg.output.dir).resolve()
     data = config_to_dict(cfg)
-    if cfg.job.kind == "contrastive":
-        return [Job(data, "contrastive", "contrastive", assets.target_dir, str(out / "contrastive"))]
-    kind = "continual" if cfg.job.kind == "continual" else "unlearn"  # continual: one request sequence per method
+    kind = cfg.job.kind
+    if not TASKS[kind].per_method:
+        return [Job(data, kind, kind, assets.target_dir, str(out / kind))]
     return [Job(data, kind, name, assets.target_dir, str(out / name)) for name in cfg.method.names]
 
 

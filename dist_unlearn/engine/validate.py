@@ -12,24 +12,8 @@ from dist_unlearn.data.pairs import PairsFormatError, load_pairs_data
 from dist_unlearn.data.qa import read_chat_template
 from dist_unlearn.eval.periodic import oracle_dir_for
 from dist_unlearn.models.encoders import encoder_problem
-from dist_unlearn.unlearning import OBJECTIVES, UnlearningObjective, objective_from_config
-from dist_unlearn.unlearning.reference import choose_reference_mode
-
-
-def resolve_reference_mode(cfg: RunConfig, name: str, objective: UnlearningObjective) -> str:
-    """The reference strategy of method ``name`` in this run.
-
-    A reference-free objective always gets ``none`` (nothing is loaded, whatever ``method.reference``
-    says). Otherwise ``auto`` picks ``adapter_disabled`` with LoRA (no second copy), ``sharded`` when
-    π_ref token logits are needed (KL, UNDIAL), else ``cached``.
-
-    Raises:
-        ValueError: the mode cannot serve what the objective needs, or cannot run with this model;
-            the message names ``method.reference`` and the fix.
-    """
-    return choose_reference_mode(
-        objective.needs.reference, cfg.method.reference, lora=cfg.model.lora.r > 0, method=name
-    )
+from dist_unlearn.unlearning import OBJECTIVES, objective_from_config
+from dist_unlearn.unlearning.reference import resolve_reference_mode
 
 
 def validate_run(cfg: RunConfig) -> None:

@@ -1,6 +1,5 @@
-"""Pieces every worker train function shares: process set-up, the DeepSpeed engine, resuming,
-periodic checkpoints reported to the launcher, and the run summary. Both the unlearning and the
-contrastive loops use them, so checkpoint and resume behave identically in both jobs."""
+"""What the driver (:mod:`dist_unlearn.engine.driver`) uses on every rank: process set-up, the DeepSpeed
+engine, resuming from a checkpoint, periodic checkpoints reported to the launcher, and progress bars."""
 
 from __future__ import annotations
 
@@ -20,8 +19,7 @@ from dist_unlearn.engine.chatter import attach_log_file, log_path
 from dist_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
 from dist_unlearn.engine.ds_config import build_deepspeed_config
 from dist_unlearn.engine.job import Reporter
-from dist_unlearn.engine.preemption import Preempted, agree_to_stop, stop_requested
-from dist_unlearn.io import write_json_atomic
+from dist_unlearn.engine.preemption import Preempted
 
 
 @dataclass(frozen=True)
@@ -71,14 +69,9 @@ def initialize_engine(cfg: RunConfig, model: torch.nn.Module, micro_batch_size: 
     return engine
 
 
-def resume(engine: Any, reporter: Reporter, name: str) -> tuple[int, Any]:
-    """Load the reporter's latest checkpoint if any; returns (completed steps, stored ``eval_before``)."""
-    step, state = resume_state(engine, reporter, name)
-    return step, state.get("eval_before")
-
-
 def resume_state(engine: Any, reporter: Reporter, name: str) -> tuple[int, dict[str, Any]]:
-    """:func:`resume` returning the checkpoint's whole client state (``{}`` when starting fresh)."""
+    """Load the reporter's latest checkpoint if any; returns (completed steps, its client state: ``{}`` when
+    starting fresh). Prints where it resumed from (rank 0)."""
     resume_dir = reporter.latest_checkpoint()
     if resume_dir is None:
         return 0, {}
@@ -90,14 +83,14 @@ def resume_state(engine: Any, reporter: Reporter, name: str) -> tuple[int, dict[
 
 
 class Checkpointer:
-    """Saves every ``checkpoint.every_steps`` and at the last step, reporting each to the launcher.
+    """Saves every ``checkpoint.every_steps``, at the last step and to honour a stop request, reporting each
+    checkpoint to the launcher.
 
     The last checkpoint is reported by :meth:`finish` after the final evaluation and export, so a
-    launcher that restarts on failure never sees a "finished" run without its outputs.
-
-    It also honours stop requests (:mod:`dist_unlearn.engine.preemption`: a signal, or the file
-    ``OUTPUT_DIR/STOP``): when any rank has one at a step boundary, all ranks save a checkpoint,
-    report it with ``preempted: 1`` and raise :class:`~dist_unlearn.engine.preemption.Preempted`.
+    launcher that restarts on failure never sees a "finished" run without its outputs. A stop request
+    (:mod:`dist_unlearn.engine.preemption`: a signal, or the file ``OUTPUT_DIR/STOP``), agreed on by every
+    rank, saves a checkpoint, reports it with ``preempted: 1`` and raises
+    :class:`~dist_unlearn.engine.preemption.Preempted`.
     """
 
     def __init__(
@@ -107,28 +100,22 @@ class Checkpointer:
         run_dir: Path,
         cfg: RunConfig,
         total_steps: int,
-        eval_before: Any,
-        extra_state: Callable[[], dict[str, Any]] | None = None,
+        client_state: Callable[[], dict[str, Any]],
     ) -> None:
-        """``extra_state()``: more client state saved with every checkpoint (read back by :func:`resume_state`)."""
-        self.engine, self.reporter = engine, reporter
-        self.extra_state = extra_state
+        """``client_state()``: saved with every checkpoint beside ``step`` (read back by :func:`resume_state`)."""
+        self.engine, self.reporter, self.client_state = engine, reporter, client_state
         self.root = Path(run_dir) / "checkpoints"
         self.every, self.keep, self.total = cfg.checkpoint.every_steps, cfg.checkpoint.keep, total_steps
-        self.eval_before = eval_before
         self.last: Path | None = None
-        self.output_dir, self.name = Path(cfg.output.dir), Path(run_dir).name
+        self.name = Path(run_dir).name
 
-    def after_step(self, completed: int, values: dict[str, float]) -> None:
-        """Call after each optimizer step with the number of completed steps (collective: every rank
-        votes on stop requests; saving is collective too)."""
+    def after_step(self, completed: int, values: dict[str, float], stop: bool) -> None:
+        """Call after each optimizer step with the number of completed steps and whether every rank agreed
+        to stop (collective: saving is)."""
         is_last = completed == self.total
-        stop = not is_last and agree_to_stop(stop_requested(self.output_dir))
         if not ((self.every and completed % self.every == 0) or is_last or stop):
             return
-        state = {"step": completed, "eval_before": self.eval_before}
-        if self.extra_state is not None:
-            state.update(self.extra_state())
+        state = {"step": completed, **self.client_state()}
         self.last = save_checkpoint(self.engine, self.root, completed, state, keep=self.keep)
         if stop:
             metrics = {**values, "step": completed, "preempted": 1}
@@ -137,10 +124,8 @@ class Checkpointer:
         if not is_last:
             self.reporter.report({"step": completed, **values}, self.last if is_main_process() else None)
 
-    def finish(self, run_dir: Path, summary: dict[str, Any]) -> None:
-        """Write ``metrics.json`` (rank 0) and report the final checkpoint (when this run trained)."""
-        if is_main_process():
-            write_json_atomic(Path(run_dir) / "metrics.json", summary)
+    def finish(self) -> None:
+        """Report the final checkpoint (when this run trained)."""
         if self.last is not None:
             self.reporter.report({"step": self.total, "done": 1}, self.last if is_main_process() else None)
 

@@ -22,7 +22,7 @@ The oracle (for forget quality and PrivLeak) is ``eval.oracle_dir``, else the em
 When the trained weights are not themselves the unlearned model (``inference``: the objective's
 ``inference.json`` spec, e.g. ULD's assistant), every evaluation scores the model the spec describes
 (:func:`dist_unlearn.models.combined.combine`: the starting model − α·the live engine) and the spec is
-saved next to ``RUN/best_model`` (the loop saves it next to ``RUN/model``).
+saved next to ``RUN/best_model`` (the unlearning task saves it next to ``RUN/model``).
 """
 
 from __future__ import annotations

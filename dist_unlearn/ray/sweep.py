@@ -101,7 +101,7 @@ def trial_root(sweep_dir: str | Path, trial_id: str, overrides: dict[str, Any]) 
 
 class PeriodicEvalToTune(TuneReportCallback):
     """Ray Train callback in a Tune trial: each periodic evaluation the workers report (``eval`` in the
-    metrics, see ``engine/unlearn_loop.py``) goes to Tune as the objective's numbers at its ``step``; other
+    metrics, see ``tasks/unlearn.py``) goes to Tune as the objective's numbers at its ``step``; other
     reports (checkpoints) and the evaluation at the last step (the final one supersedes it) do not."""
 
     def __init__(self, objective: Objective, steps: int) -> None:

@@ -2,7 +2,7 @@
 method of a config in turn, so the start-up (worker processes, imports, process group) is paid once.
 
 Ray creates the process group (gloo on CPU, NCCL on GPU) and sets ``RANK``/``WORLD_SIZE``; the worker
-function is :func:`dist_unlearn.engine.dispatch.run_job`, the same one ``torchrun`` uses.
+function is :func:`dist_unlearn.engine.driver.run_job`, the same one ``torchrun`` uses.
 Checkpoints are reported to Ray by rank 0 (all ranks write their shards into one directory, so
 ``output.dir`` must be on a filesystem every node sees); a restarted worker group resumes from
 Ray's latest checkpoint.
@@ -29,7 +29,7 @@ from dist_unlearn.config import ConfigError
 from dist_unlearn.config import RunConfig as DistUnlearnConfig
 from dist_unlearn.engine.chatter import VERBOSE_ENV, is_verbose
 from dist_unlearn.engine.checkpoint import latest_checkpoint
-from dist_unlearn.engine.dispatch import run_job
+from dist_unlearn.engine.driver import run_job
 from dist_unlearn.engine.job import Job
 from dist_unlearn.engine.preemption import Preempted, reinstall_signal_handlers
 from dist_unlearn.engine.prepare import ModelAssets

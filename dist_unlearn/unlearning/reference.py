@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from dist_unlearn.config.schema import REFERENCE_STRATEGIES
+from dist_unlearn.config.schema import REFERENCE_STRATEGIES, RunConfig
 from dist_unlearn.data.qa import QADataset, collate_qa
 from dist_unlearn.distributed.sharded import sharded_map
 from dist_unlearn.eval.answers import score_dataset
@@ -388,3 +388,19 @@ def build_reference(
     if mode == "quantized":
         return quantized_reference(model_path, "nf4", device=device)
     raise ValueError(f"method.reference: unknown mode {mode!r}; one of {', '.join(REFERENCE_MODES)}")
+
+
+def resolve_reference_mode(cfg: RunConfig, name: str, objective: Any) -> str:
+    """The reference strategy of method ``name`` in this run (``objective``: its built objective).
+
+    A reference-free objective always gets ``none`` (nothing is loaded, whatever ``method.reference``
+    says). Otherwise ``auto`` picks ``adapter_disabled`` with LoRA (no second copy), ``sharded`` when
+    π_ref token logits are needed (KL, UNDIAL), else ``cached``.
+
+    Raises:
+        ValueError: the mode cannot serve what the objective needs, or cannot run with this model;
+            the message names ``method.reference`` and the fix.
+    """
+    return choose_reference_mode(
+        objective.needs.reference, cfg.method.reference, lora=cfg.model.lora.r > 0, method=name
+    )

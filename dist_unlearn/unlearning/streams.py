@@ -1,6 +1,6 @@
 """The data streams of an unlearning run and their per-step, world-size-invariant sampling.
 
-Shared by every driver of an objective (the CLI's loop in ``engine/unlearn_loop.py`` and the Hugging
+Shared by every driver of an objective (the CLI's unlearning task in ``tasks/unlearn.py`` and the Hugging
 Face ``Trainer`` in ``integrations/hf.py``), so both draw exactly the same rows at every step:
 
 * :func:`qa_streams` builds the datasets an objective reads (:class:`DataNeeds`) from QA items: forget
