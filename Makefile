@@ -33,9 +33,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-# the suite on TEST_WORKERS pytest-xdist processes (one per core; 1 runs it in this process), a test
-# file per worker at a time, the long files first (tests/conftest.py)
-TEST_WORKERS ?= 2
+# the suite in this process, or on TEST_WORKERS pytest-xdist processes (a test file per worker at a time,
+# the long files first: tests/conftest.py). One by default: under 2 workers on 2 cores the killed-worker
+# recovery test failed once in two fresh-clone runs (docs/benchmarks.md), and a red CI lands nothing.
+TEST_WORKERS ?= 1
 test: lint
 	$(BIN)/pytest -q --durations=25 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 

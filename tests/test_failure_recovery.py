@@ -40,7 +40,8 @@ def _ray_workers(root_pid: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.Process(root_pid).children(recursive=True):
         try:
-            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RayTrainWorker"):
+            cmdline = proc.cmdline()  # once: a process that exits between two reads has an empty one
+            if cmdline and cmdline[0].startswith("ray::RayTrainWorker"):
                 found.append(proc)
         except psutil.Error:
             continue

@@ -169,7 +169,7 @@ def test_stopping_a_ray_cluster_by_its_temp_dir_leaves_no_process_behind(tmp_pat
         deadline = time.monotonic() + 60
         while True:  # until the raylet has started its agents
             procs = processes_naming(temp_dir)
-            renamed = [p for p in procs if p.cmdline() and p.cmdline()[0].startswith("ray::")]
+            renamed = [p for p in procs if _lives(p) and " ".join(p.cmdline()).startswith("ray::")]
             if len(renamed) >= 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
