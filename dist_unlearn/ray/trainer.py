@@ -212,7 +212,7 @@ def disconnect(started: bool) -> None:
     ray.shutdown()
     _started_local_cluster = False
     if session:
-        stop_processes(leftovers + processes_naming(session))
+        stop_processes(list({p.pid: p for p in leftovers + processes_naming(session)}.values()))
 
 
 def processes_naming(marker: str) -> list[Any]:
