@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 # turns it off for the local clusters it starts itself (dist_unlearn/ray/trainer.connect).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
-# Under pytest-xdist (`make test`) one worker process per core runs tests side by side: each computes on
+# Under pytest-xdist (`make test TEST_WORKERS=2`) one worker process per core runs tests side by side: each computes on
 # one thread, and so do the processes it starts. Several intra-op threads per process on an
 # oversubscribed machine wait for each other at every operation (a tiny model's step then takes
 # seconds instead of milliseconds).
@@ -42,7 +42,7 @@ _spec = importlib.util.spec_from_file_location("force_bnb_cpu_fastpath", Path(_F
 _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
-# The test files that take minutes, longest first. `make test` splits the suite over pytest-xdist workers
+# The test files that take minutes, longest first. `make test TEST_WORKERS=2` splits the suite over xdist workers
 # file by file in collection order (`--dist loadfile --no-loadscope-reorder`); starting these first keeps
 # one of them from being the last thing left running on one worker while the others sit idle.
 LONG_FILES = (
