@@ -460,7 +460,22 @@ def distributed_cases(rank: int, world: int, cases: dict[str, tuple[str, tuple[i
             out[name] = result
         dist.barrier()
     out["gas_refusal"] = gas_refusal(rank)
+    out["fsdp_refusal"] = fsdp_refusal()
     return out
+
+
+def fsdp_refusal() -> str:
+    """The error GradCache gives for a model sharded with FSDP's ``fully_shard`` (the older
+    ``FullyShardedDataParallel`` wrapper needs an accelerator: not built on a CPU machine)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(make_encoder(), mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    try:
+        GradCache(model, chunk_size=CHUNK, loss_fn=dist_info_nce)
+    except ValueError as exc:
+        return str(exc)
+    return "not refused"
 
 
 # name -> (wrapper, per-rank row counts, variant). Uneven shards: rank 0 has 6 rows (3 chunks), rank 1 has 4 (2).
@@ -550,5 +565,10 @@ def test_zero3_multi_backward_is_exact_even_without_coalescing(two_rank_results)
 
 
 @pytest.mark.slow
+def test_fsdp_is_refused_with_the_fix(two_rank_results):
+    message = two_rank_results["fsdp_refusal"]
+    assert message.startswith("GradCache does not support FSDP") and "Fix: wrap the model in Distrib" in message
+
+
 def test_deepspeed_gradient_accumulation_steps_is_refused(two_rank_results):
     assert "gradient_accumulation_steps=2" in two_rank_results["gas_refusal"]

@@ -314,8 +314,31 @@ def deepspeed_engine_type() -> type | None:
     return getattr(module, "DeepSpeedEngine", None) if module is not None else None
 
 
+def fsdp_module_types() -> tuple[type, ...]:
+    """FSDP's module classes (``FullyShardedDataParallel`` and ``fully_shard``'s ``FSDPModule``) if FSDP is
+    already imported (a sharded module exists only then), else ``()``."""
+    module = sys.modules.get("torch.distributed.fsdp")
+    if module is None:
+        return ()
+    return tuple(t for t in (getattr(module, n, None) for n in ("FullyShardedDataParallel", "FSDPModule")) if t)
+
+
 def model_kind(model: Any) -> str:
-    """``"deepspeed"``, ``"ddp"`` or ``"plain"`` for a DeepSpeed engine, a DDP module or anything else."""
+    """``"deepspeed"``, ``"ddp"`` or ``"plain"`` for a DeepSpeed engine, a DDP module or anything else.
+
+    Raises:
+        ValueError: ``model`` is or contains an FSDP module. FSDP gathers each layer's parameters in its
+            forward and reduce-scatters its gradients in the backward, per forward: GradCache's extra no-grad
+            pass and chunked replays would need FSDP to hold gradient reduction until the last chunk and
+            every rank to run the same number of forwards, which it does not arrange.
+    """
+    fsdp_types = fsdp_module_types()
+    if fsdp_types and isinstance(model, nn.Module) and any(isinstance(m, fsdp_types) for m in model.modules()):
+        raise ValueError(
+            "GradCache does not support FSDP (the model is or contains a FullyShardedDataParallel / fully_shard "
+            "module). Fix: wrap the model in DistributedDataParallel, or use DeepSpeed ZeRO-3 for sharded "
+            "parameters (GradCache is exact under ZeRO 0-3)"
+        )
     engine_type = deepspeed_engine_type()
     if engine_type is not None and isinstance(model, engine_type):
         return "deepspeed"
