@@ -1,20 +1,22 @@
 """``dist-unlearn submit`` on a real Slurm cluster (Debian's slurm-wlm and munge, started by
 :mod:`slurm_cluster` in a temporary directory; two nodes as network namespaces from
 :mod:`netns_cluster`), running the small embedded unlearning job through both sbatch templates
-(``torchrun`` across 2 nodes; ``ray`` with the README's quantized nf4 + LoRA command) to completion,
-each interrupted on the way: USR1 to the batch shell mid-run (what ``--signal=B:USR1@120`` delivers
-before the time limit) -> checkpoint at the next step -> ``scontrol requeue`` -> the requeued job
-resumes from that checkpoint and finishes with the weights of the uninterrupted one-node run of the
-same config and global batch (:mod:`reference_run`, ``conftest.nf4_torchrun_run``). A node failure
-(the job's processes on node 2 killed) ends a torchrun job at once, and submitting it again resumes
-from its last checkpoint to the same weights. A torchrun job from nothing (empty output directory,
-models not prepared, no test-only environment) prepares the models once and runs.
+(``torchrun`` across 2 nodes; ``ray`` with the README's quantized nf4 + LoRA command), each interrupted
+twice on the way:
+
+1. USR1 to the batch shell mid-run (what ``--signal=B:USR1@120`` delivers before the time limit) ->
+   checkpoint at the next step -> ``scontrol requeue`` -> the requeued job resumes from that checkpoint;
+2. then a node failure (the job's processes on node 2 killed): a torchrun job ends at once and
+   submitting it again resumes; the Ray template sees its Ray node step end and requeues the job itself.
+
+Both end with the weights of the uninterrupted run of the same config and global batch
+(:mod:`reference_run`, ``conftest.nf4_torchrun_run``). A torchrun job from nothing (empty output
+directory, models not prepared, no test-only environment) prepares the models once and runs.
 
 Requeued jobs are held by Slurm for about two minutes (``BeginTime``); the tests release them with
 ``scontrol update JobId=N StartTime=now`` once the nodes are clean again, so the suite does not sleep.
 The rendering and error tests at the top need no Slurm. A missing Slurm, or no right to make network
-namespaces, skips the tests that need them, except under CI (``DIST_UNLEARN_CI=1``), where it fails them.
-"""
+namespaces, skips the tests that need them, except under CI (``DIST_UNLEARN_CI=1``), where it fails them."""
 
 from __future__ import annotations
 
@@ -210,69 +212,56 @@ def _wait_for_first_checkpoint(slurm: NetnsCluster, job: str, log: Path, out: Pa
     return nodes
 
 
-def _interrupt_and_resume(
-    slurm: NetnsCluster, config: Path, launcher: str, every: int, *fixtures
-) -> tuple[str, str, int, int, set[str]]:
-    """Submit, send USR1 to the batch shell once the first checkpoint (step ``every``) exists, release the
-    requeued job, wait for it; returns (job id, log text, step of the stop, step resumed from, the nodes
-    on which workers were seen before the stop)."""
-    job, log = _submit(slurm, config, launcher, *fixtures)
-    nodes = _wait_for_first_checkpoint(slurm, job, log, config.parent, every)
+def _usr1_and_release(slurm: NetnsCluster, job: str, log: Path, restarts: int) -> int:
+    """Send USR1 to the batch shell (what ``--signal=B:USR1@120`` delivers before the time limit), wait for
+    the requeue, release the requeued job; returns the step after which the run stopped."""
     slurm.run(["scancel", "--batch", "--signal=USR1", job])
     info = slurm.wait_for(job, {"PENDING", "COMPLETED", "FAILED"}, 300)
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, _log(log)[-4000:])
+    assert info["JobState"] == "PENDING" and info["Restarts"] == str(restarts), (info, _log(log)[-4000:])
+    _release(slurm, job)
+    stopped = re.findall(r"stopped on request after step (\d+) of grad_diff", _log(log))
+    assert len(stopped) == 1, _log(log)[-6000:]
+    return int(stopped[0])
+
+
+def _release(slurm: NetnsCluster, job: str) -> None:
     slurm.wait_until_requeued_job_may_start(job)  # what the hold skipped below is for
     slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # skip Slurm's 2-minute requeue hold
-    info = _finish(slurm, job, log)
-    assert info["Restarts"] == "1"
-    text = _log(log)
-    stopped = re.findall(r"stopped on request after step (\d+) of grad_diff", text)
-    resumed = set(re.findall(r"\[grad_diff\] resumed from \S+ at step (\d+)", text))  # Ray may echo it twice
-    assert len(stopped) == 1 and len(resumed) == 1, text[-6000:]
-    return job, text, int(stopped[0]), int(resumed.pop()), nodes
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "ray"])
-def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(
-    netns_slurm, small_target, tmp_path, launcher, monkeypatch, capsys, request
-):
-    """torchrun: the reference config. Ray: the README's quantized command (nf4 base, LoRA r=8, ZeRO-3)
-    with checkpoints, which must end with the weights of the same config's uninterrupted 2-rank run."""
-    slurm, out = netns_slurm, tmp_path / "out"
-    if launcher == "torchrun":
-        config, steps, every = _config(out, small_target), STEPS, EVERY
-        reference = request.getfixturevalue("reference_run")
-    else:
-        config, steps, every = write_config(out / "run.yaml", nf4_run_config(out, small_target)), NF4_STEPS, NF4_EVERY
-        reference = request.getfixturevalue("nf4_torchrun_run")
-    job, text, stopped, resumed, nodes = _interrupt_and_resume(slurm, config, launcher, every, monkeypatch, capsys)
-    assert every <= stopped < steps and resumed == stopped, (stopped, resumed)
-    assert nodes == {node.name for node in slurm.nodes}, nodes  # a worker on every node
-    if launcher == "torchrun":  # and the log says where each node's part ran
-        where = [f"dist-unlearn: node {node.name} ({node.addr}): torchrun" for node in slurm.nodes]
-    else:
-        where = [f"{len(slurm.nodes)} node(s) ({', '.join(sorted(node.addr for node in slurm.nodes))})"]
-    assert all(line in text for line in where), (where, text[-4000:])
-    assert "dist-unlearn: USR1 at" in text and f"dist-unlearn: requeueing job {job}" in text
-    assert "(restart 1)" in text and "dist-unlearn: run exited with 0" in text
+def _wait_for_a_step_after(slurm: NetnsCluster, job: str, log: Path, run_dir: Path, step: int) -> int:
+    """Wait until the (resumed) run has logged a step after ``step``; returns it."""
+    deadline = time.monotonic() + 600
+    while True:
+        done = [s for s in logged_steps(run_dir) if s > step] if (run_dir / "metrics.jsonl").exists() else []
+        if done:
+            return done[0]
+        info = slurm.job(job)
+        assert info["JobState"] in ("RUNNING", "PENDING"), (info, _log(log)[-4000:])
+        assert time.monotonic() < deadline, _log(log)[-4000:]
+        time.sleep(0.1)
+
+
+def _check_finished_run(out: Path, steps: int, reference: Path) -> float:
+    """The run's checkpoints, log and summary are complete; returns max |w - w_reference|."""
     run_dir = out / "grad_diff"
     assert (run_dir / "checkpoints" / f"step_{steps:06d}").is_dir()
     assert logged_steps(run_dir) == list(range(1, steps + 1))
     assert not (out / "STOP").exists()
     summary = json.loads((out / "summary.json").read_text())["grad_diff"]
     assert summary["world_size"] == 2 and summary["after"]["forget"]["prob"] < summary["before"]["forget"]["prob"]
-    if launcher == "ray":
-        assert (run_dir / "model" / "adapter" / "adapter_config.json").is_file()
-    diff = max_diff(weights(run_dir), weights(reference / "grad_diff"))
-    print(f"{launcher}: job {job} stopped after step {stopped}, resumed at step {resumed}, max |dw| = {diff:.3g}")
-    assert diff < 1e-6
-    if launcher == "ray":  # the job's own Ray processes and temp dir are gone
-        assert "dist-unlearn: ray cluster stopped" in text
-        assert not Path(f"/tmp/ray-{job}").exists()
-        tag = f"/tmp/ray-{job}/"
-        leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if tag in " ".join(p.info["cmdline"] or [])]
-        assert not leftovers, leftovers
+    return max_diff(weights(run_dir), weights(reference / "grad_diff"))
+
+
+def _resumed_steps(text: str) -> list[int]:
+    """The step each run of the job resumed at, in order: one per run (the template's "(restart N)" line
+    opens each) that resumed; Ray may echo a worker's line twice within one run."""
+    steps = []
+    for run in re.split(r"^dist-unlearn: job \d+ \(restart \d+\)", text, flags=re.M):
+        found = set(re.findall(r"\[grad_diff\] resumed from \S+ at step (\d+)", run))
+        assert len(found) <= 1, run[-4000:]
+        steps.extend(int(step) for step in found)
+    return steps
 
 
 def _kill_job_processes_on(slurm: NetnsCluster, node: Node) -> list[int]:
@@ -291,26 +280,79 @@ def _kill_job_processes_on(slurm: NetnsCluster, node: Node) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_node_failure_ends_the_torchrun_job_and_the_same_submit_resumes(
+def test_torchrun_job_survives_a_usr1_requeue_and_a_node_failure(
     netns_slurm, small_target, reference_run, tmp_path, monkeypatch, capsys
 ):
+    """The reference config across 2 nodes: USR1 after the first checkpoint -> checkpoint, requeue, resume;
+    then node 2's processes killed -> the job FAILS at once (no hang in a collective); the same submit
+    resumes from the last checkpoint and ends with the uninterrupted run's weights."""
     slurm, out = netns_slurm, tmp_path / "out"
     config = _config(out, small_target)
     job, log = _submit(slurm, config, "torchrun", monkeypatch, capsys)
-    _wait_for_first_checkpoint(slurm, job, log, out)
+    nodes = _wait_for_first_checkpoint(slurm, job, log, out)
+    assert nodes == {node.name for node in slurm.nodes}, nodes  # a worker on every node
+    stopped = _usr1_and_release(slurm, job, log, restarts=1)
+    assert EVERY <= stopped < STEPS, stopped
+    _wait_for_a_step_after(slurm, job, log, out / "grad_diff", stopped)
+    text = _log(log)
+    assert _resumed_steps(text) == [stopped], text[-6000:]
+    assert all(f"dist-unlearn: node {node.name} ({node.addr}): torchrun" in text for node in slurm.nodes), text[-4000:]
+    assert "dist-unlearn: USR1 at" in text and f"dist-unlearn: requeueing job {job}" in text and "(restart 1)" in text
+
     assert _kill_job_processes_on(slurm, slurm.nodes[1])
     info = slurm.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 120)  # no hang in a collective
-    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, _log(log)[-4000:])
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", (info, _log(log)[-4000:])
     slurm.wait_until_requeued_job_may_start(job)  # the nodes are clean again
     again, log = _submit(slurm, config, "torchrun", monkeypatch, capsys)
     _finish(slurm, again, log)
-    resumed = re.findall(r"\[grad_diff\] resumed from \S+ at step (\d+)", _log(log))
-    assert len(resumed) == 1 and EVERY <= int(resumed[0]) < STEPS, _log(log)[-4000:]
-    run_dir = out / "grad_diff"
-    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
-    diff = max_diff(weights(run_dir), weights(reference_run / "grad_diff"))
-    print(f"node 2 killed in job {job}; job {again} resumed at step {resumed[0]}, max |dw| = {diff:.3g}")
+    resumed = _resumed_steps(_log(log))
+    assert len(resumed) == 1 and stopped <= resumed[0] < STEPS, _log(log)[-4000:]
+    diff = _check_finished_run(out, STEPS, reference_run)
+    print(f"job {job}: USR1 after step {stopped}, node 2 killed; job {again} resumed at {resumed[0]}, |dw| {diff:.3g}")
     assert diff < 1e-6
+
+
+@pytest.mark.slow
+def test_ray_job_survives_a_usr1_requeue_and_a_node_failure(
+    netns_slurm, small_target, nf4_torchrun_run, tmp_path, monkeypatch, capsys
+):
+    """The README's quantized command (nf4 base, LoRA r=8, ZeRO-3) on the Ray template across 2 nodes: USR1
+    after the first checkpoint -> checkpoint, requeue, resume; then node 2's processes killed: Ray cannot
+    place the 2 workers on the one node left, so the batch script sees its Ray node step end, ends the run
+    and requeues the job, which resumes again and ends with the uninterrupted 2-rank run's weights."""
+    slurm, out = netns_slurm, tmp_path / "out"
+    config = write_config(out / "run.yaml", nf4_run_config(out, small_target))
+    job, log = _submit(slurm, config, "ray", monkeypatch, capsys)
+    nodes = _wait_for_first_checkpoint(slurm, job, log, out, NF4_EVERY)
+    assert nodes == {node.name for node in slurm.nodes}, nodes  # a worker on every node
+    stopped = _usr1_and_release(slurm, job, log, restarts=1)
+    assert NF4_EVERY <= stopped < NF4_STEPS - 1, stopped
+    _wait_for_a_step_after(slurm, job, log, out / "grad_diff", stopped)
+
+    assert _kill_job_processes_on(slurm, slurm.nodes[1])
+    info = slurm.wait_for(job, {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}, 180)  # no wait for ever
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "2", (info, _log(log)[-4000:])
+    _release(slurm, job)
+    info = _finish(slurm, job, log)
+    assert info["Restarts"] == "2"
+    text = _log(log)
+    where = f"{len(slurm.nodes)} node(s) ({', '.join(sorted(node.addr for node in slurm.nodes))})"
+    assert where in text, (where, text[-4000:])
+    assert "dist-unlearn: USR1 at" in text and f"dist-unlearn: requeueing job {job}" in text
+    assert "dist-unlearn: a Ray node of this job stopped" in text and "(restart 2)" in text, text[-4000:]
+    assert "dist-unlearn: run exited with 0" in text
+    resumed = _resumed_steps(text)
+    assert len(resumed) == 2 and resumed[0] == stopped and stopped <= resumed[1] < NF4_STEPS, text[-6000:]
+    assert (out / "grad_diff" / "model" / "adapter" / "adapter_config.json").is_file()
+    diff = _check_finished_run(out, NF4_STEPS, nf4_torchrun_run)
+    print(f"ray job {job}: USR1 after step {stopped}, node 2 killed, resumed at {resumed}, max |dw| = {diff:.3g}")
+    assert diff < 1e-6
+    # the job's own Ray processes and temp dir are gone
+    assert "dist-unlearn: ray cluster stopped" in text
+    assert not Path(f"/tmp/ray-{job}").exists()
+    tag = f"/tmp/ray-{job}/"
+    leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if tag in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers, leftovers
 
 
 @pytest.mark.slow
@@ -330,31 +372,3 @@ def test_torchrun_job_from_nothing_prepares_the_models_once(netns_slurm, tmp_pat
     summary = json.loads((out / "summary.json").read_text())["grad_diff"]
     assert summary["steps"] == 2 and summary["world_size"] == 2
     assert "Traceback" not in _log(log)
-
-
-@pytest.mark.slow
-def test_a_node_failure_requeues_the_ray_job_which_resumes(
-    netns_slurm, small_target, reference_run, tmp_path, monkeypatch, capsys
-):
-    """Node 2's processes killed mid-run under the Ray template: Ray cannot place the 2 workers on the one
-    node left, so the batch script sees its Ray node step end, ends the run and requeues the job, which
-    resumes from the last checkpoint to the uninterrupted weights."""
-    slurm, out = netns_slurm, tmp_path / "out"
-    config = _config(out, small_target)
-    job, log = _submit(slurm, config, "ray", monkeypatch, capsys)
-    _wait_for_first_checkpoint(slurm, job, log, out)
-    assert _kill_job_processes_on(slurm, slurm.nodes[1])
-    info = slurm.wait_for(job, {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}, 180)  # no wait for ever
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, _log(log)[-4000:])
-    slurm.wait_until_requeued_job_may_start(job)
-    slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
-    _finish(slurm, job, log)
-    text = _log(log)
-    assert "dist-unlearn: a Ray node of this job stopped" in text, text[-4000:]
-    resumed = set(re.findall(r"\[grad_diff\] resumed from \S+ at step (\d+)", text))
-    assert len(resumed) == 1 and EVERY <= int(resumed.pop()) < STEPS, text[-4000:]
-    run_dir = out / "grad_diff"
-    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
-    diff = max_diff(weights(run_dir), weights(reference_run / "grad_diff"))
-    print(f"node 2 killed in Ray job {job}; requeued, resumed; max |dw| = {diff:.3g}")
-    assert diff < 1e-6
