@@ -20,9 +20,6 @@ def _load(path: str, overrides: list[str]) -> RunConfig:
 
     cfg = load_config(path, overrides, known_methods=OBJECTIVES)
     validate_run(cfg)
-    from dist_unlearn.eval.suite import check_eval_config
-
-    check_eval_config(cfg)
     return cfg
 
 
@@ -86,13 +83,10 @@ def _load_sweep(path: str, overrides: list[str]) -> tuple[RunConfig, list]:
     from dist_unlearn.config import config_from_dict, config_to_dict
     from dist_unlearn.config.sweep import check_space, parse_space
     from dist_unlearn.engine.validate import validate_run
-    from dist_unlearn.eval.suite import check_eval_config
     from dist_unlearn.unlearning import OBJECTIVES
 
     def validate(data: dict) -> None:
-        trial = config_from_dict(data, known_methods=OBJECTIVES)
-        validate_run(trial)
-        check_eval_config(trial)
+        validate_run(config_from_dict(data, known_methods=OBJECTIVES))
 
     cfg = _load(path, overrides)
     dims = parse_space(cfg.sweep.space)

@@ -12,35 +12,25 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import json
 import math
+import operator
 import os
-import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
+from dist_unlearn.config.fields import Expect
 from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, RunConfig
 
 _INVALID = object()
 _DATA_SUFFIXES = (".json", ".jsonl")
 _LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
-
-# kind -> (what was expected, what to set it to in the fix hint)
-_KIND_TEXT = {
-    "int": ("an integer", "a whole number"),
-    "float": ("a number", "a number"),
-    "bool": ("true or false", "true or false"),
-    "str": ("a string", "a string"),
-    "opt_str": ("a string or null", "a string (or null)"),
-    "str_list": ("a list of strings", "a comma-separated list of names"),
-    "params": ("a mapping of method name to keyword parameters", "a mapping"),
-    "path_or_mapping": ("a path to a JSON file or a mapping", "a file path or an inline mapping"),
-    "mapping": ("a mapping", "a mapping"),
-}
 
 
 class ConfigError(ValueError):
@@ -292,193 +282,76 @@ def _report_unknown(raw: Mapping[str, Any], cls: type, prefix: str, problems: li
 
 
 def _convert_field(value: Any, fld: dataclasses.Field, hint: Any, dotted: str, problems: list[str]) -> Any:
-    """Type-convert one value, then check its choices and range; return _INVALID on a problem."""
-    kind = _kind(hint)
-    choices = fld.metadata.get("choices")
-    if kind == "str" and isinstance(value, bool) and choices and "true" in choices:
-        value = "true" if value else "false"  # e.g. ray.use_gpu: true (a YAML boolean)
-    converted, detail = _CONVERTERS[kind](value)
-    if converted is _INVALID:
-        expected, fix = _KIND_TEXT[kind]
-        got = detail or f"got {_describe(value)}"
+    """Convert one value with pydantic, then check its choices and range; return _INVALID on a problem."""
+    try:
+        converted = _adapter(hint).validate_python(value)
+    except ValidationError as exc:
+        expect = next(meta for meta in typing.get_args(hint) if isinstance(meta, Expect))
         problems.append(
-            f"{dotted}: expected {expected}, {got}. Fix: set {dotted} to {fix}, e.g. {dotted}={_format(_example(fld))}"
+            f"{dotted}: expected {expect.expected}, {_got(exc, value)}. "
+            f"Fix: set {dotted} to {expect.fix}, e.g. {dotted}={_format(_example(fld))}"
         )
         return _INVALID
-    problem = _check_choice(converted, choices, dotted, fld) or _check_range(converted, fld, dotted)
+    problem = _check_choice(converted, fld, dotted) or _check_range(converted, fld, dotted)
     if problem:
         problems.append(problem)
         return _INVALID
     return converted
 
 
-def _check_choice(value: Any, choices: Sequence[Any] | None, dotted: str, fld: dataclasses.Field) -> str | None:
-    """Return a problem line when ``value`` is not one of ``choices``."""
-    if not choices or value in choices:
+@functools.cache
+def _adapter(hint: Any) -> TypeAdapter:
+    """The pydantic validator of a field type of :mod:`dist_unlearn.config.fields`."""
+    return TypeAdapter(hint)
+
+
+def _got(exc: ValidationError, value: Any) -> str:
+    """The "got ..." part of a type error: the value, or the part of it that is wrong."""
+    errors = exc.errors()
+    first = errors[0]
+    if first["type"] == "finite_number":
+        return f"got {first['input']} (not a finite number)"
+    if any(error["loc"] and error["loc"][-1] == "[key]" for error in errors):
+        return "got a mapping with a non-string key"
+    if len(errors) == 1 and len(first["loc"]) == 1:  # one item of a list, or one method's parameters
+        where = first["loc"][0]
+        if isinstance(where, int):
+            return f"got {_describe(first['input'])} at position {where}"
+        return f"got {_describe(first['input'])} for method '{where}' instead of a mapping"
+    return f"got {_describe(value)}"
+
+
+def _check_choice(value: Any, fld: dataclasses.Field, dotted: str) -> str | None:
+    """Return a problem line when ``value`` (or an item of a list) is not one of the field's ``choices``."""
+    choices = fld.metadata.get("choices")
+    wrong = [item for item in (value if isinstance(value, list) else [value]) if item not in (choices or [item])]
+    if not wrong:
         return None
     if all(isinstance(c, int) for c in choices):
         allowed = ", ".join(str(c) for c in choices[:-1]) + f" or {choices[-1]}"
         return f"{dotted}: must be {allowed}, got {value}. Fix: e.g. {dotted}={_format(_example(fld))}"
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    close = difflib.get_close_matches(str(wrong[0]), [str(c) for c in choices], n=1)
     fix = f"did you mean {dotted}={close[0]}?" if close else f"e.g. {dotted}={_format(_example(fld))}"
-    return f"{dotted}: {value!r} is not one of {', '.join(choices)}. Fix: {fix}"
+    if isinstance(value, list):
+        fix = f"choose from {', '.join(choices)}" + (f" (did you mean '{close[0]}'?)" if close else "")
+    return f"{dotted}: {wrong[0]!r} is not one of {', '.join(choices)}. Fix: {fix}"
+
+
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "lt": ("<", operator.lt), "le": ("<=", operator.le)}
 
 
 def _check_range(value: Any, fld: dataclasses.Field, dotted: str) -> str | None:
     """Return a problem line when a number is outside the bounds in the field's metadata."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    bounds = [(sign, test, fld.metadata[key]) for key, (sign, test) in _BOUNDS.items() if key in fld.metadata]
+    if all(test(value, bound) for _, test, bound in bounds):
         return None
-    meta = fld.metadata
-    bounds = []
-    ok = True
-    if "ge" in meta:
-        bounds.append(f">= {meta['ge']}")
-        ok = ok and value >= meta["ge"]
-    if "gt" in meta:
-        bounds.append(f"> {meta['gt']}")
-        ok = ok and value > meta["gt"]
-    if "lt" in meta:
-        bounds.append(f"< {meta['lt']}")
-        ok = ok and value < meta["lt"]
-    if "le" in meta:
-        bounds.append(f"<= {meta['le']}")
-        ok = ok and value <= meta["le"]
-    if ok:
-        return None
-    return f"{dotted}: must be {' and '.join(bounds)}, got {value}. Fix: e.g. {dotted}={_format(_example(fld))}"
-
-
-# --- per-kind converters: return (value, None) or (_INVALID, optional "got ..." detail) -----------
-
-
-def _to_int(value: Any) -> tuple[Any, str | None]:
-    if isinstance(value, bool):
-        return _INVALID, None
-    if isinstance(value, int):
-        return value, None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value), None
-    return _INVALID, None
-
-
-def _to_float(value: Any) -> tuple[Any, str | None]:
-    if isinstance(value, bool):
-        return _INVALID, None
-    if isinstance(value, str):
-        # PyYAML reads exponents without a dot (``1e-4``) as strings, so parse them here.
-        try:
-            value = float(value.strip())
-        except ValueError:
-            return _INVALID, None
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            return _INVALID, f"got {value} (not a finite number)"
-        return float(value), None
-    return _INVALID, None
-
-
-def _to_bool(value: Any) -> tuple[Any, str | None]:
-    return (value, None) if isinstance(value, bool) else (_INVALID, None)
-
-
-def _to_str(value: Any) -> tuple[Any, str | None]:
-    if isinstance(value, str):
-        return value, None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value), None  # e.g. output.dir=2024 parsed by YAML as an int
-    return _INVALID, None
-
-
-def _to_opt_str(value: Any) -> tuple[Any, str | None]:
-    return (None, None) if value is None else _to_str(value)
-
-
-def _to_str_list(value: Any) -> tuple[Any, str | None]:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()], None
-    if isinstance(value, (list, tuple)):
-        items = []
-        for index, item in enumerate(value):
-            text, _ = _to_str(item)
-            if text is _INVALID:
-                return _INVALID, f"got {_describe(item)} at position {index}"
-            if text.strip():
-                items.append(text.strip())
-        return items, None
-    return _INVALID, None
-
-
-def _to_params(value: Any) -> tuple[Any, str | None]:
-    if value is None:
-        return {}, None
-    if not isinstance(value, Mapping):
-        return _INVALID, None
-    result: dict[str, dict[str, Any]] = {}
-    for method, params in value.items():
-        if params is None:
-            params = {}
-        if not isinstance(params, Mapping):
-            return _INVALID, f"got {_describe(params)} for method '{method}' instead of a mapping"
-        if not all(isinstance(key, str) for key in params):
-            return _INVALID, f"got a non-string parameter name for method '{method}'"
-        result[str(method)] = copy.deepcopy(dict(params))
-    return result, None
-
-
-def _to_path_or_mapping(value: Any) -> tuple[Any, str | None]:
-    if value is None or isinstance(value, str):
-        return value, None
-    if isinstance(value, Mapping):
-        if not all(isinstance(key, str) for key in value):
-            return _INVALID, "got a mapping with a non-string key"
-        return copy.deepcopy(dict(value)), None
-    return _INVALID, None
-
-
-def _to_mapping(value: Any) -> tuple[Any, str | None]:
-    if value is None:
-        return {}, None
-    if not isinstance(value, Mapping):
-        return _INVALID, None
-    if not all(isinstance(key, str) for key in value):
-        return _INVALID, "got a mapping with a non-string key"
-    return copy.deepcopy(dict(value)), None
-
-
-_CONVERTERS = {
-    "int": _to_int,
-    "float": _to_float,
-    "bool": _to_bool,
-    "str": _to_str,
-    "opt_str": _to_opt_str,
-    "str_list": _to_str_list,
-    "params": _to_params,
-    "path_or_mapping": _to_path_or_mapping,
-    "mapping": _to_mapping,
-}
-
-
-def _kind(hint: Any) -> str:
-    """Map a field's type hint onto one of the converter kinds."""
-    if hint in (bool, int, float, str):
-        return hint.__name__
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is list and args == (str,):
-        return "str_list"
-    if origin is dict:  # method.params: name -> mapping; sweep.space: key -> anything
-        return "params" if typing.get_origin(args[1]) is dict else "mapping"
-    if origin in (typing.Union, types.UnionType):
-        rest = [arg for arg in args if arg is not type(None)]
-        if rest == [str]:
-            return "opt_str"
-        if str in rest and any(typing.get_origin(arg) is dict or arg is dict for arg in rest):
-            return "path_or_mapping"
-    raise TypeError(f"unsupported config field type: {hint!r}")
+    allowed = " and ".join(f"{sign} {bound}" for sign, _, bound in bounds)
+    return f"{dotted}: must be {allowed}, got {value}. Fix: e.g. {dotted}={_format(_example(fld))}"
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    """Resolved type hints of a schema dataclass."""
-    return typing.get_type_hints(cls)
+    """Resolved type hints of a schema dataclass, with their pydantic annotations."""
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 # ---------------------------------------------------------------------------------------------
