@@ -15,12 +15,10 @@ from dist_unlearn.config import ConfigError, RunConfig, load_config
 
 
 def _load(path: str, overrides: list[str]) -> RunConfig:
-    from dist_unlearn.engine.validate import validate_run
-    from dist_unlearn.unlearning import OBJECTIVES
+    """The config at ``path`` with ``overrides``, validated for its job kind with every registry."""
+    from dist_unlearn.engine.validate import run_registries
 
-    cfg = load_config(path, overrides, known_methods=OBJECTIVES)
-    validate_run(cfg)
-    return cfg
+    return load_config(path, overrides, registries=run_registries())
 
 
 def _launched_by_torchrun() -> bool:
@@ -82,11 +80,10 @@ def _load_sweep(path: str, overrides: list[str]) -> tuple[RunConfig, list]:
     """The config and its search space (``sweep.space``), every value checked like a run's config."""
     from dist_unlearn.config import config_from_dict, config_to_dict
     from dist_unlearn.config.sweep import check_space, parse_space
-    from dist_unlearn.engine.validate import validate_run
-    from dist_unlearn.unlearning import OBJECTIVES
+    from dist_unlearn.engine.validate import run_registries
 
     def validate(data: dict) -> None:
-        validate_run(config_from_dict(data, known_methods=OBJECTIVES))
+        config_from_dict(data, registries=run_registries())
 
     cfg = _load(path, overrides)
     dims = parse_space(cfg.sweep.space)

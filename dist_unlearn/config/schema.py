@@ -37,6 +37,8 @@ PROMPT_FORMATS = ("auto", "plain", "chat")
 
 EMBEDDED_MODEL = "embedded"
 FICTITIOUS_SOURCE = "fictitious"
+SOURCE_FORMATS = ("tofu", "muse")
+"""Benchmarks read in their own format as ``data.source=FORMAT:LOCATION`` (``dist_unlearn.data.formats``)."""
 
 
 def _opt(default: Any, **meta: Any) -> Any:
