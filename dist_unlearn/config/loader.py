@@ -30,11 +30,6 @@ from dist_unlearn.config.validate import ConfigError, Registries, config_problem
 _INVALID = object()
 
 
-# ---------------------------------------------------------------------------------------------
-# public API
-# ---------------------------------------------------------------------------------------------
-
-
 def load_config(
     path: str | Path,
     overrides: Sequence[str] = (),
@@ -117,11 +112,6 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# overrides
-# ---------------------------------------------------------------------------------------------
-
-
 def _apply_one(result: dict[str, Any], item: str) -> str | None:
     """Apply one override in place; return a problem line, or None on success."""
     key, sep, raw = str(item).partition("=")
@@ -168,11 +158,6 @@ def _shorthand(parts: Sequence[str]) -> str | None:
     return getattr(cls, "shorthand", None)
 
 
-# ---------------------------------------------------------------------------------------------
-# conversion into dataclasses
-# ---------------------------------------------------------------------------------------------
-
-
 def _build(
     data: Mapping[str, Any],
     base_dir: Path,
@@ -192,33 +177,11 @@ def _build(
     return cfg
 
 
-def _convert_section(cls: type, raw: Mapping[str, Any], prefix: str, problems: list[str], bad: set[str]) -> Any:
-    """Build one section dataclass from ``raw``; fields with problems keep their defaults."""
-    _report_unknown(raw, cls, prefix, problems)
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for fld in dataclasses.fields(cls):
-        if fld.name not in raw:
-            continue
-        dotted = f"{prefix}.{fld.name}" if prefix else fld.name
-        if dataclasses.is_dataclass(hints[fld.name]):
-            value = _convert_subsection(hints[fld.name], raw[fld.name], dotted, problems, bad)
-        else:
-            value = _convert_field(raw[fld.name], fld, hints[fld.name], dotted, problems)
-        if value is _INVALID:
-            bad.add(dotted)
-        else:
-            kwargs[fld.name] = value
-    return cls(**kwargs)
-
-
-def _convert_subsection(cls: type, raw: Any, dotted: str, problems: list[str], bad: set[str]) -> Any:
-    """A section such as ``train`` or ``model.lora``: a mapping (``null`` = every default)."""
-    if raw is None:
-        raw = {}
-    shorthand = getattr(cls, "shorthand", None)
-    if shorthand and isinstance(raw, str):  # e.g. method.robust=sam -> method.robust.name=sam
-        raw = {shorthand: raw}
+def _convert_section(cls: type, raw: Any, dotted: str, problems: list[str], bad: set[str]) -> Any:
+    """Build a section such as ``train`` or ``model.lora`` from a mapping (``null`` = every default);
+    fields with problems keep their defaults, and a section that is no mapping is reported whole."""
+    if raw is None or (getattr(cls, "shorthand", None) and isinstance(raw, str)):
+        raw = {cls.shorthand: raw} if raw else {}  # e.g. method.robust=sam -> method.robust.name=sam
     if not isinstance(raw, Mapping):
         first = dataclasses.fields(cls)[0]
         indent = "" if "." in dotted else f"indent its settings below '{dotted}:' or "
@@ -228,7 +191,20 @@ def _convert_subsection(cls: type, raw: Any, dotted: str, problems: list[str], b
         )
         bad.add(dotted)
         return _INVALID
-    return _convert_section(cls, raw, dotted, problems, bad)
+    _report_unknown(raw, cls, dotted, problems)
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for fld in (fld for fld in dataclasses.fields(cls) if fld.name in raw):
+        name = f"{dotted}.{fld.name}" if dotted else fld.name
+        if dataclasses.is_dataclass(hints[fld.name]):
+            value = _convert_section(hints[fld.name], raw[fld.name], name, problems, bad)
+        else:
+            value = _convert_field(raw[fld.name], fld, hints[fld.name], name, problems)
+        if value is _INVALID:
+            bad.add(name)
+        else:
+            kwargs[fld.name] = value
+    return cls(**kwargs)
 
 
 # keys that moved to another section: old dotted key -> new dotted key
@@ -324,11 +300,6 @@ def _check_range(value: Any, fld: dataclasses.Field, dotted: str) -> str | None:
 def _hints(cls: type) -> dict[str, Any]:
     """Resolved type hints of a schema dataclass, with their pydantic annotations."""
     return typing.get_type_hints(cls, include_extras=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# formatting helpers
-# ---------------------------------------------------------------------------------------------
 
 
 def _describe(value: Any) -> str:

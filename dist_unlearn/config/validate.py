@@ -5,21 +5,22 @@ files they name (:mod:`dist_unlearn.config.files`) and, through :class:`Registri
 above know: the objective registry, the data formats, the encoders. A check runs for the job kinds that
 read its settings (:data:`CHECKS`), never on a field that already failed to convert, and the deep checks
 (:data:`DEEP_CHECKS`: build objectives, read data files) run only with registries and once every other
-check has passed. Every problem is one line
-naming the field and the fix; all are raised together as one :class:`ConfigError`.
+check has passed. Every problem is one line naming the field and the fix; all are raised together as one
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import math
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dist_unlearn.config.files import check_files, check_pairs_files, is_formatted
-from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, RunConfig
+from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, JOB_KINDS, RunConfig
 
 
 class ConfigError(ValueError):
@@ -35,30 +36,30 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Registries:
-    """What the layers above ``config`` know, passed in by the caller (``engine.validate.run_registries``).
+    """What the layers above ``config`` know, passed in by the caller (``engine.validate.run_registries``):
 
-    Without registries (a worker re-reading a validated config) only ``method.names`` can be given (as
-    ``known_methods``) and the deep checks are skipped; with them, a check whose entry is ``None`` is skipped.
+    - ``methods``: the objective registry that ``method.names`` and ``method.params`` are judged against;
+    - ``build_objective(cfg, name)``: the objective (``needs.retain``, ``needs.holdout``), TypeError or
+      ValueError for bad parameters; ``check_reference(cfg, name, objective)``: resolves ``method.reference``;
+    - ``embedded_oracle(model_path)``: the oracle model that comes with a model directory, or None;
+    - ``encoder_problem(model_path)`` / ``source_problem(data_source)``: why it cannot load (a line), or None;
+    - ``load_pairs(...)``: reads ``contrastive.data`` as the workers do (ValueError with ``problems``);
+    - ``read_chat_template(text)`` / ``load_oracle_stats(path)``: read the file, ValueError when unusable.
+
+    The ValueErrors name the field and the fix. Without registries (a worker re-reading a validated config)
+    only ``method.names`` can be judged (given as ``known_methods``) and the deep checks are skipped; with
+    them, a check whose entry is ``None`` is skipped.
     """
 
     methods: Collection[str] | None = None
-    """The objective registry that ``method.names`` and ``method.params`` are judged against."""
     build_objective: Callable[[RunConfig, str], Any] | None = None
-    """Builds a method's objective (``needs.retain``, ``needs.holdout``); TypeError/ValueError on bad params."""
     check_reference: Callable[[RunConfig, str, Any], Any] | None = None
-    """Resolves ``method.reference`` for a method and its objective; ValueError naming the field and fix."""
     embedded_oracle: Callable[[str], str | None] | None = None
-    """The oracle model that comes with a model directory (the embedded benchmark's), or None."""
     encoder_problem: Callable[[str], str | None] | None = None
-    """Why ``model.path`` is no text encoder (one line), or None."""
     load_pairs: Callable[..., Any] | None = None
-    """Reads ``contrastive.data`` as the workers do; raises ValueError (with ``problems``) or OSError."""
     source_problem: Callable[[str], str | None] | None = None
-    """Why a ``tofu:`` / ``muse:`` ``data.source`` cannot load (one line), or None."""
     read_chat_template: Callable[[str], Any] | None = None
-    """Reads ``data.chat_template`` (a file or the template text); ValueError naming the field and fix."""
     load_oracle_stats: Callable[[str], Any] | None = None
-    """Reads ``eval.oracle_stats``; ValueError naming the field and fix."""
 
 
 @dataclass
@@ -75,9 +76,6 @@ class Context:
         """Whether each dotted field, and every section above it, converted."""
         parts = {name.rsplit(".", depth)[0] for name in fields for depth in range(name.count(".") + 1)}
         return not parts & self.bad
-
-
-Check = Callable[[Context], Iterator[str]]
 
 
 def validate_config(cfg: RunConfig, registries: Registries | None = None, base_dir: Path | None = None) -> None:
@@ -101,124 +99,154 @@ def config_problems(
     """The problems of ``cfg`` for its job kind, one line each; ``bad``: fields that failed to convert.
     With ``deep``, the checks that build objectives or read data run too, once nothing else is wrong."""
     ctx = Context(cfg, base_dir or Path.cwd(), registries or Registries(), set(bad))
-    kind = cfg.job.kind if ctx.ok("job.kind") else "unlearn"
-    problems = [line for check in CHECKS[kind] for line in check(ctx)]
+    problems = [line for check in CHECKS if cfg.job.kind in check.kinds for line in check(ctx)]
     if problems or ctx.bad or not deep:
         return problems
-    return [line for check in DEEP_CHECKS[kind] for line in check(ctx)]
+    return [line for check in DEEP_CHECKS if cfg.job.kind in check.kinds for line in check(ctx)]
 
 
-# --- settings read together -------------------------------------------------------------------
+# --- the checks, and the job kinds that read their settings ----------------------------------------
+
+ALL = JOB_KINDS  # a new job kind gets these checks without an edit here
+UNLEARNING = ("unlearn", "continual")
 
 
-def _quantization(ctx: Context) -> Iterator[str]:
-    """Quantized base weights are frozen (LoRA needed); 8-bit weights are refused under ZeRO-3."""
-    cfg = ctx.cfg
-    if not ctx.ok("model.quantization") or cfg.model.quantization == "none":
-        return
-    quant = cfg.model.quantization
-    if quant == "int8" and ctx.ok("deepspeed.zero_stage") and cfg.deepspeed.zero_stage == 3:
-        yield (
-            "model.quantization=int8 with deepspeed.zero_stage=3: 8-bit base weights with ZeRO-3 are reported "
-            "to train badly (ZeRO-3 cannot partition the int8 weights and their scales). "
-            "Fix: use model.quantization=nf4 or deepspeed.zero_stage=2"
-        )
-    if ctx.ok("model.lora.r") and cfg.model.lora.r == 0:
-        yield (
-            f"model.quantization={quant} needs LoRA adapters: quantized base weights are frozen: set "
-            f"model.lora.r, e.g. model.lora.r=8 (or use model.quantization=none)"
-        )
+@dataclass(frozen=True)
+class Rule:
+    """A problem when ``when(cfg)`` holds, reported as ``message(cfg)``; judged for the job kinds in
+    ``kinds`` and only when each of the (space-separated) ``fields`` converted."""
+
+    kinds: tuple[str, ...]
+    fields: str
+    when: Callable[[RunConfig], Any]
+    message: Callable[[RunConfig], str]
+
+    def __call__(self, ctx: Context) -> Iterator[str]:
+        if ctx.ok(*self.fields.split()) and self.when(ctx.cfg):
+            yield self.message(ctx.cfg)
 
 
-def _saliency(ctx: Context) -> Iterator[str]:
-    """A saliency mask needs no weight decay: AdamW would still shrink the masked-out weights."""
-    cfg = ctx.cfg
-    if ctx.ok("method.saliency", "train.weight_decay") and cfg.method.saliency < 1.0 and cfg.train.weight_decay > 0:
-        yield (
-            f"method.saliency={cfg.method.saliency:g} with train.weight_decay={cfg.train.weight_decay:g}: "
-            "AdamW's decoupled weight decay would also change the weights outside the saliency mask. "
-            "Fix: set train.weight_decay=0 (or method.saliency=1)"
-        )
+@dataclass(frozen=True)
+class Check:
+    """A check that yields its own problem lines, for the job kinds in ``kinds``."""
+
+    kinds: tuple[str, ...]
+    run: Callable[[Context], Iterable[str]]
+
+    def __call__(self, ctx: Context) -> Iterable[str]:
+        return self.run(ctx)
 
 
-def _robust(ctx: Context) -> Iterator[str]:
-    """Robustness is implemented for ``job.kind=unlearn`` only; ``method.robust=sure`` sets the saliency
-    fraction itself and needs no weight decay."""
-    cfg = ctx.cfg
-    if not ctx.ok("method.robust.name") or cfg.method.robust.name == "none":
-        return
-    name = cfg.method.robust.name
-    if ctx.ok("job.kind") and cfg.job.kind != "unlearn":
-        yield (
-            f"method.robust={name} with job.kind={cfg.job.kind}: robustness options apply to job.kind=unlearn "
-            "only. Fix: method.robust=none (or job.kind=unlearn)"
-        )
-    if name != "sure":
-        return
-    if ctx.ok("method.saliency") and cfg.method.saliency < 1.0:
-        yield (
-            f"method.saliency={cfg.method.saliency:g} with method.robust=sure: SURE sets the saliency fraction "
-            "itself (method.robust.fraction). Fix: method.saliency=1 and method.robust.fraction="
-            f"{cfg.method.saliency:g}"
-        )
-    if ctx.ok("train.weight_decay") and cfg.train.weight_decay > 0.0:
-        yield (
-            f"method.robust=sure with train.weight_decay={cfg.train.weight_decay:g}: AdamW's decoupled weight "
-            "decay would also change the weights outside SURE's saliency mask. Fix: set train.weight_decay=0"
-        )
+_ZERO3_INT8 = Rule(
+    ALL,
+    "model.quantization deepspeed.zero_stage",
+    lambda c: c.model.quantization == "int8" and c.deepspeed.zero_stage == 3,
+    lambda c: (
+        "model.quantization=int8 with deepspeed.zero_stage=3: 8-bit base weights with ZeRO-3 are reported "
+        "to train badly (ZeRO-3 cannot partition the int8 weights and their scales). "
+        "Fix: use model.quantization=nf4 or deepspeed.zero_stage=2"
+    ),
+)
+_QUANTIZED_NEEDS_LORA = Rule(
+    ALL,
+    "model.quantization model.lora.r",
+    lambda c: c.model.quantization != "none" and c.model.lora.r == 0,
+    lambda c: (
+        f"model.quantization={c.model.quantization} needs LoRA adapters: quantized base weights are frozen: "
+        "set model.lora.r, e.g. model.lora.r=8 (or use model.quantization=none)"
+    ),
+)
+_SALIENCY_DECAY = Rule(  # AdamW would still shrink the masked-out weights
+    UNLEARNING,
+    "method.saliency train.weight_decay",
+    lambda c: c.method.saliency < 1.0 and c.train.weight_decay > 0.0,
+    lambda c: (
+        f"method.saliency={c.method.saliency:g} with train.weight_decay={c.train.weight_decay:g}: "
+        "AdamW's decoupled weight decay would also change the weights outside the saliency mask. "
+        "Fix: set train.weight_decay=0 (or method.saliency=1)"
+    ),
+)
+_ROBUST_KIND = Rule(
+    ALL,
+    "method.robust.name job.kind",
+    lambda c: c.method.robust.name != "none" and c.job.kind != "unlearn",
+    lambda c: (
+        f"method.robust={c.method.robust.name} with job.kind={c.job.kind}: robustness options apply to "
+        "job.kind=unlearn only. Fix: method.robust=none (or job.kind=unlearn)"
+    ),
+)
+_SURE_SALIENCY = Rule(
+    UNLEARNING,
+    "method.robust.name method.saliency",
+    lambda c: c.method.robust.name == "sure" and c.method.saliency < 1.0,
+    lambda c: (
+        f"method.saliency={c.method.saliency:g} with method.robust=sure: SURE sets the saliency fraction "
+        f"itself (method.robust.fraction). Fix: method.saliency=1 and method.robust.fraction={c.method.saliency:g}"
+    ),
+)
+_SURE_DECAY = Rule(
+    UNLEARNING,
+    "method.robust.name train.weight_decay",
+    lambda c: c.method.robust.name == "sure" and c.train.weight_decay > 0.0,
+    lambda c: (
+        f"method.robust=sure with train.weight_decay={c.train.weight_decay:g}: AdamW's decoupled weight "
+        "decay would also change the weights outside SURE's saliency mask. Fix: set train.weight_decay=0"
+    ),
+)
+_CONTINUAL_LORA = Rule(
+    ("continual",),
+    "model.lora.r",
+    lambda c: c.model.lora.r == 0,
+    lambda c: (
+        "job.kind=continual trains one LoRA adapter per forget request: set model.lora.r. Fix: e.g. model.lora.r=8"
+    ),
+)
+_CONTINUAL_ZERO3 = Rule(  # the orthogonality penalty reads whole adapter matrices
+    ("continual",),
+    "deepspeed.zero_stage",
+    lambda c: c.deepspeed.zero_stage == 3,
+    lambda c: (
+        "job.kind=continual with deepspeed.zero_stage=3: the adapter orthogonality penalty needs whole "
+        "LoRA matrices, which ZeRO-3 partitions. Fix: deepspeed.zero_stage=2 (adapters are small)"
+    ),
+)
+_RETAIN_LEFT = Rule(
+    ALL,
+    "data.forget_fraction data.holdout_fraction",
+    lambda c: c.data.forget_fraction + c.data.holdout_fraction >= 1.0,
+    lambda c: (
+        "data.forget_fraction + data.holdout_fraction must be < 1 so that retain data is left, "
+        f"got {c.data.forget_fraction} + {c.data.holdout_fraction} = "
+        f"{c.data.forget_fraction + c.data.holdout_fraction:g}. "
+        "Fix: lower one of them, e.g. data.forget_fraction=0.1 data.holdout_fraction=0.1"
+    ),
+)
+_HEADS = Rule(
+    UNLEARNING,
+    "prepare.hidden_size prepare.num_heads",
+    lambda c: c.prepare.hidden_size % c.prepare.num_heads,
+    lambda c: (
+        f"prepare.hidden_size ({c.prepare.hidden_size}) must be divisible by prepare.num_heads "
+        f"({c.prepare.num_heads}). Fix: e.g. prepare.hidden_size={c.prepare.num_heads * 32}"
+    ),
+)
 
 
-def _continual(ctx: Context) -> Iterator[str]:
-    """Continual requests train LoRA adapters under ZeRO 0-2: the orthogonality penalty reads whole adapter
-    matrices, which ZeRO-3 partitions."""
-    if ctx.ok("model.lora.r") and ctx.cfg.model.lora.r == 0:
-        yield "job.kind=continual trains one LoRA adapter per forget request: set model.lora.r. Fix: e.g. " + (
-            "model.lora.r=8"
-        )
-    if ctx.ok("deepspeed.zero_stage") and ctx.cfg.deepspeed.zero_stage == 3:
-        yield (
-            "job.kind=continual with deepspeed.zero_stage=3: the adapter orthogonality penalty needs whole LoRA "
-            "matrices, which ZeRO-3 partitions. Fix: deepspeed.zero_stage=2 (adapters are small)"
-        )
-
-
-def _fractions(ctx: Context) -> Iterator[str]:
-    """The forget and holdout shares of the data leave some retain data."""
-    data = ctx.cfg.data
-    total = data.forget_fraction + data.holdout_fraction
-    if ctx.ok("data.forget_fraction", "data.holdout_fraction") and total >= 1.0:
-        yield (
-            f"data.forget_fraction + data.holdout_fraction must be < 1 so that retain data is left, "
-            f"got {data.forget_fraction} + {data.holdout_fraction} = {total:g}. "
-            f"Fix: lower one of them, e.g. data.forget_fraction=0.1 data.holdout_fraction=0.1"
-        )
-
-
-def _prepare(ctx: Context) -> Iterator[str]:
-    """The embedded model's attention heads split its hidden size."""
-    prep = ctx.cfg.prepare
-    if ctx.ok("prepare.hidden_size", "prepare.num_heads") and prep.hidden_size % prep.num_heads:
-        yield (
-            f"prepare.hidden_size ({prep.hidden_size}) must be divisible by prepare.num_heads "
-            f"({prep.num_heads}). Fix: e.g. prepare.hidden_size={prep.num_heads * 32}"
-        )
-
-
-def _batches_divide(batches: Callable[[RunConfig], list[tuple[str, int, int]]]) -> Check:
-    """A check that each global batch the job reads (``(field, size, smallest allowed)``) splits evenly
-    across ``ray.num_workers``."""
+def _batches_divide(*batches: str) -> Callable[[Context], Iterator[str]]:
+    """A check that each global batch the job reads (dotted ``section.field``) splits evenly across
+    ``ray.num_workers``; a retain batch may be 0."""
 
     def check(ctx: Context) -> Iterator[str]:
-        sizes = batches(ctx.cfg)
-        if not ctx.ok("job.kind", "ray.num_workers", *(name for name, _, _ in sizes)):
+        if not ctx.ok("job.kind", "ray.num_workers", *batches):
             return
         workers = ctx.cfg.ray.num_workers
-        shared = math.gcd(*(size for _, size, _ in sizes))
-        for name, batch, min_batch in sizes:
+        sizes = {name: getattr(getattr(ctx.cfg, name.split(".")[0]), name.split(".")[1]) for name in batches}
+        shared = math.gcd(*sizes.values())
+        for name, batch in sizes.items():
             if batch % workers == 0:
                 continue
             lower = batch // workers * workers
-            options = [str(size) for size in (lower, lower + workers) if size >= min_batch]
+            options = [str(size) for size in (lower, lower + workers) if size >= (0 if "retain" in name else 1)]
             yield (
                 f"{name} ({batch}) must be divisible by ray.num_workers ({workers}): it is the global "
                 f"batch, split evenly across workers. Fix: set {name} to {' or '.join(options)}, "
@@ -268,22 +296,12 @@ def _methods(ctx: Context) -> Iterator[str]:
         )
 
 
-# --- files (made absolute in the config) ---------------------------------------------------------
-
-
-def _files(ctx: Context) -> Iterator[str]:
-    return check_files(ctx.cfg, ctx.base_dir, ctx.ok)
-
-
-def _pairs_files(ctx: Context) -> Iterator[str]:
-    return check_pairs_files(ctx.cfg, ctx.base_dir, ctx.ok)
-
-
 # --- deep checks: objectives and data, through the registries -----------------------------------
 
 
 def _objectives(ctx: Context) -> Iterator[str]:
-    """Build every objective once, so that bad method parameters fail before Ray or DeepSpeed start."""
+    """Build every objective once, so that bad method parameters fail before Ray or DeepSpeed start; then
+    what each needs (a reference model, retain data, held-out data)."""
     cfg, reg = ctx.cfg, ctx.registries
     if reg.build_objective is None:
         return
@@ -298,11 +316,7 @@ def _objectives(ctx: Context) -> Iterator[str]:
         except (TypeError, ValueError) as exc:
             yield f"method.params.{name}: {exc}"
             continue
-        try:
-            if reg.check_reference is not None:
-                reg.check_reference(cfg, name, objective)
-        except ValueError as exc:
-            yield str(exc)
+        yield from _raised(reg.check_reference, cfg, name, objective)
         if objective.needs.retain and cfg.train.retain_batch_size == 0:
             yield (
                 f"train.retain_batch_size: '{name}' has a retain term but train.retain_batch_size=0. "
@@ -339,8 +353,7 @@ def _best_metric(ctx: Context) -> Iterator[str]:
             f"keep a best model. {fix}, or eval.oracle_dir=DIR (a model trained without the forget set) or "
             "eval.oracle_stats=FILE"
         )
-        return
-    if metric == "privleak_abs" and cfg.data.source == FICTITIOUS_SOURCE and cfg.data.holdout_fraction == 0:
+    elif metric == "privleak_abs" and cfg.data.source == FICTITIOUS_SOURCE and cfg.data.holdout_fraction == 0:
         yield f"eval.best_metric: privleak_abs needs held-out examples but data.holdout_fraction=0. {fix}"
 
 
@@ -348,27 +361,21 @@ def _prompt_format(ctx: Context) -> Iterator[str]:
     """A ``data.chat_template`` that is neither a file nor a template, and ``data.prompt_format=chat`` with a
     model whose tokenizer has no chat template (the embedded model's never has; a local directory is read; a
     hub name is checked when its tokenizer loads)."""
-    data, read = ctx.cfg.data, ctx.registries.read_chat_template
+    data, model = ctx.cfg.data, Path(ctx.cfg.model.path)
     if data.chat_template:
-        try:
-            if read is not None:
-                read(data.chat_template)
-        except ValueError as exc:
-            yield str(exc)
-        return
-    if data.prompt_format != "chat":
+        yield from _raised(ctx.registries.read_chat_template, data.chat_template)
         return
     fix = "Fix: set data.chat_template=FILE.jinja (or the template text), or data.prompt_format=auto"
+    if data.prompt_format != "chat":
+        return
     if ctx.cfg.model.path == EMBEDDED_MODEL:
         yield f"data.prompt_format: chat, but the embedded model's tokenizer has no chat template. {fix}"
-    elif Path(ctx.cfg.model.path).is_dir() and not _saved_chat_template(Path(ctx.cfg.model.path)):
-        yield f"data.prompt_format: chat, but the tokenizer in {ctx.cfg.model.path} has no chat template. {fix}"
+    elif model.is_dir() and not _saved_chat_template(model):
+        yield f"data.prompt_format: chat, but the tokenizer in {model} has no chat template. {fix}"
 
 
 def _saved_chat_template(model_dir: Path) -> bool:
     """Whether a saved tokenizer directory carries a chat template (its own file or tokenizer_config.json)."""
-    import json
-
     if any((model_dir / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
         return True
     try:
@@ -380,27 +387,19 @@ def _saved_chat_template(model_dir: Path) -> bool:
 def _data_contents(ctx: Context) -> Iterator[str]:
     """What ``eval.oracle_stats`` and a ``tofu:`` / ``muse:`` ``data.source`` hold (read now, before any work)."""
     cfg, reg = ctx.cfg, ctx.registries
-    if cfg.eval.oracle_stats and reg.load_oracle_stats is not None:
-        try:
-            reg.load_oracle_stats(cfg.eval.oracle_stats)
-        except ValueError as exc:
-            yield str(exc)
+    if cfg.eval.oracle_stats:
+        yield from _raised(reg.load_oracle_stats, cfg.eval.oracle_stats)
     if reg.source_problem is not None and is_formatted(cfg.data.source):
-        problem = reg.source_problem(cfg.data.source)
-        if problem:
-            yield problem
+        yield from filter(None, [reg.source_problem(cfg.data.source)])
 
 
 def _encoder_and_pairs(ctx: Context) -> Iterator[str]:
     """The contrastive job's encoder and data: ``model.path`` must be a text encoder, and a user
     ``contrastive.data`` is read in full (every row, the hard negatives asked for, the dev split) by the same
     function the workers load it with."""
-    cfg, reg = ctx.cfg, ctx.registries
+    cfg, reg, c = ctx.cfg, ctx.registries, ctx.cfg.contrastive
     if cfg.model.path != EMBEDDED_MODEL and reg.encoder_problem is not None:
-        problem = reg.encoder_problem(cfg.model.path)
-        if problem:
-            yield problem
-    c = cfg.contrastive
+        yield from filter(None, [reg.encoder_problem(cfg.model.path)])
     if c.data == FICTITIOUS_SOURCE or reg.load_pairs is None:
         return
     try:
@@ -418,30 +417,38 @@ def _encoder_and_pairs(ctx: Context) -> Iterator[str]:
         )
 
 
-# --- the checks of each job kind -----------------------------------------------------------------
+def _raised(call: Callable[..., Any] | None, *args: Any) -> Iterator[str]:
+    """The message of the ValueError that ``call(*args)`` raises; nothing when it passes or is not given."""
+    try:
+        if call is not None:
+            call(*args)
+    except ValueError as exc:
+        yield str(exc)
 
 
-def _unlearning_batches(cfg: RunConfig) -> list[tuple[str, int, int]]:
-    return [
-        ("train.forget_batch_size", cfg.train.forget_batch_size, 1),
-        ("train.retain_batch_size", cfg.train.retain_batch_size, 0),
-    ]
-
-
-def _contrastive_batch(cfg: RunConfig) -> list[tuple[str, int, int]]:
-    return [("contrastive.global_batch_size", cfg.contrastive.global_batch_size, 1)]
-
-
-_UNLEARN: tuple[Check, ...] = (_quantization, _saliency, _robust, _fractions, _prepare)
-CHECKS: dict[str, tuple[Check, ...]] = {
-    "unlearn": (*_UNLEARN, _batches_divide(_unlearning_batches), _methods, _files),
-    "continual": (*_UNLEARN, _continual, _batches_divide(_unlearning_batches), _methods, _files),
-    "contrastive": (_quantization, _robust, _fractions, _batches_divide(_contrastive_batch), _files, _pairs_files),
-}
-"""The checks of each ``job.kind``: only the settings that the kind's task reads."""
-DEEP_CHECKS: dict[str, tuple[Check, ...]] = {
-    "unlearn": (_objectives, _best_metric, _prompt_format, _data_contents),
-    "continual": (_objectives, _best_metric, _prompt_format, _data_contents),
-    "contrastive": (_encoder_and_pairs, _data_contents),
-}
+CHECKS: tuple[Rule | Check, ...] = (
+    _ZERO3_INT8,
+    _QUANTIZED_NEEDS_LORA,
+    _SALIENCY_DECAY,
+    _ROBUST_KIND,
+    _SURE_SALIENCY,
+    _SURE_DECAY,
+    _CONTINUAL_LORA,
+    _CONTINUAL_ZERO3,
+    _RETAIN_LEFT,
+    _HEADS,
+    Check(UNLEARNING, _batches_divide("train.forget_batch_size", "train.retain_batch_size")),
+    Check(("contrastive",), _batches_divide("contrastive.global_batch_size")),
+    Check(UNLEARNING, _methods),
+    Check(ALL, lambda ctx: check_files(ctx.cfg, ctx.base_dir, ctx.ok)),
+    Check(("contrastive",), lambda ctx: check_pairs_files(ctx.cfg, ctx.base_dir, ctx.ok)),
+)
+"""Every check, in the order of its problem lines; each runs for the job kinds that read its settings."""
+DEEP_CHECKS: tuple[Check, ...] = (
+    Check(UNLEARNING, _objectives),
+    Check(UNLEARNING, _best_metric),
+    Check(("contrastive",), _encoder_and_pairs),
+    Check(UNLEARNING, _prompt_format),
+    Check(ALL, _data_contents),
+)
 """The checks that build objectives or read data, once the others have passed."""
