@@ -315,11 +315,7 @@ def _example(fld: dataclasses.Field) -> Any:
     """The value used in 'e.g. key=value' hints: the field's ``example`` or its default."""
     if "example" in fld.metadata:
         return fld.metadata["example"]
-    if fld.default is not dataclasses.MISSING:
-        return fld.default
-    if fld.default_factory is not dataclasses.MISSING:
-        return fld.default_factory()
-    return "..."
+    return fld.default_factory() if fld.default is dataclasses.MISSING else fld.default  # every field has one
 
 
 def _format(value: Any) -> str:

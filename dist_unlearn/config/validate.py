@@ -119,11 +119,12 @@ class Rule:
     kinds: tuple[str, ...]
     fields: str
     when: Callable[[RunConfig], Any]
-    message: Callable[[RunConfig], str]
+    message: str | Callable[[RunConfig], str]
+    """The line, or a format string of the config ``c`` (e.g. ``{c.train.lr:g}``)."""
 
     def __call__(self, ctx: Context) -> Iterator[str]:
         if ctx.ok(*self.fields.split()) and self.when(ctx.cfg):
-            yield self.message(ctx.cfg)
+            yield self.message.format(c=ctx.cfg) if isinstance(self.message, str) else self.message(ctx.cfg)
 
 
 @dataclass(frozen=True)
@@ -135,101 +136,6 @@ class Check:
 
     def __call__(self, ctx: Context) -> Iterable[str]:
         return self.run(ctx)
-
-
-_ZERO3_INT8 = Rule(
-    ALL,
-    "model.quantization deepspeed.zero_stage",
-    lambda c: c.model.quantization == "int8" and c.deepspeed.zero_stage == 3,
-    lambda c: (
-        "model.quantization=int8 with deepspeed.zero_stage=3: 8-bit base weights with ZeRO-3 are reported "
-        "to train badly (ZeRO-3 cannot partition the int8 weights and their scales). "
-        "Fix: use model.quantization=nf4 or deepspeed.zero_stage=2"
-    ),
-)
-_QUANTIZED_NEEDS_LORA = Rule(
-    ALL,
-    "model.quantization model.lora.r",
-    lambda c: c.model.quantization != "none" and c.model.lora.r == 0,
-    lambda c: (
-        f"model.quantization={c.model.quantization} needs LoRA adapters: quantized base weights are frozen: "
-        "set model.lora.r, e.g. model.lora.r=8 (or use model.quantization=none)"
-    ),
-)
-_SALIENCY_DECAY = Rule(  # AdamW would still shrink the masked-out weights
-    UNLEARNING,
-    "method.saliency train.weight_decay",
-    lambda c: c.method.saliency < 1.0 and c.train.weight_decay > 0.0,
-    lambda c: (
-        f"method.saliency={c.method.saliency:g} with train.weight_decay={c.train.weight_decay:g}: "
-        "AdamW's decoupled weight decay would also change the weights outside the saliency mask. "
-        "Fix: set train.weight_decay=0 (or method.saliency=1)"
-    ),
-)
-_ROBUST_KIND = Rule(
-    ALL,
-    "method.robust.name job.kind",
-    lambda c: c.method.robust.name != "none" and c.job.kind != "unlearn",
-    lambda c: (
-        f"method.robust={c.method.robust.name} with job.kind={c.job.kind}: robustness options apply to "
-        "job.kind=unlearn only. Fix: method.robust=none (or job.kind=unlearn)"
-    ),
-)
-_SURE_SALIENCY = Rule(
-    UNLEARNING,
-    "method.robust.name method.saliency",
-    lambda c: c.method.robust.name == "sure" and c.method.saliency < 1.0,
-    lambda c: (
-        f"method.saliency={c.method.saliency:g} with method.robust=sure: SURE sets the saliency fraction "
-        f"itself (method.robust.fraction). Fix: method.saliency=1 and method.robust.fraction={c.method.saliency:g}"
-    ),
-)
-_SURE_DECAY = Rule(
-    UNLEARNING,
-    "method.robust.name train.weight_decay",
-    lambda c: c.method.robust.name == "sure" and c.train.weight_decay > 0.0,
-    lambda c: (
-        f"method.robust=sure with train.weight_decay={c.train.weight_decay:g}: AdamW's decoupled weight "
-        "decay would also change the weights outside SURE's saliency mask. Fix: set train.weight_decay=0"
-    ),
-)
-_CONTINUAL_LORA = Rule(
-    ("continual",),
-    "model.lora.r",
-    lambda c: c.model.lora.r == 0,
-    lambda c: (
-        "job.kind=continual trains one LoRA adapter per forget request: set model.lora.r. Fix: e.g. model.lora.r=8"
-    ),
-)
-_CONTINUAL_ZERO3 = Rule(  # the orthogonality penalty reads whole adapter matrices
-    ("continual",),
-    "deepspeed.zero_stage",
-    lambda c: c.deepspeed.zero_stage == 3,
-    lambda c: (
-        "job.kind=continual with deepspeed.zero_stage=3: the adapter orthogonality penalty needs whole "
-        "LoRA matrices, which ZeRO-3 partitions. Fix: deepspeed.zero_stage=2 (adapters are small)"
-    ),
-)
-_RETAIN_LEFT = Rule(
-    ALL,
-    "data.forget_fraction data.holdout_fraction",
-    lambda c: c.data.forget_fraction + c.data.holdout_fraction >= 1.0,
-    lambda c: (
-        "data.forget_fraction + data.holdout_fraction must be < 1 so that retain data is left, "
-        f"got {c.data.forget_fraction} + {c.data.holdout_fraction} = "
-        f"{c.data.forget_fraction + c.data.holdout_fraction:g}. "
-        "Fix: lower one of them, e.g. data.forget_fraction=0.1 data.holdout_fraction=0.1"
-    ),
-)
-_HEADS = Rule(
-    UNLEARNING,
-    "prepare.hidden_size prepare.num_heads",
-    lambda c: c.prepare.hidden_size % c.prepare.num_heads,
-    lambda c: (
-        f"prepare.hidden_size ({c.prepare.hidden_size}) must be divisible by prepare.num_heads "
-        f"({c.prepare.num_heads}). Fix: e.g. prepare.hidden_size={c.prepare.num_heads * 32}"
-    ),
-)
 
 
 def _batches_divide(*batches: str) -> Callable[[Context], Iterator[str]]:
@@ -427,16 +333,83 @@ def _raised(call: Callable[..., Any] | None, *args: Any) -> Iterator[str]:
 
 
 CHECKS: tuple[Rule | Check, ...] = (
-    _ZERO3_INT8,
-    _QUANTIZED_NEEDS_LORA,
-    _SALIENCY_DECAY,
-    _ROBUST_KIND,
-    _SURE_SALIENCY,
-    _SURE_DECAY,
-    _CONTINUAL_LORA,
-    _CONTINUAL_ZERO3,
-    _RETAIN_LEFT,
-    _HEADS,
+    Rule(
+        ALL,
+        "model.quantization deepspeed.zero_stage",
+        lambda c: c.model.quantization == "int8" and c.deepspeed.zero_stage == 3,
+        "model.quantization=int8 with deepspeed.zero_stage=3: 8-bit base weights with ZeRO-3 are reported "
+        "to train badly (ZeRO-3 cannot partition the int8 weights and their scales). "
+        "Fix: use model.quantization=nf4 or deepspeed.zero_stage=2",
+    ),
+    Rule(
+        ALL,
+        "model.quantization model.lora.r",
+        lambda c: c.model.quantization != "none" and c.model.lora.r == 0,
+        "model.quantization={c.model.quantization} needs LoRA adapters: quantized base weights are frozen: "
+        "set model.lora.r, e.g. model.lora.r=8 (or use model.quantization=none)",
+    ),
+    Rule(  # AdamW would still shrink the masked-out weights
+        UNLEARNING,
+        "method.saliency train.weight_decay",
+        lambda c: c.method.saliency < 1.0 and c.train.weight_decay > 0.0,
+        "method.saliency={c.method.saliency:g} with train.weight_decay={c.train.weight_decay:g}: "
+        "AdamW's decoupled weight decay would also change the weights outside the saliency mask. "
+        "Fix: set train.weight_decay=0 (or method.saliency=1)",
+    ),
+    Rule(
+        ALL,
+        "method.robust.name job.kind",
+        lambda c: c.method.robust.name != "none" and c.job.kind != "unlearn",
+        "method.robust={c.method.robust.name} with job.kind={c.job.kind}: robustness options apply to "
+        "job.kind=unlearn only. Fix: method.robust=none (or job.kind=unlearn)",
+    ),
+    Rule(
+        UNLEARNING,
+        "method.robust.name method.saliency",
+        lambda c: c.method.robust.name == "sure" and c.method.saliency < 1.0,
+        "method.saliency={c.method.saliency:g} with method.robust=sure: SURE sets the saliency fraction "
+        "itself (method.robust.fraction). Fix: method.saliency=1 and method.robust.fraction={c.method.saliency:g}",
+    ),
+    Rule(
+        UNLEARNING,
+        "method.robust.name train.weight_decay",
+        lambda c: c.method.robust.name == "sure" and c.train.weight_decay > 0.0,
+        "method.robust=sure with train.weight_decay={c.train.weight_decay:g}: AdamW's decoupled weight "
+        "decay would also change the weights outside SURE's saliency mask. Fix: set train.weight_decay=0",
+    ),
+    Rule(
+        ("continual",),
+        "model.lora.r",
+        lambda c: c.model.lora.r == 0,
+        "job.kind=continual trains one LoRA adapter per forget request: set model.lora.r. Fix: e.g. model.lora.r=8",
+    ),
+    Rule(  # the orthogonality penalty reads whole adapter matrices
+        ("continual",),
+        "deepspeed.zero_stage",
+        lambda c: c.deepspeed.zero_stage == 3,
+        "job.kind=continual with deepspeed.zero_stage=3: the adapter orthogonality penalty needs whole "
+        "LoRA matrices, which ZeRO-3 partitions. Fix: deepspeed.zero_stage=2 (adapters are small)",
+    ),
+    Rule(
+        ALL,
+        "data.forget_fraction data.holdout_fraction",
+        lambda c: c.data.forget_fraction + c.data.holdout_fraction >= 1.0,
+        lambda c: (
+            "data.forget_fraction + data.holdout_fraction must be < 1 so that retain data is left, "
+            f"got {c.data.forget_fraction} + {c.data.holdout_fraction} = "
+            f"{c.data.forget_fraction + c.data.holdout_fraction:g}. "
+            "Fix: lower one of them, e.g. data.forget_fraction=0.1 data.holdout_fraction=0.1"
+        ),
+    ),
+    Rule(
+        UNLEARNING,
+        "prepare.hidden_size prepare.num_heads",
+        lambda c: c.prepare.hidden_size % c.prepare.num_heads,
+        lambda c: (
+            f"prepare.hidden_size ({c.prepare.hidden_size}) must be divisible by prepare.num_heads "
+            f"({c.prepare.num_heads}). Fix: e.g. prepare.hidden_size={c.prepare.num_heads * 32}"
+        ),
+    ),
     Check(UNLEARNING, _batches_divide("train.forget_batch_size", "train.retain_batch_size")),
     Check(("contrastive",), _batches_divide("contrastive.global_batch_size")),
     Check(UNLEARNING, _methods),
