@@ -15,15 +15,10 @@ from dist_unlearn.config import ConfigError, RunConfig, load_config
 
 
 def _load(path: str, overrides: list[str]) -> RunConfig:
-    from dist_unlearn.engine.validate import validate_run
-    from dist_unlearn.unlearning import OBJECTIVES
+    """The config at ``path`` with ``overrides``, validated for its job kind with every registry."""
+    from dist_unlearn.engine.validate import run_registries
 
-    cfg = load_config(path, overrides, known_methods=OBJECTIVES)
-    validate_run(cfg)
-    from dist_unlearn.eval.suite import check_eval_config
-
-    check_eval_config(cfg)
-    return cfg
+    return load_config(path, overrides, registries=run_registries())
 
 
 def _launched_by_torchrun() -> bool:
@@ -85,14 +80,10 @@ def _load_sweep(path: str, overrides: list[str]) -> tuple[RunConfig, list]:
     """The config and its search space (``sweep.space``), every value checked like a run's config."""
     from dist_unlearn.config import config_from_dict, config_to_dict
     from dist_unlearn.config.sweep import check_space, parse_space
-    from dist_unlearn.engine.validate import validate_run
-    from dist_unlearn.eval.suite import check_eval_config
-    from dist_unlearn.unlearning import OBJECTIVES
+    from dist_unlearn.engine.validate import run_registries
 
     def validate(data: dict) -> None:
-        trial = config_from_dict(data, known_methods=OBJECTIVES)
-        validate_run(trial)
-        check_eval_config(trial)
+        config_from_dict(data, registries=run_registries())
 
     cfg = _load(path, overrides)
     dims = parse_space(cfg.sweep.space)

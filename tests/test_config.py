@@ -307,6 +307,49 @@ def test_a_contrastive_job_checks_only_its_own_batch(tmp_path: Path) -> None:
     assert "forget_batch_size" not in message
 
 
+def test_a_contrastive_job_is_not_refused_for_settings_it_never_reads(tmp_path: Path) -> None:
+    """The checks are chosen by job.kind: method names, saliency and the embedded model's shape are unlearning's."""
+    unused = {"method": {"names": [], "saliency": 0.5}, "train": {"weight_decay": 0.1}, "prepare": {"num_heads": 3}}
+    cfg = load_config(write_yaml(tmp_path, {"job": {"kind": "contrastive"}, **unused}), known_methods=KNOWN)
+    assert cfg.method.names == []
+    message = load_error(tmp_path, unused, known_methods=KNOWN)  # the same settings for an unlearning job
+    assert "method.names: must name at least one method" in message
+    assert problem_line(message, "method.saliency=0.5 with train.weight_decay=0.1")
+    assert problem_line(message, "prepare.hidden_size (128) must be divisible by prepare.num_heads (3)")
+
+
+def test_unknown_attack_is_refused_from_the_schema_choice_list(tmp_path: Path) -> None:
+    line = problem_line(load_error(tmp_path, {}, ("eval.attacks=relearn,nf5",)), "eval.attacks:")
+    assert "'nf5' is not one of relearn, nf4, int8" in line and "did you mean 'nf4'?" in line
+
+
+def test_a_format_name_without_a_location_is_a_missing_file_not_a_crash(tmp_path: Path) -> None:
+    line = problem_line(load_error(tmp_path, {"data": {"source": "tofu"}}), "data.source:")
+    assert "file not found" in line
+
+
+def test_deep_checks_run_through_the_registries_once_the_others_pass(tmp_path: Path) -> None:
+    """Checks that need the layers above the config get what they know passed in (Registries), and run only
+    when they are given and every other check has passed."""
+    from dist_unlearn.config import Registries
+
+    built: list[str] = []
+
+    def build_objective(cfg: RunConfig, name: str) -> object:
+        built.append(name)
+        raise ValueError(f"method '{name}' does not take parameter(s) gamma")
+
+    registries = Registries(methods=KNOWN, build_objective=build_objective)
+    data = {"method": {"names": ["npo"], "params": {"npo": {"gamma": 2}}}}
+    assert load_config(write_yaml(tmp_path, data), known_methods=KNOWN).method.names == ["npo"]  # no registries
+    assert built == []
+    line = problem_line(load_error(tmp_path, data, registries=registries), "method.params.npo:")
+    assert line == "method.params.npo: method 'npo' does not take parameter(s) gamma"
+    built.clear()
+    message = load_error(tmp_path, {**data, "train": {"steps": 0}}, registries=registries)
+    assert built == [] and "method.params.npo" not in message  # the schema problem first
+
+
 def test_retain_batch_zero_allowed_and_checked(tmp_path: Path) -> None:
     cfg = load_config(write_yaml(tmp_path, {"train": {"retain_batch_size": 0}}))
     assert cfg.train.retain_batch_size == 0

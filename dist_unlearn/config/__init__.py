@@ -1,7 +1,6 @@
 """Run configuration: typed schema, YAML loading, ``key=value`` overrides and validation."""
 
 from dist_unlearn.config.loader import (
-    ConfigError,
     apply_overrides,
     config_from_dict,
     config_to_dict,
@@ -22,6 +21,7 @@ from dist_unlearn.config.schema import (
     RunConfig,
     TrainConfig,
 )
+from dist_unlearn.config.validate import ConfigError, Registries, validate_config
 
 __all__ = [
     "CheckpointConfig",
@@ -36,10 +36,12 @@ __all__ = [
     "OutputConfig",
     "PrepareConfig",
     "RayConfig",
+    "Registries",
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "validate_config",
 ]

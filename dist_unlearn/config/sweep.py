@@ -35,8 +35,8 @@ from typing import Any
 
 import yaml
 
-from dist_unlearn.config.loader import ConfigError
 from dist_unlearn.config.schema import RunConfig
+from dist_unlearn.config.validate import ConfigError
 
 GRID, CHOICE, UNIFORM, LOGUNIFORM, RANDINT = "grid", "choice", "uniform", "loguniform", "randint"
 DISTRIBUTIONS = (GRID, CHOICE, UNIFORM, LOGUNIFORM, RANDINT)

@@ -46,9 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dist_unlearn.config.schema import SOURCE_FORMATS
 from dist_unlearn.data.facts import FactsBenchmark, QAItem
 
-FORMATS = ("tofu", "muse")
+FORMATS = SOURCE_FORMATS  # the config lists them (config/schema.py): one source
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 TOFU_EVAL_SETS = ("retain", "real_authors", "world_facts")
 """TOFU's model-utility evaluation sets (``retain`` = ``retain_perturbed``)."""

@@ -34,12 +34,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from dist_unlearn.config.schema import PROMPT_FORMATS
 from dist_unlearn.data.facts import QAItem
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 IGNORE_INDEX = -100
-PROMPT_FORMATS = ("auto", "plain", "chat")
-"""``data.prompt_format`` values (the same tuple is declared in :mod:`dist_unlearn.config.schema`)."""
 _FORMAT_ATTR = "dist_unlearn_prompt_format"
 _ANSWER_FIELDS = ("answer", "paraphrased_answer")
 

@@ -7,7 +7,7 @@
   ``RUN/best_model`` (HF format, written to a temporary directory and renamed by the exporter) and
   ``RUN/best.json`` records the step and value. A metric the run cannot measure is refused before the
   run starts where the config shows it (forget quality or PrivLeak without an oracle,
-  :func:`dist_unlearn.engine.validate.validate_run`); one that turns out to have no value in the first
+  :mod:`dist_unlearn.config.validate`); one that turns out to have no value in the first
   periodic evaluation (e.g. no perturbed answers in the data) is replaced, with a warning, by
   :data:`~dist_unlearn.eval.suite.BEST_METRIC_FALLBACK` (−forget probability) for the whole run, and
   ``best.json`` says so (``metric`` used, ``requested``).

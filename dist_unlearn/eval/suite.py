@@ -408,17 +408,3 @@ def evaluate_directory(
         out["attacks"][name] = evaluate_model(attacked, tokenizer, facts, attack_settings, oracle_result, device)
         del attacked
     return out
-
-
-def check_eval_config(cfg: Any) -> None:
-    """Refuse unknown ``eval.attacks`` before any work (one line per problem, naming the fix)."""
-    from dist_unlearn.config import ConfigError
-    from dist_unlearn.eval.attacks import ATTACKS
-
-    problems = [
-        f"eval.attacks: unknown attack '{name}'. Fix: choose from {', '.join(ATTACKS)}"
-        for name in cfg.eval.attacks
-        if name not in ATTACKS
-    ]
-    if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(problems), problems)

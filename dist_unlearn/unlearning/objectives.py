@@ -328,7 +328,7 @@ def register_objective(
     """Add an unlearning objective under ``name`` without editing the registry.
 
     After the call ``name`` is in :data:`OBJECTIVES`, so :func:`get_objective`, ``objective_from_config``, the
-    CLI's config validation (``load_config(..., known_methods=OBJECTIVES)``) and the integrations accept it.
+    CLI's config validation (its registries hold :data:`OBJECTIVES`) and the integrations accept it.
 
     Args:
         name: the method name (a config's ``method.names`` entry); must not be registered already.
