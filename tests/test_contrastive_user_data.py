@@ -167,6 +167,48 @@ def test_a_directory_with_dev_jsonl_is_evaluated_on_it(tmp_path):
     assert load_pairs_data(tmp_path / "d", explicit, 1, 0.1, 0).eval_set.queries == ["wq0", "wq1"]
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows with one hard negative as CSV (a format only ``datasets`` reads here, not the JSON Lines reader)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["query", "positive", "negative"])
+        writer.writeheader()
+        writer.writerows({"query": r["query"], "positive": r["positive"], "negative": r["negatives"][0]} for r in rows)
+
+
+def test_an_hf_dataset_trains_on_its_train_split_and_evaluates_on_its_validation_split(tmp_path):
+    pytest.importorskip("datasets")
+    _write_csv(tmp_path / "ds" / "train.csv", triples(6, negatives=1, tag="t"))
+    _write_csv(tmp_path / "ds" / "validation.csv", triples(2, negatives=1, tag="v"))
+    data = load_pairs_data(f"hf:{tmp_path / 'ds'}", None, hard_negatives=1, dev_fraction=0.5, seed=0)
+    assert data.train == [RetrievalExample(f"tq{i}", f"tp{i}", (f"tn{i}.0",)) for i in range(6)]
+    assert data.eval_set.queries == ["vq0", "vq1"] and data.eval_set.relevant == [0, 2]
+    assert str(data.source.train) == f"hf:{tmp_path / 'ds'} (train split)"
+    assert problems_of(tmp_path, data=f"hf:{tmp_path / 'ds'}", hard_negatives=1) == []
+    # a malformed row is named by its split and row, as a file's by its line
+    rows = triples(3, negatives=1)
+    rows[1]["positive"] = ""
+    _write_csv(tmp_path / "bad" / "train.csv", rows)
+    problems = problems_of(tmp_path, data=f"hf:{tmp_path / 'bad'}", hard_negatives=0)
+    assert problems[0].startswith(f"contrastive.data: hf:{tmp_path / 'bad'} (train split) row 2: "), problems
+
+
+def test_an_hf_dataset_that_cannot_be_loaded_is_one_line_with_the_fix(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    problems = problems_of(tmp_path, data="hf:no-such-user/no-such-dataset", hard_negatives=0)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("contrastive.data: hf:no-such-user/no-such-dataset: datasets could not load it (")
+    assert problems[0].endswith("(with network access, or in the local datasets cache) or a directory of data files")
+    (tmp_path / "only_test").mkdir()
+    _write_csv(tmp_path / "only_test" / "test.csv", triples(2, negatives=1))
+    problems = problems_of(tmp_path, data=f"hf:{tmp_path / 'only_test'}", hard_negatives=0)
+    assert problems == [f"contrastive.data: hf:{tmp_path / 'only_test'} has no train split (it has test)"]
+
+
 def test_without_a_dev_file_a_seeded_fraction_is_held_out(tmp_path):
     rows = [RetrievalExample(f"q{i}", f"p{i}", ()) for i in range(20)]
     train, dev = split_dev(rows, 0.25, seed=3)

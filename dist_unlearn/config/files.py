@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, SOURCE_FORMATS, RunConfig
+from dist_unlearn.config.schema import EMBEDDED_MODEL, FICTITIOUS_SOURCE, HUB_DATA_PREFIX, SOURCE_FORMATS, RunConfig
 
 _DATA_SUFFIXES = (".json", ".jsonl")
 _LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
@@ -78,9 +78,9 @@ def check_pairs_files(cfg: RunConfig, base_dir: Path, ok: Callable[..., bool]) -
     c = cfg.contrastive
     fix = (
         "Fix: give a JSON Lines file of query/positive rows, a directory holding train.jsonl, "
-        f"or contrastive.data={FICTITIOUS_SOURCE}"
+        f"a datasets dataset as {HUB_DATA_PREFIX}NAME, or contrastive.data={FICTITIOUS_SOURCE}"
     )
-    if ok("contrastive.data") and c.data != FICTITIOUS_SOURCE:
+    if ok("contrastive.data") and c.data != FICTITIOUS_SOURCE and not c.data.startswith(HUB_DATA_PREFIX):
         path = _resolve(c.data, base_dir)
         if path.is_dir() and not any((path / name).is_file() for name in ("train.jsonl", "train.parquet")):
             yield f"contrastive.data: {path} is a directory without train.jsonl. {fix}"

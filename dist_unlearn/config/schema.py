@@ -37,6 +37,8 @@ PROMPT_FORMATS = ("auto", "plain", "chat")
 
 EMBEDDED_MODEL = "embedded"
 FICTITIOUS_SOURCE = "fictitious"
+HUB_DATA_PREFIX = "hf:"
+"""``contrastive.data=hf:NAME``: a Hugging Face ``datasets`` dataset (a hub name or a local dataset directory)."""
 SOURCE_FORMATS = ("tofu", "muse")
 """Benchmarks read in their own format as ``data.source=FORMAT:LOCATION`` (``dist_unlearn.data.formats``)."""
 

@@ -11,12 +11,16 @@ Karpukhin et al., 2020). Other keys (ids, scores) are ignored. Blank lines are s
 messages are 1-based file lines.
 
 A location is a file, or a directory holding ``train.jsonl`` and optionally ``dev.jsonl`` (or their ``.parquet``
-twins, read with pyarrow: the same columns, a null is an absent field, messages name the table row). The held-out
+twins, read with pyarrow: the same columns, a null is an absent field, messages name the table row), or
+``hf:NAME``: a dataset that Hugging Face ``datasets.load_dataset(NAME)`` loads (a hub name, or a local directory
+of data files in any format it reads), with the same columns; its ``train`` split is trained on and its
+``validation`` (else ``dev``, else ``test``) split, when it has one, is the dev set. The held-out
 evaluation uses the dev rows (the ``dev.jsonl`` beside ``train.jsonl``, an explicit dev file, or a seeded
 fraction of the rows) as a retrieval task: each dev query against the corpus of every distinct positive and
 negative passage of the dev rows (:func:`pairs_eval_set`), scored by recall@k and MRR.
 
-Everything here is plain Python (no torch), so the driver validates a file before any worker starts.
+Everything here is plain Python (no torch), so the driver validates a file before any worker starts
+(``datasets`` is imported only for an ``hf:`` location).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dist_unlearn.config.schema import HUB_DATA_PREFIX
 from dist_unlearn.data.retrieval import RetrievalEvalSet, RetrievalExample
 
 TRAIN_FILE = "train.jsonl"
@@ -48,12 +53,28 @@ class PairsFormatError(ValueError):
         self.problems = list(problems)
 
 
+DEV_SPLITS = ("validation", "dev", "test")
+"""The split of an ``hf:`` dataset that is its dev set: the first of these it has."""
+
+
+@dataclass(frozen=True)
+class HubSplit:
+    """One split of a dataset loaded by Hugging Face ``datasets`` (``name``: a hub name or a local directory)."""
+
+    name: str
+    split: str
+
+    def __str__(self) -> str:
+        return f"{HUB_DATA_PREFIX}{self.name} ({self.split} split)"
+
+
 @dataclass(frozen=True)
 class PairsSource:
-    """Where the rows are: ``train`` file, and the dev file when there is one (else a fraction is held out)."""
+    """Where the rows are: ``train`` file (or dataset split), and the dev one when there is one (else a fraction
+    is held out)."""
 
-    train: Path
-    dev: Path | None
+    train: Path | HubSplit
+    dev: Path | HubSplit | None
 
 
 def pairs_source(location: str | Path, dev: str | Path | None = None) -> PairsSource:
@@ -63,6 +84,8 @@ def pairs_source(location: str | Path, dev: str | Path | None = None) -> PairsSo
     Raises:
         FileNotFoundError: a directory without ``train.jsonl``, or a path that does not exist.
     """
+    if str(location).startswith(HUB_DATA_PREFIX):
+        return _hub_source(str(location).removeprefix(HUB_DATA_PREFIX), dev)
     path = Path(location)
     if path.is_dir():
         train = split_file(path, TRAIN_FILE)
@@ -72,6 +95,49 @@ def pairs_source(location: str | Path, dev: str | Path | None = None) -> PairsSo
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     return PairsSource(path, Path(dev) if dev else None)
+
+
+def _datasets() -> Any:
+    try:
+        import datasets
+    except ImportError as exc:
+        message = f"{HUB_DATA_PREFIX}NAME needs the datasets package. Fix: pip install datasets"
+        raise PairsFormatError([message]) from exc
+    return datasets
+
+
+def _hub_failure(name: str, exc: Exception) -> PairsFormatError:
+    """One line for a dataset ``datasets`` could not load (not found, offline, unreadable files)."""
+    reason = (str(exc).strip().splitlines() or [""])[0][:300]
+    return PairsFormatError(
+        [
+            f"{HUB_DATA_PREFIX}{name}: datasets could not load it ({type(exc).__name__}: {reason}). Fix: give a hub "
+            "dataset name (with network access, or in the local datasets cache) or a directory of data files"
+        ]
+    )
+
+
+def _hub_source(name: str, dev: str | Path | None) -> PairsSource:
+    """The ``train`` split of ``name`` and its dev split (:data:`DEV_SPLITS`), unless ``dev`` names a file."""
+    datasets = _datasets()
+    try:
+        splits = list(datasets.get_dataset_split_names(name))
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds (not found, connection, format)
+        raise _hub_failure(name, exc) from exc
+    if "train" not in splits:
+        raise FileNotFoundError(f"{HUB_DATA_PREFIX}{name} has no train split (it has {', '.join(splits)})")
+    dev_split = next((split for split in DEV_SPLITS if split in splits), None)
+    return PairsSource(HubSplit(name, "train"), Path(dev) if dev else HubSplit(name, dev_split) if dev_split else None)
+
+
+def _hub_rows(split: HubSplit) -> list[tuple[int, dict[str, Any]]]:
+    """The rows of one dataset split as dicts without their null values, numbered from 1."""
+    datasets = _datasets()
+    try:
+        table = datasets.load_dataset(split.name, split=split.split)
+    except Exception as exc:  # noqa: BLE001 - as in _hub_source
+        raise _hub_failure(split.name, exc) from exc
+    return [(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(table, 1)]
 
 
 def split_file(directory: Path, name: str) -> Path | None:
@@ -124,9 +190,11 @@ def _numbered_rows(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, line
 
 
-def where(path: str | Path, number: int) -> str:
-    """``FILE line N`` (JSON Lines: the file line) or ``FILE row N`` (Parquet: the table row), 1-based."""
-    return f"{path} {'row' if Path(path).suffix == PARQUET else 'line'} {number}"
+def where(path: str | Path | HubSplit, number: int) -> str:
+    """``FILE line N`` (JSON Lines: the file line) or ``FILE row N`` (Parquet, a dataset split: the table row),
+    1-based."""
+    table = isinstance(path, HubSplit) or Path(path).suffix == PARQUET
+    return f"{path} {'row' if table else 'line'} {number}"
 
 
 def _parquet_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -142,9 +210,10 @@ def _parquet_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return [(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(table.to_pylist(), 1)]
 
 
-def _parse_parquet(path: Path) -> tuple[list[tuple[int, RetrievalExample]], list[str]]:
+def _parse_table(path: Path | HubSplit) -> tuple[list[tuple[int, RetrievalExample]], list[str]]:
+    """The rows of a Parquet file or a dataset split, and one problem line per malformed row."""
     rows, problems = [], []
-    for number, row in _parquet_rows(path):
+    for number, row in _hub_rows(path) if isinstance(path, HubSplit) else _parquet_rows(path):
         try:
             rows.append((number, parse_row(row)))
         except ValueError as exc:
@@ -167,15 +236,18 @@ def _parse_jsonl(path: Path) -> tuple[list[tuple[int, RetrievalExample]], list[s
     return rows, problems
 
 
-def read_numbered_pairs(path: str | Path) -> list[tuple[int, RetrievalExample]]:
-    """Every row of the JSON Lines (or Parquet) file ``path`` with its 1-based line (row) number, negatives as given.
+def read_numbered_pairs(path: str | Path | HubSplit) -> list[tuple[int, RetrievalExample]]:
+    """Every row of the JSON Lines (or Parquet) file ``path``, or of a dataset split, with its 1-based line (row)
+    number, negatives as given.
 
     Raises:
         PairsFormatError: one line per malformed row (at most :data:`MAX_REPORTED`, then a count), each
             ``FILE line N: ...`` naming the field; also for a file without rows, not UTF-8 or not Parquet.
     """
-    path = Path(path)
-    rows, problems = _parse_parquet(path) if path.suffix == PARQUET else _parse_jsonl(path)
+    if not isinstance(path, HubSplit):
+        path = Path(path)
+    table = isinstance(path, HubSplit) or path.suffix == PARQUET
+    rows, problems = _parse_table(path) if table else _parse_jsonl(path)
     if problems:
         shown = problems[:MAX_REPORTED]
         if len(problems) > MAX_REPORTED:
@@ -186,12 +258,12 @@ def read_numbered_pairs(path: str | Path) -> list[tuple[int, RetrievalExample]]:
     return rows
 
 
-def read_pairs(path: str | Path) -> list[RetrievalExample]:
+def read_pairs(path: str | Path | HubSplit) -> list[RetrievalExample]:
     """:func:`read_numbered_pairs` without the line numbers."""
     return [example for _, example in read_numbered_pairs(path)]
 
 
-def check_negatives(rows: Sequence[tuple[int, RetrievalExample]], count: int, path: str | Path) -> None:
+def check_negatives(rows: Sequence[tuple[int, RetrievalExample]], count: int, path: str | Path | HubSplit) -> None:
     """Every row has at least ``count`` negatives (the job gives each query ``1 + count`` documents).
 
     Raises:
