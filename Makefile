@@ -38,7 +38,7 @@ lint: setup
 # recovery test failed once in two fresh-clone runs (docs/benchmarks.md), and a red CI lands nothing.
 TEST_WORKERS ?= 1
 test: lint
-	$(BIN)/pytest -q --durations=25 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+	$(BIN)/pytest -q --durations=40 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 clean:
 	rm -rf runs .pytest_cache

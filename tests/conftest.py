@@ -128,9 +128,10 @@ def small_run_config(output_dir: Path, target_dir: str | None = None, **sections
         "deepspeed": {"zero_stage": 3},
         "ray": {"num_workers": 2},
         "checkpoint": {"every_steps": 3},
-        # sampled generations (8 per forget question by default) cost more than the rest of a small run;
-        # the tests that check them ask for them (test_e2e_unlearn, test_eval_ray, test_report)
-        "eval": {"max_examples": 8, "sampled_generations": 0},
+        # generations (greedy, and 8 sampled per forget question by default) and their ROUGE scoring cost more
+        # than the rest of a small run (about 6 s of CPU per evaluating process); the tests that check them
+        # ask for them (test_e2e_unlearn, test_eval_ray, test_report, test_chat_format, test_sweep)
+        "eval": {"max_examples": 8, "generate": False, "sampled_generations": 0},
         "output": {"dir": str(output_dir), "save_dtype": "fp32"},
     }
     for name, values in sections.items():
@@ -300,7 +301,13 @@ def small_target(tmp_path_factory) -> str:
 
 
 # Evaluation settings of the one-process `dist-unlearn eval` below (shared by test_report and test_eval_ray).
-ONE_PROCESS_EVAL = {"sampled_generations": 2, "max_new_tokens": 8, "attacks": ["relearn"], "relearn_steps": 3}
+ONE_PROCESS_EVAL = {
+    "generate": True,
+    "sampled_generations": 2,
+    "max_new_tokens": 8,
+    "attacks": ["relearn"],
+    "relearn_steps": 3,
+}
 
 
 def copy_prepared_models(small_target: str, output_dir: Path) -> None:

@@ -150,7 +150,7 @@ def test_chat_qwen_unlearns_and_evaluates_end_to_end(chat_qwen, tmp_path):
         train={"steps": 2},
         checkpoint={"every_steps": 0},
         data={"max_length": 128},
-        eval={"oracle_dir": str(oracle), "max_examples": 4, "max_new_tokens": 4},
+        eval={"oracle_dir": str(oracle), "max_examples": 4, "generate": True, "max_new_tokens": 4},
     )
     run_cli(["run", str(write_config(out / "run.yaml", cfg))])
     run_result = json.loads((out / "grad_diff" / "eval.json").read_text())["result"]

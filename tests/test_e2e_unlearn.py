@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 # the two reference runs of this module also sample answers (leak rate) on their ranks
-WITH_SAMPLES = {"sampled_generations": 2}
+WITH_SAMPLES = {"generate": True, "sampled_generations": 2}
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -284,7 +284,7 @@ def test_sweep_interrupted_after_a_trial_resumes_without_redoing_it(
         deepspeed={"zero_stage": 2},
         ray={"num_workers": 1, "address": ray_address},
         checkpoint={"every_steps": 2},
-        eval={"every_steps": 2, "sampled_generations": 0, "max_new_tokens": 8},
+        eval={"every_steps": 2, "generate": True, "sampled_generations": 0, "max_new_tokens": 8},
     )
     cfg["sweep"] = {"space": {"train.lr": [1.0e-3, 3.0e-3]}, "max_concurrent": 1}
     path = write_config(tmp_path / "sweep.yaml", cfg)
