@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dist_unlearn.data.qa import QADataset
+from dist_unlearn.distributed.env import mean_over_ranks
 from dist_unlearn.eval.answers import evaluate_splits
 from dist_unlearn.io import atomic_path
 from dist_unlearn.models.chunked_lm import unwrap_model
@@ -135,15 +136,6 @@ def _collate_steps(rows: list[int]) -> dict[str, torch.Tensor]:
 
 def _is_peft(model: Any) -> bool:
     return hasattr(unwrap_model(model), "disable_adapter")
-
-
-def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(values)
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return dict(zip(keys, (tensor / dist.get_world_size()).tolist(), strict=True))
 
 
 class UnlearningCallback(TrainerCallback):
@@ -573,9 +565,7 @@ class UnlearningTrainerMixin:
         return loss.detach()
 
     def _record(self, logs: dict[str, float]) -> None:
-        values = _mean_over_ranks(
-            {("unlearn_loss" if k == "loss" else k): v for k, v in logs.items()}, self.args.device
-        )
+        values = mean_over_ranks({("unlearn_loss" if k == "loss" else k): v for k, v in logs.items()}, self.args.device)
         for key, value in values.items():
             self._log_sums[key] = self._log_sums.get(key, 0.0) + value
         self._log_steps += 1
