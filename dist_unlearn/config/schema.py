@@ -225,6 +225,11 @@ class EvalConfig:
     """Fraction k of lowest-scoring tokens for Min-K% and Min-K%++."""
     attacks: list[str] = field(default_factory=list, metadata={"example": "relearn,nf4,int8"})
     """Robustness attacks after unlearning: ``relearn``, ``nf4``, ``int8`` (re-measured afterwards)."""
+    shard_weights: bool = True
+    """With several ranks, every evaluated model (the trained one, the oracle, ULD's members) is loaded in
+    ``model.dtype`` and ZeRO-3-partitioned over the ranks (each holds 1/W of its weights); false = a whole
+    copy per rank (no weight gathering per forward). The ``relearn`` attack always fine-tunes a whole fp32
+    copy, the ``nf4`` / ``int8`` attacks a whole quantized one."""
     relearn_steps: int = _opt(5, ge=1)
     relearn_fraction: float = _opt(0.5, gt=0.0)
     relearn_lr: float = _opt(1e-3, gt=0.0)
