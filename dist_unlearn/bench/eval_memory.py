@@ -3,7 +3,8 @@ the training dtype ZeRO-3-partitioned over the ranks (:func:`dist_unlearn.eval.s
 
 Run by :mod:`dist_unlearn.bench.worker` (``kind`` ``eval``) as W fresh processes, one per rank
 (:func:`dist_unlearn.bench.memory.run_ranks`: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` in
-the environment, a gloo process group on the CPU, NCCL on CUDA). Each rank imports the libraries
+the environment; the group is joined by :func:`dist_unlearn.distributed.env.init_distributed`, as a run's
+workers join theirs: gloo on the CPU, NCCL on CUDA). Each rank imports the libraries
 (``transformers``, ``deepspeed``), joins the group, tokenizes the data and warms up: the same loading and
 evaluation of a 1-layer Llama of width 16 (so that the modules, scorers and communication buffers both
 modes need exist before the baseline, as a long evaluation job has them); then the probe starts
@@ -54,15 +55,6 @@ def _warm_up(path: str, settings: Any, tokenizer: Any, facts: Any, device: Any) 
     gc.collect()
 
 
-def _join_group(device: str) -> None:
-    """The process group of the ranks started by :func:`~dist_unlearn.bench.memory.run_ranks`."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend)
-
-
 def measure_eval(spec: dict[str, Any]) -> dict[str, Any]:
     """Memory of evaluating ``spec["model_dir"]`` in ``spec["mode"]`` on this rank (see the module doc)."""
     import dataclasses
@@ -83,7 +75,10 @@ def measure_eval(spec: dict[str, Any]) -> dict[str, Any]:
     warm_dir = tempfile.TemporaryDirectory(prefix="bench-eval-warm-")
     tiny = build_tiny_llama(len(load_tokenizer(spec["model_dir"])), hidden_size=16, num_layers=1, num_heads=2)
     tiny.save_pretrained(warm_dir.name)  # before the process group exists: every rank writes its own copy
-    _join_group(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from dist_unlearn.distributed.env import init_distributed
+
+        init_distributed()  # as a worker of a run joins its group (gloo on the CPU, NCCL on CUDA)
     facts = generate_facts(**spec["facts"])
     tokenizer = load_tokenizer(spec["model_dir"])
     settings = EvalSettings(

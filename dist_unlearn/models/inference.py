@@ -155,11 +155,12 @@ def _build_partitioned(path: str | Path, dtype: str, attn_implementation: str, c
     with (
         no_init_weights(),
         prevent_arange_dtype_change(),  # rotary position buffers keep the dtype a plain load gives them
-        deepspeed.zero.Init(config_dict_or_path=config, dtype=DTYPES[dtype]),
+        deepspeed.zero.Init(config_dict_or_path=config),  # dtype from config (its `dtype=` is ignored on CPUs)
     ):
         model = AutoModelForCausalLM.from_config(
             model_config, dtype=DTYPES[dtype], attn_implementation=choose_attn_implementation(attn_implementation)
         )
+    model.tie_weights()  # tied output head = the embedding's (partitioned) weight, as transformers' ZeRO-3 path does
     return model
 
 
