@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     contrastive.set_defaults(func=cmd_bench)
     from dist_unlearn.bench.memory_suite import add_arguments as add_memory_arguments
 
-    memory = bench_sub.add_parser("memory", help="LM loss plain vs chunked, fp32 vs nf4+LoRA step, reference models")
+    memory = bench_sub.add_parser(
+        "memory", help="LM loss plain vs chunked, fp32 vs nf4+LoRA step, reference models, sharded evaluation"
+    )
     add_memory_arguments(memory)
     memory.set_defaults(func=cmd_bench)
     from dist_unlearn.bench.unlearning import add_arguments as add_unlearning_bench_arguments

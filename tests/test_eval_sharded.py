@@ -1,8 +1,16 @@
-"""The evaluation suite sharded over 2 gloo ranks gives the numbers (and greedy texts) of one process;
-its token statistics equal a plain full-logits computation."""
+"""The evaluation suite on 2 gloo ranks, with the model's weights ZeRO-3-partitioned over them (each rank
+1/2 of the weights; examples and generations sharded too), gives the numbers and texts of one process
+holding the whole model, in fp32 and in bf16; its token statistics equal a plain full-logits computation.
+
+Tolerance: the partitioned forward runs on the very weights of the whole model (gathered, bit for bit),
+so the only differences are the batches' compositions and padding (rank ``r`` scores examples
+``r, r+2, ...``): fp32 agrees to rounding (rel 1e-5), and bf16 agrees to the same tolerance because the
+scores are accumulated in fp32 from the same bf16 logits (the test shows it; a loose bf16 bound would hide
+a wrong partition just as well as it hides rounding)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +20,10 @@ from multiproc import run_on_ranks
 from dist_unlearn.data import QADataset, collate_qa, generate_facts
 from dist_unlearn.eval.suite import EvalSettings, evaluate_model
 
-SETTINGS = EvalSettings(sampled_generations=2, max_new_tokens=5, max_length=48, batch_size=3)
+SETTINGS = EvalSettings(sampled_generations=2, max_new_tokens=5, max_length=48, batch_size=3, shard_weights="true")
+DTYPES = ("fp32", "bf16")
+DTYPE_SETTINGS = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16", "generate": False}}
+"""bf16 without generation (the fp32 run covers generation from partitioned weights), to keep the test short."""
 
 
 def _facts():
@@ -20,11 +31,30 @@ def _facts():
 
 
 def _evaluate(rank: int, world: int, model_dir: str) -> dict:
-    from dist_unlearn.models.loading import load_causal_lm, load_tokenizer
+    """The suite's result per dtype, the model loaded as evaluation loads it (partitioned when world > 1)."""
+    from dist_unlearn.eval.suite import load_for_eval
+    from dist_unlearn.models import inference
+    from dist_unlearn.models.inference import is_partitioned
+    from dist_unlearn.models.loading import load_tokenizer
+
+    inference.PERSISTENCE_THRESHOLD = 0  # every weight of the tiny model is gathered for each forward
+
+    def no_fallback(*_args):
+        raise AssertionError("each rank should read its slices of the safetensors file, not transformers' path")
+
+    inference._load_with_transformers_zero3 = no_fallback
 
     torch.manual_seed(1234 + rank)  # a different global RNG per rank must not change sampled answers
-    model, tok = load_causal_lm(model_dir, attn_implementation="eager"), load_tokenizer(model_dir)
-    return evaluate_model(model, tok, _facts(), SETTINGS)
+    tok = load_tokenizer(model_dir)
+    out = {}
+    for dtype in DTYPES:
+        settings = dataclasses.replace(SETTINGS, **DTYPE_SETTINGS[dtype])
+        model = load_for_eval(model_dir, settings)
+        assert is_partitioned(model) == (world > 1)
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+        dtypes = {(p.ds_tensor if hasattr(p, "ds_tensor") else p).dtype for p in model.parameters()}
+        out[dtype] = {"result": evaluate_model(model, tok, _facts(), settings), "held": held, "dtypes": dtypes}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +83,19 @@ def _assert_same(a, b, path="result"):
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
-def test_two_ranks_equal_one_process(model_dir):
-    single = _evaluate(0, 1, model_dir)
+def test_two_ranks_partitioned_equal_one_process(model_dir):
+    from dist_unlearn.models.inference import DTYPES as TORCH_DTYPES
+
+    singles = _evaluate(0, 1, model_dir)
     ranks = run_on_ranks(_evaluate, 2, model_dir, timeout=300)
-    _assert_same(ranks[0], ranks[1])
-    _assert_same(single, ranks[0])
+    for dtype in DTYPES:
+        single = singles[dtype]["result"]
+        _assert_same(ranks[0][dtype]["result"], ranks[1][dtype]["result"])
+        _assert_same(single, ranks[0][dtype]["result"])
+        whole = singles[dtype]["held"]
+        assert all(r[dtype]["held"] <= whole // 2 + 200 for r in ranks), "each rank holds about half the weights"
+        assert all(r[dtype]["dtypes"] == {TORCH_DTYPES[dtype]} for r in (singles, *ranks))
+    single = singles["fp32"]["result"]
     forget = single["splits"]["forget"]
     assert set(single["mia_auc"]) == {"loss", "zlib", "min_k", "min_k_pp"}
     assert 0 <= forget["sampled_leak"] <= forget["sampled_leak_upper95"] <= 1
@@ -89,3 +127,17 @@ def test_token_statistics_equal_full_logits(model_dir):
         assert float(rows[i, 3]) == pytest.approx(float(tok_lp.sort().values[:count].mean()), abs=1e-4)
         z = (tok_lp - mu) / sd
         assert float(rows[i, 4]) == pytest.approx(float(z.sort().values[:count].mean()), abs=1e-3)
+
+
+def test_auto_partitions_large_models_only(tmp_path, monkeypatch):
+    """``eval.shard_weights=auto`` partitions a model whose weight files reach the threshold (and a hub name,
+    whose size is unknown before loading); ``true`` / ``false`` decide for every model."""
+    from dist_unlearn.eval import suite
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    monkeypatch.setattr(suite, "SHARD_WEIGHTS_AUTO_BYTES", 1001)
+    assert not suite.partitions(str(tmp_path), "auto")
+    assert suite.partitions(str(tmp_path), "true") and not suite.partitions("org/name", "false")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
+    assert suite.partitions(str(tmp_path), "auto")
+    assert suite.partitions("org/name", "auto")

@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 _STATUS = "/proc/self/status"
@@ -119,6 +120,53 @@ def run_worker(spec: dict[str, Any], timeout_s: float, env: dict[str, str] | Non
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
     return json.loads(lines[-1])
+
+
+def run_ranks(spec: dict[str, Any], world_size: int, timeout_s: float, env: dict[str, str] | None = None) -> list:
+    """:func:`run_worker` on ``world_size`` fresh interpreters at once, ranks of one process group (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` in their environments; the worker joins
+    the group). Their output goes to files, so that no rank blocks on a full pipe while the others wait
+    for it in a collective. Returns each rank's JSON result (or ``{"error": ...}``), by rank."""
+    import socket
+    import tempfile
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "dist_unlearn.bench.worker", json.dumps(spec)]
+    with tempfile.TemporaryDirectory(prefix="bench-ranks-") as tmp:
+        procs, logs = [], []
+        for rank in range(world_size):
+            rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}
+            rank_env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            full_env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {}), **rank_env)
+            out, err = open(f"{tmp}/{rank}.out", "w"), open(f"{tmp}/{rank}.err", "w")  # noqa: SIM115
+            logs.append((out, err))
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env))
+        deadline = time.monotonic() + timeout_s
+        try:
+            for proc in procs:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+            return [{"error": f"timed out after {timeout_s:.0f} s"} for _ in procs]
+        finally:
+            for out, err in logs:
+                out.close()
+                err.close()
+        results: list[dict[str, Any]] = []
+        for rank, proc in enumerate(procs):
+            stdout, stderr = (Path(tmp, f"{rank}.{kind}").read_text() for kind in ("out", "err"))
+            lines = [line for line in stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                tail = (stderr or stdout).strip().splitlines()[-3:]
+                results.append({"error": f"rank {rank} exit {proc.returncode}: {' | '.join(tail)}"})
+            else:
+                results.append(json.loads(lines[-1]))
+    return results
 
 
 def malloc_env(mmap_threshold: int) -> dict[str, str]:

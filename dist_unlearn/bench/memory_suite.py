@@ -1,4 +1,4 @@
-"""``dist-unlearn bench memory``: peak memory of the LM loss, of a training step and of reference models.
+"""``dist-unlearn bench memory``: peak memory of the LM loss, of a training step, of reference models and of evaluation.
 
 Parts (``--parts loss,step,reference``), every point measured in a fresh process
 (:mod:`dist_unlearn.bench.worker`, probe :class:`~dist_unlearn.bench.memory.PeakProbe`: RSS high-water
@@ -18,6 +18,13 @@ step
 reference
     what each ``method.reference`` strategy adds on top of the training model, per rank, on the same
     models (:func:`dist_unlearn.bench.reference_memory.measure_reference`).
+eval
+    evaluation of each model on ``--eval-ranks`` ranks (fresh processes, one process group): ``full`` (a
+    whole fp32 copy per rank) vs ``sharded`` (``--eval-dtype``, ZeRO-3-partitioned, as
+    ``dist-unlearn eval`` loads models), the suite on ``--eval-examples`` QA pairs per split with greedy
+    answers of ``--eval-new-tokens`` tokens (:func:`dist_unlearn.bench.eval_memory.measure_eval`);
+    ``sharded_over_full`` is the ratio of the largest per-rank peaks and ``sharded_over_fp32_weights``
+    the largest sharded per-rank peak over the model's fp32 weights (aim: < 0.6 on 2 ranks).
 
 On the CPU the measuring processes run with glibc's mmap threshold fixed (``--malloc-mmap-threshold``,
 default 64 KiB; see :func:`~dist_unlearn.bench.memory.malloc_env`) so that freed blocks leave the RSS;
@@ -35,7 +42,7 @@ from typing import Any
 
 from dist_unlearn.bench.contrastive import machine_info, write_json
 
-PARTS = ("loss", "step", "reference")
+PARTS = ("loss", "step", "reference", "eval")
 MODELS = ("quickstart", "llama-1024x8", "tiny")
 HEADS = ("trainable", "frozen")
 BIG_LLAMA = {"hidden_size": 1024, "num_layers": 8, "num_heads": 16, "vocab_size": 32000}
@@ -47,7 +54,9 @@ QUICKSTART_CONFIG = "configs/quickstart/unlearn.yaml"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench memory`` options."""
     parser.add_argument("--out", default="bench-memory.json", help="JSON output path")
-    parser.add_argument("--parts", default="loss,step,reference", help="comma-separated subset of loss,step,reference")
+    parser.add_argument(
+        "--parts", default="loss,step,reference,eval", help="comma-separated subset of loss,step,reference,eval"
+    )
     parser.add_argument("--tokens", type=int, default=2048, help="loss part: scored tokens n")
     parser.add_argument("--hidden", type=int, default=1024, help="loss part: hidden size H")
     parser.add_argument("--vocabs", default="32000,128256", help="loss part: vocabulary sizes")
@@ -56,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=QUICKSTART_CONFIG, help="run config giving the data and model shape")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the nf4 runs")
     parser.add_argument("--modes", default="none,cached,adapter_disabled,sharded,quantized", help="reference part")
+    parser.add_argument("--eval-ranks", type=int, default=2, help="eval part: ranks (processes)")
+    parser.add_argument("--eval-dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="eval part: dtype")
+    parser.add_argument("--eval-examples", type=int, default=4, help="eval part: QA pairs per split")
+    parser.add_argument("--eval-new-tokens", type=int, default=8, help="eval part: greedy tokens (0 = none)")
     parser.add_argument("--work-dir", default=None, help="where bench models are saved (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per measuring subprocess")
     parser.add_argument(
@@ -87,12 +100,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.vocabs = args.vocabs if isinstance(args.vocabs, list) else [int(v) for v in args.vocabs.split(",")]
     except ValueError as exc:
         raise ValueError(f"--vocabs must be comma-separated integers, e.g. 32000,128256; got {args.vocabs!r}") from exc
-    for option, value in (("--tokens", args.tokens), ("--hidden", args.hidden), ("--lora-r", args.lora_r)):
+    for option, value in (
+        ("--tokens", args.tokens),
+        ("--hidden", args.hidden),
+        ("--lora-r", args.lora_r),
+        ("--eval-ranks", args.eval_ranks),
+        ("--eval-examples", args.eval_examples),
+    ):
         if value <= 0:
             raise ValueError(f"{option} must be a positive integer, got {value}")
     if not args.vocabs or min(args.vocabs) <= 1:
         raise ValueError(f"--vocabs needs sizes > 1, got {args.vocabs}")
-    if ("step" in args.parts or "reference" in args.parts) and not Path(args.config).is_file():
+    if {"step", "reference", "eval"} & set(args.parts) and not Path(args.config).is_file():
         raise ValueError(f"--config {args.config} not found; pass the quickstart config path (run from the repo root)")
     if args.device is None:
         import torch
@@ -160,8 +179,35 @@ def part_reference(args: argparse.Namespace, models: dict[str, Any]) -> list[dic
     return rows
 
 
+def part_eval(args: argparse.Namespace, models: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-rank memory of evaluating each model on ``--eval-ranks`` ranks, whole fp32 vs sharded."""
+    from dist_unlearn.bench.memory import malloc_env, run_ranks
+
+    rows = []
+    for name, model in models.items():
+        row: dict[str, Any] = {"model": name, "shape": model["shape"], "world_size": args.eval_ranks}
+        row |= {"dtype": args.eval_dtype, "examples_per_split": args.eval_examples}
+        row["new_tokens"] = args.eval_new_tokens
+        spec = {"kind": "eval", "device": args.device, "dtype": args.eval_dtype, **_model_spec(model)}
+        spec |= {"max_examples": args.eval_examples, "generate": args.eval_new_tokens > 0}
+        spec |= {"max_new_tokens": max(1, args.eval_new_tokens), "batch_size": 4}
+        for mode in ("full", "sharded"):
+            row[mode] = run_ranks(
+                {**spec, "mode": mode}, args.eval_ranks, args.timeout, malloc_env(args.malloc_mmap_threshold)
+            )
+        peaks = {mode: [r.get("peak_increase_mib") for r in row[mode]] for mode in ("full", "sharded")}
+        complete = all(v is not None for values in peaks.values() for v in values)
+        fp32_weights = row["full"][0].get("weights_mib") if complete else None
+        row["fp32_weights_mib"] = fp32_weights
+        row["sharded_over_full"] = round(max(peaks["sharded"]) / max(peaks["full"]), 4) if complete else None
+        row["sharded_over_fp32_weights"] = round(max(peaks["sharded"]) / fp32_weights, 4) if fp32_weights else None
+        rows.append(row)
+    return rows
+
+
 PART_FUNCTIONS = {"loss": ("lm_loss_memory", part_loss), "step": ("train_step_memory", part_step)}
 PART_FUNCTIONS["reference"] = ("reference_memory", part_reference)
+PART_FUNCTIONS["eval"] = ("eval_memory", part_eval)
 
 
 def prepare_models(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
@@ -243,6 +289,12 @@ def table(results: dict[str, Any]) -> str:
     for row in results.get("reference_memory", []):
         cells = "  ".join(f"{mode} {_mib(row[mode], 'reference_mib')}" for mode in PART_MODES if mode in row)
         lines.append(f"reference {row['model']}: {cells}")
+    for row in results.get("eval_memory", []):
+        cells = "  ".join(f"{mode} peak/rank " + "/".join(_mib(r) for r in row[mode]) for mode in ("full", "sharded"))
+        lines.append(
+            f"eval {row['model']} on {row['world_size']} ranks (full fp32 vs sharded {row['dtype']}): {cells}  "
+            f"sharded/full {row['sharded_over_full']}  sharded/fp32 weights {row['sharded_over_fp32_weights']}"
+        )
     return "\n".join(lines)
 
 
@@ -256,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     own_dir = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="bench-memory-")) if own_dir else Path(args.work_dir)
     try:
-        models = prepare_models(args, work_dir) if {"step", "reference"} & set(args.parts) else {}
+        models = prepare_models(args, work_dir) if {"step", "reference", "eval"} & set(args.parts) else {}
         results["models"] = {name: {k: v for k, v in m.items() if k != "model_dir"} for name, m in models.items()}
         for part in args.parts:
             key, function = PART_FUNCTIONS[part]

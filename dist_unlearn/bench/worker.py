@@ -75,6 +75,7 @@ def measure_loss(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     """Entry point: ``argv[0]`` is the JSON spec; prints the JSON result as the last stdout line."""
     spec = json.loads(argv[0])
+    from dist_unlearn.bench.eval_memory import measure_eval
     from dist_unlearn.bench.lm_memory import measure_lm_loss, measure_train_step
     from dist_unlearn.bench.reference_memory import measure_reference
 
@@ -84,6 +85,7 @@ def main(argv: list[str]) -> int:
         "lm_loss": measure_lm_loss,
         "train_step": measure_train_step,
         "reference": measure_reference,
+        "eval": measure_eval,
     }[spec["kind"]]
     print(json.dumps(measure(spec)), flush=True)
     return 0

@@ -25,6 +25,9 @@ REFERENCE_STRATEGIES = ("none", "adapter_disabled", "cached", "sharded", "quanti
 """How π_ref is provided (``dist_unlearn.unlearning.reference``); ``auto`` picks one per method."""
 REFERENCE_MODES = ("auto", *REFERENCE_STRATEGIES)
 USE_GPU_MODES = ("auto", "true", "false")
+SHARD_WEIGHTS_MODES = ("auto", "true", "false")
+SHARD_WEIGHTS_AUTO_BYTES = 1 << 30
+"""``eval.shard_weights=auto`` partitions a model whose weight files hold at least this many bytes (1 GiB)."""
 ZERO_STAGES = (0, 1, 2, 3)
 EVAL_BEST_METRICS = ("forget_quality", "model_utility", "privleak_abs", "neg_forget_prob")
 ROBUST_METHODS = ("none", "sam", "sure")
@@ -232,6 +235,13 @@ class EvalConfig:
     """Fraction k of lowest-scoring tokens for Min-K% and Min-K%++."""
     attacks: Names = field(default_factory=list, metadata={"choices": EVAL_ATTACKS, "example": "relearn,nf4"})
     """Robustness attacks after unlearning: ``relearn``, ``nf4``, ``int8`` (re-measured afterwards)."""
+    shard_weights: BoolText = _opt("auto", choices=SHARD_WEIGHTS_MODES)
+    """With several ranks, load every evaluated model (the trained one, the oracle, ULD's members) in
+    ``model.dtype`` ZeRO-3-partitioned over the ranks (each holds 1/W of its weights; every forward gathers
+    them): ``true``; ``false`` = a whole copy per rank; ``auto`` = partitioned when the model's weight files
+    hold at least ``SHARD_WEIGHTS_AUTO_BYTES`` (a small model's gathers cost more time than its copies cost
+    memory). The ``relearn`` attack always fine-tunes a whole fp32 copy, the ``nf4`` / ``int8`` attacks a
+    whole quantized one."""
     relearn_steps: Int = _opt(5, ge=1)
     relearn_fraction: Float = _opt(0.5, gt=0.0)
     relearn_lr: Float = _opt(1e-3, gt=0.0)

@@ -9,6 +9,10 @@
   arXiv:2410.16454): reload the saved model with bitsandbytes 4-bit NF4 or LLM.int8() weights
   (:func:`dist_unlearn.models.quantization.bnb_config`) and re-measure.
 
+The attacked model is a whole copy on every rank (not ZeRO-3-partitioned like the evaluated models of
+:func:`dist_unlearn.eval.suite.load_for_eval`): ``relearn`` fine-tunes it in fp32 with a plain optimizer,
+and bitsandbytes weights cannot be partitioned.
+
 A saved directory with an ``inference.json`` (ULD) is attacked as the model it describes
 (:func:`dist_unlearn.models.combined.load_scoring_model`): relearning fine-tunes target and assistant
 through the combined logits, the quantization attacks quantize both.

@@ -4,8 +4,11 @@ The prompt is exactly the training prefix (:func:`dist_unlearn.data.qa.prompt_id
 PROMPT_TEMPLATE`` in the plain format, the chat template's user turn and generation prompt in the chat
 format).
 Each question is generated on its own (no padding, so the text does not depend on how questions are
-batched or sharded), with ``model.generate`` of the plain ``transformers`` model: generation needs the
-whole weights on every rank, i.e. a plain/exported model or a ZeRO ≤ 2 engine (not a ZeRO-3 engine).
+batched or sharded), with ``model.generate`` of the plain ``transformers`` model. A model whose weights
+are ZeRO-3-partitioned over several ranks (:func:`dist_unlearn.models.inference.load_inference_model`)
+generates with ``synced_gpus``: its forwards are collective, so a rank whose answer has ended keeps
+running forwards until every rank's has, and every rank generates for the same number of questions
+(:func:`~dist_unlearn.distributed.sharded.sharded_map` pads the shares).
 
 Sampling for question ``i`` is seeded with ``derive_seed(seed, "sample", i)``, so the samples are the
 same on any number of ranks. ROUGE-L recall is ``LCS(answer, generation)/|answer|`` over the
@@ -27,6 +30,7 @@ from dist_unlearn.distributed.seeding import derive_seed
 from dist_unlearn.distributed.sharded import sharded_map
 from dist_unlearn.eval.modes import eval_mode
 from dist_unlearn.models.chunked_lm import unwrap_model
+from dist_unlearn.models.inference import generation_sync
 
 
 @functools.cache
@@ -69,6 +73,7 @@ def generate_token_ids(
     ``[N, num_samples · max_new_tokens]`` (sample ``s`` in columns ``s·max_new_tokens ...``).
     """
     lm = unwrap_model(model)
+    sync = generation_sync(model)
     copies = max(1, num_samples)
     count = len(questions) if prompt_ids is None else len(prompt_ids)
 
@@ -88,6 +93,7 @@ def generate_token_ids(
                 num_return_sequences=copies,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                **sync,
                 **kwargs,
             )[:, prompt.shape[1] :]
             for s in range(copies):

@@ -42,6 +42,7 @@ from dist_unlearn.eval.suite import (
     best_score,
     evaluate_directory,
     evaluate_model,
+    load_for_eval,
     settings_from_config,
 )
 from dist_unlearn.io import write_json_atomic
@@ -86,23 +87,21 @@ class RunEvaluator:
 
             self.oracle_result = load_oracle_stats(self.oracle_stats)
         if self.oracle_result is None and self.oracle_dir is not None:
-            from dist_unlearn.models.loading import load_causal_lm
-
-            oracle = load_causal_lm(self.oracle_dir, torch.float32, "eager")
             settings = settings_from_config(self.cfg, generate=False)
+            oracle = load_for_eval(self.oracle_dir, settings, self.device)
             self.oracle_result = evaluate_model(oracle, self.tokenizer, self.facts, settings, device=self.device)
+            del oracle
         return self.oracle_result
 
     def scored(self, engine: Any) -> torch.nn.Module:
         """The model to score for the live ``engine``: the engine itself, or the combination of
-        ``inference`` (the models it adds loaded once, frozen, in eval mode on this rank's device)."""
+        ``inference`` (the models it adds loaded once by :func:`~dist_unlearn.eval.suite.load_for_eval`:
+        frozen, in eval mode, in ``model.dtype``, partitioned over the ranks unless ``eval.shard_weights=false``)."""
         from dist_unlearn.models.combined import combine
-        from dist_unlearn.models.loading import load_causal_lm
 
         def load(path: str) -> torch.nn.Module:
             if path not in self._members:
-                member = load_causal_lm(path, torch.float32, "eager").requires_grad_(False).eval()
-                self._members[path] = member.to(self.device)
+                self._members[path] = load_for_eval(path, settings_from_config(self.cfg), self.device)
             return self._members[path]
 
         return engine if self.inference is None else combine(engine, self.inference, load).eval()

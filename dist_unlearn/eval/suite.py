@@ -34,11 +34,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dist_unlearn.config.schema import SHARD_WEIGHTS_AUTO_BYTES
 from dist_unlearn.data.facts import FactsBenchmark, QAItem
 from dist_unlearn.data.formats import MuseBenchmark
 from dist_unlearn.data.qa import IGNORE_INDEX, QADataset
@@ -78,10 +80,15 @@ class EvalSettings:
     verbmem_max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS
     knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW_TOKENS
     """MUSE's lengths (:mod:`dist_unlearn.eval.muse`); used only on a MUSE benchmark."""
+    dtype: str = "fp32"
+    """dtype the evaluated models are loaded in (:func:`load_for_eval`; a run's ``model.dtype``)."""
+    shard_weights: str = "auto"
+    """With several ranks, load them ZeRO-3-partitioned: ``true``, ``false`` or ``auto`` (by size,
+    :func:`partitions`; ``eval.shard_weights``)."""
 
 
 def settings_from_config(cfg: Any, **changes: Any) -> EvalSettings:
-    """:class:`EvalSettings` from a run config (``eval``, ``data.max_length``, ``train.seed``)."""
+    """:class:`EvalSettings` from a run config (``eval``, ``data.max_length``, ``train.seed``, ``model.dtype``)."""
     e = cfg.eval
     settings = EvalSettings(
         max_examples=e.max_examples,
@@ -92,8 +99,34 @@ def settings_from_config(cfg: Any, **changes: Any) -> EvalSettings:
         min_k=e.min_k,
         max_length=cfg.data.max_length,
         seed=cfg.train.seed,
+        dtype=cfg.model.dtype,
+        shard_weights=e.shard_weights,
     )
     return dataclasses.replace(settings, **changes)
+
+
+def partitions(path: str, mode: str) -> bool:
+    """Whether ``eval.shard_weights=mode`` partitions the model at ``path``: ``true``/``false`` as said;
+    ``auto`` when its weight files (``*.safetensors``, ``*.bin``) hold at least
+    :data:`~dist_unlearn.config.schema.SHARD_WEIGHTS_AUTO_BYTES`, or when ``path`` is not a local directory
+    (a hub name: its size is not known before it loads)."""
+    if mode != "auto":
+        return mode == "true"
+    directory = Path(path)
+    if not directory.is_dir():
+        return True
+    size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in directory.glob(pattern))
+    return size >= SHARD_WEIGHTS_AUTO_BYTES
+
+
+def load_for_eval(path: str, settings: EvalSettings, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A saved causal LM ready to score: in ``settings.dtype``, eager attention, ZeRO-3-partitioned over the
+    ranks when there are several and ``settings.shard_weights`` says so (:func:`partitions`;
+    :func:`dist_unlearn.models.inference.load_inference_model`). Collective when partitioned (every rank
+    decides alike: the same files)."""
+    from dist_unlearn.models.inference import load_inference_model
+
+    return load_inference_model(path, settings.dtype, partitions(path, settings.shard_weights), "eager", device)
 
 
 def _perturbed_items(items: Sequence[QAItem]) -> tuple[list[QAItem], int]:
@@ -381,20 +414,25 @@ def evaluate_directory(
 
     The scored model is :func:`~dist_unlearn.models.combined.load_scoring_model` of ``model_dir``: the saved
     model, or the model its ``inference.json`` describes (ULD: target − α·assistant, not the assistant).
+    It and the oracle load through :func:`load_for_eval` (``model.dtype``, partitioned over the ranks).
     """
     from dist_unlearn.eval.attacks import attacked_model
     from dist_unlearn.models.combined import load_scoring_model
-    from dist_unlearn.models.loading import load_causal_lm, tokenizer_for_config
+    from dist_unlearn.models.loading import tokenizer_for_config
 
     settings = settings_from_config(cfg)
     tokenizer = tokenizer_for_config(model_dir, cfg.data)
+
+    def load(path: str) -> torch.nn.Module:
+        return load_for_eval(path, settings, device)
+
     if oracle_result is None and oracle_dir is not None:
-        oracle = load_causal_lm(oracle_dir, torch.float32, "eager")
+        oracle = load(oracle_dir)
         oracle_result = evaluate_model(
             oracle, tokenizer, facts, dataclasses.replace(settings, generate=False), device=device
         )
         del oracle
-    model = load_scoring_model(model_dir)  # the saved model, or what its inference.json says (ULD: combined)
+    model = load_scoring_model(model_dir, load)  # the saved model, or what its inference.json says (ULD: combined)
     out: dict[str, Any] = {
         "model_dir": str(model_dir),
         "result": evaluate_model(model, tokenizer, facts, settings, oracle_result, device),

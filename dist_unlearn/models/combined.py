@@ -164,11 +164,14 @@ class LogitDifferenceLM(torch.nn.Module):
         top_p: float = 1.0,
         pad_token_id: int | None = None,
         eos_token_id: int | None = None,
+        synced_gpus: bool = False,
         **unused: Any,
     ) -> torch.Tensor:
         """Greedy (``do_sample=False``) or sampled (``softmax(z/temperature)``, whole vocabulary) decoding
         from the combined logits, with both members' key/value caches; returns ``[b·n, T + new]`` like
         ``transformers``' ``generate`` (rows that reached ``eos_token_id`` continue with ``pad_token_id``).
+        ``synced_gpus`` (members ZeRO-3-partitioned over the ranks, so every forward is collective): stop
+        only when every rank's rows have ended.
 
         Raises:
             ValueError: an option it does not implement (``top_k > 0``, ``top_p < 1``, other keywords).
@@ -207,9 +210,18 @@ class LogitDifferenceLM(torch.nn.Module):
             step_ids = nxt[:, None]
             if eos_token_id is not None:
                 finished |= nxt == eos_token_id
-                if bool(finished.all()):
+                if _all_ranks_done(bool(finished.all()), synced_gpus, ids.device):
                     break
         return ids
+
+
+def _all_ranks_done(done: bool, synced: bool, device: torch.device) -> bool:
+    """``done`` on this rank (and, when ``synced``, on every rank of the process group)."""
+    if not synced or not torch.distributed.is_initialized():
+        return done
+    flag = torch.tensor([1.0 if done else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 # --- inference spec and the one loader ----------------------------------------------------------
