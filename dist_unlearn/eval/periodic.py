@@ -96,7 +96,7 @@ class RunEvaluator:
     def scored(self, engine: Any) -> torch.nn.Module:
         """The model to score for the live ``engine``: the engine itself, or the combination of
         ``inference`` (the models it adds loaded once by :func:`~dist_unlearn.eval.suite.load_for_eval`:
-        frozen, in eval mode, in ``model.dtype``, partitioned over the ranks unless ``eval.shard_weights=false``)."""
+        frozen, in eval mode, in ``model.dtype``, partitioned over the ranks as ``eval.shard_weights`` says)."""
         from dist_unlearn.models.combined import combine
 
         def load(path: str) -> torch.nn.Module:
