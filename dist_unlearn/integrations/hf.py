@@ -56,12 +56,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dist_unlearn.data.qa import QADataset
-from dist_unlearn.distributed.env import mean_over_ranks
+from dist_unlearn.distributed.env import get_rank, mean_over_ranks
 from dist_unlearn.eval.answers import evaluate_splits
 from dist_unlearn.io import atomic_path
 from dist_unlearn.models.chunked_lm import unwrap_model
@@ -171,8 +170,7 @@ class SaliencyCallback(UnlearningCallback):
         self.mask: SaliencyMask | None = None
 
     def _file(self, state_dir: Path) -> Path:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        return Path(state_dir) / f"saliency_rank{rank}.pt"
+        return Path(state_dir) / f"saliency_rank{get_rank()}.pt"
 
     def setup(self, trainer: UnlearningTrainerMixin, model: torch.nn.Module, resume_dir: str | None) -> None:
         saved = self._file(Path(resume_dir) / STATE_DIR) if resume_dir else None

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from dist_unlearn.distributed.env import get_world_size
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _ST_DTYPES = {
@@ -73,11 +75,6 @@ def inference_ds_config(dtype: str = "fp32", micro_batch_size: int = 1) -> dict[
     }
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def load_inference_model(
     path: str | Path,
     dtype: str = "fp32",
@@ -100,7 +97,7 @@ def load_inference_model(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if shard and _world_size() > 1:
+    if shard and get_world_size() > 1:
         return sharded_engine(path, dtype, attn_implementation)
     from dist_unlearn.models.loading import load_causal_lm
 
@@ -244,4 +241,4 @@ def generation_sync(model: torch.nn.Module) -> dict[str, Any]:
     """Keyword arguments ``generate`` needs for ``model``: ``synced_gpus=True`` when its weights are
     partitioned over several ranks (every rank keeps running forwards until all ranks have finished
     their sequences, as each forward is collective), else none."""
-    return {"synced_gpus": True} if is_partitioned(model) and _world_size() > 1 else {}
+    return {"synced_gpus": True} if is_partitioned(model) and get_world_size() > 1 else {}
