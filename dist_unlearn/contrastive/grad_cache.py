@@ -65,6 +65,11 @@ chunk count per input (one small ``all_reduce``), and a rank with fewer chunks r
 row, or 0 rows for an empty input) whose surrogate has weight 0 (and whose forwards draw from a forked
 RNG, leaving the global RNG untouched).
 
+Half precision: the loss and the cached ``∂L/∂R`` are float32 whatever the compute dtype; float16 without
+DeepSpeed takes a ``torch.amp.GradScaler`` (``scaler=``) that scales every chunk's backward and the loss
+parameters' gradients alike, while under DeepSpeed fp16 the engine's own loss scale applies (see
+:class:`GradCache`, "float16 and loss scaling").
+
 Exactness needs a forward that is a function of (parameters, inputs, RNG state). Dropout is fine; a
 module that changes its own state in forward (batch-norm running statistics) is updated twice per
 step. ``check_replay=True`` verifies the replayed representations against the cached ones.
@@ -246,6 +251,19 @@ def agreed_chunk_counts(counts: list[int], device: torch.device, rows: list[int]
     return agreed_counts
 
 
+def cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype GradCache keeps representations and their cached gradient in: float32 for float16/bfloat16, else
+    ``dtype`` (float32, float64).
+
+    ``G = ∂L/∂R`` of a mean-reduced loss scales like ``1/B``: in float16 its entries fall below the smallest normal
+    number (6.1e-5) at batch sizes of a few thousand and lose digits, or flush to 0, before any loss scale is
+    applied; in bfloat16 every entry keeps only 8 significant bits. The loss therefore runs on float32 copies of
+    the representations and ``G`` stays float32 until the replay multiplies it (scaled, see :class:`GradCache`)
+    into the low-precision graph.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 # --- encoding -----------------------------------------------------------------------------------
 
 
@@ -370,6 +388,32 @@ def check_engine(engine: Any) -> None:
         raise ValueError("GradCache needs a DeepSpeed engine with an optimizer (engine.backward requires one)")
 
 
+def check_scaler(scaler: Any, kind: str) -> None:
+    """Refuse a ``scaler`` that GradCache cannot use with a model of this ``kind`` (see :func:`model_kind`).
+
+    Raises:
+        TypeError: ``scaler`` lacks the ``torch.amp.GradScaler`` methods GradCache and the caller use (``scale``,
+            ``unscale_``, ``step``, ``update``).
+        ValueError: ``kind`` is ``"deepspeed"``: the engine owns fp16 loss scaling, so a second scaler would
+            multiply the gradients twice and skip steps the engine does not.
+    """
+    if scaler is None:
+        return
+    missing = [name for name in ("scale", "unscale_", "step", "update") if not callable(getattr(scaler, name, None))]
+    if missing:
+        raise TypeError(
+            f"scaler must be a torch.amp.GradScaler, got a {type(scaler).__name__} without {', '.join(missing)}; "
+            "pass scaler=torch.amp.GradScaler(device_type)"
+        )
+    if kind == "deepspeed":
+        raise ValueError(
+            "GradCache(scaler=...) cannot be used with a DeepSpeed engine: the engine owns fp16 loss scaling "
+            "(engine.backward multiplies by its loss scale, engine.step unscales and skips overflowing steps), so a "
+            'GradScaler would scale twice. Fix: drop scaler= and set "fp16": {"enabled": true} in the DeepSpeed '
+            "config (dynamic loss scaling by default)"
+        )
+
+
 def data_parallel_group(model: Any, kind: str) -> Any:
     """The process group over which ``model``'s wrapper averages gradients (``None``: the default group)."""
     if kind == "ddp":
@@ -452,6 +496,9 @@ class GradCache:
         replay_atol: the largest absolute difference ``check_replay`` accepts.
         autocast_dtype: if set, both forwards run under ``torch.autocast(device_type, autocast_dtype)``
             with the device type of the inputs. (A DeepSpeed engine's own bf16/fp16 settings apply too.)
+        scaler: a ``torch.amp.GradScaler`` for float16 without DeepSpeed (plain module or DDP): every chunk's
+            backward is scaled by it, and so are the loss parameters' gradients; step the optimizer(s) through
+            it. See "float16" below. ``ValueError`` with a DeepSpeed engine (it scales the loss itself).
         loss_parameters: the loss's own learnable parameters (temperature, SigLIP scale and bias); default
             ``loss_fn.parameters()`` when ``loss_fn`` is an ``nn.Module``, else none. See below.
         sort_by_length: within each input that is a mapping with a right-padded 2-D ``attention_mask``, encode
@@ -486,6 +533,40 @@ class GradCache:
     gradients from the model's own backward. With a plain module nothing is averaged (the model's gradients
     are not either): each rank keeps its share, like the model's.
 
+    **float16 and loss scaling.** Representations are cast to float32 before ``loss_fn`` (float16 and bfloat16;
+    :func:`cache_dtype`), so the loss, its parameters' gradients and the cached ``G = ∂L/∂R`` are float32 whatever
+    the compute dtype; ``G`` meets the half-precision graph only in the replay, where ``Σ r ⊙ G`` backpropagates
+    ``G`` rounded to the representations' dtype. In float16 that rounding underflows (``G`` scales like ``1/B``),
+    hence loss scaling (Micikevicius et al., 2018, "Mixed Precision Training", ICLR; arXiv:1710.03740):
+
+    - plain module / DDP: pass ``scaler=torch.amp.GradScaler(device_type)`` with ``autocast_dtype=torch.float16``.
+      Each chunk backpropagates ``S · Σ r ⊙ G`` (``scaler.scale``), so the model's gradients are ``S · ∂L/∂θ``;
+      the loss parameters' gradients, taken unscaled in the gradient-cache phase (and averaged across ranks), are
+      multiplied by the same ``S``. ``scaler.step(optimizer)`` then unscales every gradient by ``1/S``, skips the
+      step if any is inf/NaN, and ``scaler.update()`` lowers ``S`` after an overflow. GradScaler's scales are
+      powers of two (default ``init_scale`` 2^16, factors 2 and 1/2), so ``× S`` then ``/ S`` is exact for the
+      loss parameters: they end with the same unscaled gradient as without a scaler. Put the loss parameters
+      in the model's optimizer (a second parameter group) so that one inf/NaN check skips both; a separate
+      optimizer stepped through the same scaler decides on its own gradients (``GradScaler`` semantics)::
+
+          scaler = torch.amp.GradScaler("cuda")
+          cache = GradCache(model, 64, loss_fn, autocast_dtype=torch.float16, scaler=scaler)
+          optimizer = torch.optim.AdamW([{"params": model.parameters()}, {"params": loss_fn.parameters()}])
+          cache.step(queries, docs)
+          scaler.step(optimizer)      # unscale, check inf/NaN, step or skip
+          scaler.update()             # lower the scale after an overflow, raise it after a run of good steps
+          optimizer.zero_grad()
+          loss_fn.clamp_parameters_()
+
+      With :meth:`step_deferred` the returned surrogate is *not* scaled: the caller's backward scales it with the
+      same scaler (``scaler.scale(s).backward()``; ``accelerator.backward`` does so with ``accelerator.scaler``,
+      which is the scaler to pass here).
+    - DeepSpeed fp16: the engine owns the loss scale. Every chunk goes through ``engine.backward``, which
+      multiplies by the engine's current scale, and ``engine.step()`` unscales, checks and skips; the loss
+      parameters' gradients never pass through the engine and stay unscaled, as their own optimizer expects.
+      Nothing is scaled twice; a ``scaler`` is refused.
+    - bfloat16 needs no loss scaling (float32's exponent range); the float32 cache still applies.
+
     Under DeepSpeed, one :meth:`step` is one optimizer step's whole gradient: a second :meth:`step` on the
     same engine before ``engine.step()`` raises ``RuntimeError`` (under ZeRO-1/2 the second reduction
     would silently overwrite the first batch's gradient). Make the GradCache batch larger instead. Under
@@ -505,6 +586,7 @@ class GradCache:
         sort_by_length: bool = False,
         trim_padding: bool = False,
         keep_last_graph: bool = True,
+        scaler: Any | None = None,
     ) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -521,8 +603,10 @@ class GradCache:
         self.trim_padding = trim_padding
         self.kind = model_kind(model)
         self.keep_last_graph = keep_last_graph and self.kind == "plain"
+        check_scaler(scaler, self.kind)
         if self.kind == "deepspeed":
             check_engine(model)
+        self.scaler = scaler
         self._loss_parameters = list(loss_parameters) if loss_parameters is not None else None
         if self.kind != "plain":
             shared = [p for p in self.loss_parameters() if id(p) in wrapped_parameter_ids(model)]
@@ -592,7 +676,9 @@ class GradCache:
         ghost chunks, ``check_replay``) is as in :meth:`step`; in particular the DeepSpeed engine needs
         ``gradient_accumulation_steps: 1`` and the caller's backward must not be scaled by anything but 1 (no
         extra division by a gradient-accumulation count; DeepSpeed's fp16 loss scale is fine, as every chunk's
-        ``engine.backward`` applies it).
+        ``engine.backward`` applies it). With a ``scaler`` the surrogate is returned unscaled and the caller
+        scales it with that same scaler (``scaler.scale(s).backward()``, or ``accelerator.backward(s)`` with
+        ``scaler=accelerator.scaler``), as the earlier chunks were.
 
         Returns:
             ``(loss, surrogate)``: the loss, detached, and the last chunk's surrogate to backpropagate.
@@ -709,6 +795,10 @@ class GradCache:
     ) -> tuple[Tensor, list[list[Tensor]]]:
         """Phase 2: ``loss_fn`` on the detached full representations; returns the loss and ∂L/∂reps per chunk.
 
+        Representations in float16/bfloat16 are cast to float32 first (:func:`cache_dtype`), so the loss runs
+        in float32 and ∂L/∂reps is float32. With a ``scaler`` the loss parameters' gradients of this step are
+        multiplied by its scale, like the model's (see the class docstring).
+
         ``orders[i]`` (``[B_i]`` or None): input ``i`` was encoded in that row order (``sort_by_length``); its
         representations are put back in the input's order for ``loss_fn``, and ∂L/∂reps is returned in the
         encoding order, chunk by chunk.
@@ -717,6 +807,7 @@ class GradCache:
         leaves = []
         for input_reps, order in zip(reps, orders, strict=True):
             joined = torch.cat(input_reps)
+            joined = joined.to(cache_dtype(joined.dtype))  # float32 loss and cache for half inputs (class doc)
             if order is not None:
                 joined = joined[torch.argsort(order).to(joined.device)]
             leaves.append(joined.requires_grad_())
@@ -733,6 +824,7 @@ class GradCache:
             param.grad = None
         loss.backward()
         self._average_loss_gradients(params, leaves[0].device)
+        self._scale_loss_gradients(params)
         for param, grad in zip(params, earlier, strict=True):
             if grad is not None:
                 param.grad = grad if param.grad is None else grad.add_(param.grad)
@@ -768,6 +860,19 @@ class GradCache:
                 "parameters, so under DDP/DeepSpeed their gradients would differ between ranks. Pass the loss "
                 "module itself as loss_fn, or list them: GradCache(..., loss_parameters=[...])"
             )
+
+    def _scale_loss_gradients(self, params: list[nn.Parameter]) -> None:
+        """Multiply this step's loss-parameter gradients by the scaler's scale ``S`` (a no-op without a scaler).
+
+        The model's gradients come out of the scaled replay as ``S · ∂L/∂θ``; the loss parameters get
+        ``S · ∂L/∂p`` too, so that ``scaler.unscale_`` / ``scaler.step`` treats every gradient alike (exact for
+        a power-of-two ``S``). ``scaler.scale`` returns a ``[1]`` tensor for a 0-dim one: reshaped back.
+        """
+        if self.scaler is None:
+            return
+        for param in params:
+            if param.grad is not None:
+                param.grad = self.scaler.scale(param.grad).reshape(param.grad.shape).to(param.grad.dtype)
 
     def _average_loss_gradients(self, params: list[nn.Parameter], device: torch.device) -> None:
         """All-reduce-average this step's gradients of the loss's own parameters over the data-parallel group.
@@ -885,9 +990,12 @@ class GradCache:
         yield boundary
 
     def _backward(self, surrogate: Tensor) -> None:
-        """Backpropagate one chunk's surrogate; through ``engine.backward`` for DeepSpeed (no 1/gas divisor)."""
+        """Backpropagate one chunk's surrogate; through ``engine.backward`` for DeepSpeed (no 1/gas divisor, the
+        engine's own fp16 loss scale), else ``surrogate.backward()``, multiplied by the scaler's scale if any."""
         if self.kind == "deepspeed":
             self.model.backward(surrogate, scale_wrt_gas=False)
+        elif self.scaler is not None:
+            self.scaler.scale(surrogate).backward()
         else:
             surrogate.backward()
 
