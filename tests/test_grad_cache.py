@@ -280,8 +280,8 @@ def test_autocast_bfloat16_runs_and_matches():
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         q, d = model(queries), model(docs)
-    info_nce(q, d).backward()
-    assert max_rel_error(got, grads_of(model)) < 1e-2  # bf16 rounding only (measured 3e-3); fp32 parameter grads
+    info_nce(q.float(), d.float()).backward()  # GradCache runs the loss on float32 copies of half-precision reps
+    assert max_rel_error(got, grads_of(model)) < 1e-2  # bf16 rounding only (measured 3.4e-3); fp32 parameter grads
 
 
 def test_bad_arguments_fail_clearly():

@@ -551,7 +551,8 @@ class GradCache:
 
           scaler = torch.amp.GradScaler("cuda")
           cache = GradCache(model, 64, loss_fn, autocast_dtype=torch.float16, scaler=scaler)
-          optimizer = torch.optim.AdamW([{"params": model.parameters()}, {"params": loss_fn.parameters()}])
+          groups = [{"params": model.parameters()}, {"params": loss_fn.parameters(), "weight_decay": 0.0}]
+          optimizer = torch.optim.AdamW(groups)
           cache.step(queries, docs)
           scaler.step(optimizer)      # unscale, check inf/NaN, step or skip
           scaler.update()             # lower the scale after an overflow, raise it after a run of good steps
@@ -564,7 +565,9 @@ class GradCache:
     - DeepSpeed fp16: the engine owns the loss scale. Every chunk goes through ``engine.backward``, which
       multiplies by the engine's current scale, and ``engine.step()`` unscales, checks and skips; the loss
       parameters' gradients never pass through the engine and stay unscaled, as their own optimizer expects.
-      Nothing is scaled twice; a ``scaler`` is refused.
+      Nothing is scaled twice; a ``scaler`` is refused. When the engine skips a step (``engine.skipped_steps``
+      grows), skip the loss parameters' step too and clear their gradients
+      (:meth:`~dist_unlearn.contrastive.loss_params.LossParameterStepper.step` with ``skipped=True``).
     - bfloat16 needs no loss scaling (float32's exponent range); the float32 cache still applies.
 
     Under DeepSpeed, one :meth:`step` is one optimizer step's whole gradient: a second :meth:`step` on the

@@ -100,10 +100,17 @@ class LossParameterStepper:
             else None
         )
 
-    def step(self) -> None:
-        """Apply the gradients in ``p.grad``, clear them, and clamp the parameters (CLIP's order)."""
+    def step(self, skipped: bool = False) -> None:
+        """Apply the gradients in ``p.grad``, clear them, and clamp the parameters (CLIP's order).
+
+        Args:
+            skipped: the model's optimizer step was skipped (fp16 overflow: DeepSpeed's ``engine.skipped_steps``
+                grew in ``engine.step()``); the gradients are cleared without a step, so that the loss's
+                parameters skip the same steps as the model's.
+        """
         if self.optimizer is not None:
-            self.optimizer.step()
+            if not skipped:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         clamp = getattr(self.loss_fn, "clamp_parameters_", None)
         if clamp is not None:

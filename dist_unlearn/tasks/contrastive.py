@@ -128,8 +128,11 @@ class ContrastiveTask(Task):
         else:
             encode = lambda chunk: encode_batch(engine, chunk, c.pooling)
             backward_without_cache(engine, self.loss_fn(encode(queries), encode(docs)), self.stepper)
+        skipped = getattr(engine, "skipped_steps", 0)
         engine.step()
-        self.stepper.step()  # the loss's own parameters, then their clamp (CLIP: after the step, never in forward)
+        # the loss's own parameters, then their clamp (CLIP: after the step, never in forward); not after an fp16
+        # overflow that made DeepSpeed skip the model's step
+        self.stepper.step(skipped=getattr(engine, "skipped_steps", 0) != skipped)
         values = mean_over_ranks({"loss": float(self.loss_fn.last_global_loss)}, run.device)
         values.update(loss_parameter_values(self.loss_fn))
         return values
