@@ -255,11 +255,12 @@ def cache_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype GradCache keeps representations and their cached gradient in: float32 for float16/bfloat16, else
     ``dtype`` (float32, float64).
 
-    ``G = ∂L/∂R`` of a mean-reduced loss scales like ``1/B``: in float16 its entries fall below the smallest normal
-    number (6.1e-5) at batch sizes of a few thousand and lose digits, or flush to 0, before any loss scale is
-    applied; in bfloat16 every entry keeps only 8 significant bits. The loss therefore runs on float32 copies of
-    the representations and ``G`` stays float32 until the replay multiplies it (scaled, see :class:`GradCache`)
-    into the low-precision graph.
+    A loss computed in float16 rounds every logit ``s / τ`` (up to ``1/τ``, e.g. 20) to 11 significant bits, an
+    absolute error of up to ~1e-2 in each logit, and ``G = ∂L/∂R`` of a mean-reduced loss scales like ``1/B``, so at
+    large batches its float16 entries fall below the smallest normal number (6.1e-5) and lose digits, or flush to
+    0, before any loss scale could apply; bfloat16 keeps only 8 significant bits. The loss therefore runs on float32
+    copies of the representations and ``G`` stays float32 until the replay multiplies it (scaled, see
+    :class:`GradCache`) into the low-precision graph.
     """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
