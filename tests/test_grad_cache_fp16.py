@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from multiproc import run_on_ranks
 from torch import Tensor, nn
 
 from dist_unlearn.contrastive import GradCache, InfoNCELoss
@@ -198,11 +197,15 @@ def test_bad_scaler_is_refused():
 
 
 # --- 2 gloo ranks: DDP, and the refusal under DeepSpeed -------------------------------------------
+# Run inside the 2-rank spawn of test_grad_cache_loss_params.py (one process start-up for both files);
+# the tests that read the results are there.
 
 SIZES = (40, 24)
 
 
-def on_rank(rank: int, world: int) -> dict[str, Any]:
+def fp16_on_ranks(rank: int, world: int) -> dict[str, Any]:
+    """On each of 2 gloo ranks: the DDP fp16 update of :func:`fp16_update` on uneven slices, and what
+    ``GradCache(engine, ..., scaler=...)`` says for a DeepSpeed engine."""
     os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world)})  # for DeepSpeed
     out = fp16_update(sum(SIZES), scaler(), sizes=SIZES, rank=rank)
     dist.barrier()
@@ -218,32 +221,6 @@ def on_rank(rank: int, world: int) -> dict[str, Any]:
     except ValueError as exc:
         out["deepspeed"] = str(exc)
     return out
-
-
-@pytest.fixture(scope="module")
-def two_ranks() -> list[dict[str, Any]]:
-    pytest.importorskip("deepspeed")
-    return run_on_ranks(on_rank, 2, timeout=120)
-
-
-@pytest.mark.slow
-def test_ddp_fp16_with_loss_scaling_matches_one_process_fp32(two_ranks):
-    """DDP on 2 ranks (uneven slices): the same updates as float64 on the whole batch within TOL, and the
-    temperature bitwise equal on both ranks."""
-    want = reference_update(sum(SIZES))
-    for got in two_ranks:
-        assert got["scale"] == SCALE
-        assert rel_error(got["update"], want, MODEL) < TOL
-        assert rel_error(got["update"], want, TAU) < TOL
-    assert torch.equal(two_ranks[0]["update"][TAU[0]], two_ranks[1]["update"][TAU[0]])
-
-
-@pytest.mark.slow
-def test_scaler_with_a_deepspeed_engine_is_refused(two_ranks):
-    """DeepSpeed fp16 owns loss scaling (and cannot run on a CPU: DeepSpeed's CPU accelerator has no fp16)."""
-    for got in two_ranks:
-        assert "cannot be used with a DeepSpeed engine" in got["deepspeed"], got["deepspeed"]
-        assert '"fp16": {"enabled": true}' in got["deepspeed"]
 
 
 def test_loss_parameter_stepper_skips_with_the_model():

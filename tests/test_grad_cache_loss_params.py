@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import pytest
+import test_grad_cache_fp16 as fp16
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -312,6 +313,7 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
         dist.barrier()
     out["inside-model"] = loss_inside_the_model(rank, world)
     out["function"] = loss_in_a_function(rank)
+    out["fp16"] = fp16.fp16_on_ranks(rank, world)  # fp16 GradCache with loss scaling (test_grad_cache_fp16.py)
     return out
 
 
@@ -396,6 +398,27 @@ def test_undeclared_loss_parameters_are_refused_or_listed(two_ranks):
 
 
 # --- single process -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_fp16_with_loss_scaling_matches_one_process_fp32(two_ranks):
+    """DDP on 2 ranks (uneven slices): the same updates as float64 on the whole batch within TOL, and the
+    temperature bitwise equal on both ranks."""
+    want = fp16.reference_update(sum(fp16.SIZES))
+    for got in (out["fp16"] for out in two_ranks):
+        assert got["scale"] == fp16.SCALE
+        assert fp16.rel_error(got["update"], want, fp16.MODEL) < fp16.TOL
+        assert fp16.rel_error(got["update"], want, fp16.TAU) < fp16.TOL
+    first, second = (out["fp16"]["update"][fp16.TAU[0]] for out in two_ranks)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.slow
+def test_scaler_with_a_deepspeed_engine_is_refused(two_ranks):
+    """DeepSpeed fp16 owns loss scaling (and cannot run on a CPU: DeepSpeed's CPU accelerator has no fp16)."""
+    for got in (out["fp16"] for out in two_ranks):
+        assert "cannot be used with a DeepSpeed engine" in got["deepspeed"], got["deepspeed"]
+        assert '"fp16": {"enabled": true}' in got["deepspeed"]
 
 
 def test_plain_module_loss_parameters_get_the_full_batch_gradient():
