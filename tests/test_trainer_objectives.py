@@ -7,7 +7,8 @@ on its own: the step's global forget/retain/holdout rows drawn by their samplers
 rows paired with the forget rows, the objective applied to a copy of the model at those weights, and
 π_ref a frozen copy of the starting model run live (where the Trainer reads a cached table, or its own
 reference copy). Every logged term (``forget_loss``, ``retain_loss``, ``forget_nll``, ``retain_nll``,
-``unlearn_loss``, the Trainer's own ``loss``) must equal the recomputed one.
+``unlearn_loss``, the Trainer's own ``loss``) must equal the recomputed one. ULD, whose trained model is
+an assistant, is also checked for what it saves and what its evaluation scores.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def setup(tiny_dir):
 
     The objects alive by then are frozen out of the garbage collector (``gc.freeze``) for the module: the
     Trainer ends each ``train()`` with a full ``gc.collect()`` (accelerate's ``free_memory``), which would
-    otherwise walk every object of the pytest process each time, most of these tests' CPU time."""
+    otherwise walk every object of the pytest process each time, most of these tests' CPU time. Torch
+    computes on one thread meanwhile: on a tiny model a second one only contends (as in the launches)."""
     import gc
 
     import torch
@@ -49,9 +51,12 @@ def setup(tiny_dir):
     start = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval().requires_grad_(False)
     gc.collect()
     gc.freeze()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield tok, data, start
     finally:
+        torch.set_num_threads(threads)
         gc.unfreeze()
 
 
@@ -145,3 +150,66 @@ def test_every_objective_runs_through_the_trainer_and_logs_its_own_terms(name, s
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-9), (name, step + 1)
         assert row["loss"] == pytest.approx(expected["loss"], rel=1e-5, abs=1e-9), (name, step + 1)
         assert ("retain_loss" in row) == trainer.unlearn_objective.uses_retain
+
+
+def test_uld_saves_its_inference_spec_and_evaluates_the_unlearned_model(setup, tiny_dir, tmp_path):
+    """ULD trains an assistant; the unlearned model is the starting model − α·the assistant. Through the
+    Trainer: every saved model (checkpoints too) carries ``inference.json`` naming the starting model and α,
+    ``load_scoring_model`` of the saved directory is that combination, and ``UnlearningEvalCallback``
+    scores the combination (at the start, before any step, it already differs from the plain model).
+    Without a starting model directory the Trainer refuses ULD at construction."""
+    import copy
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from dist_unlearn.eval.answers import evaluate_splits
+    from dist_unlearn.integrations.hf import UnlearningEvalCallback, UnlearningTrainer
+    from dist_unlearn.models.combined import LogitDifferenceLM, load_scoring_model
+
+    tok, data, start = setup
+    alpha = 0.25
+    forget = {"forget": data["forget"]}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=BATCH,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=STEPS,
+        report_to=[],
+        use_cpu=True,
+        seed=SEED,
+        disable_tqdm=True,
+    )
+    given = {"forget_dataset": data["forget"], "retain_dataset": data["retain"], "processing_class": tok}
+    evaluation = UnlearningEvalCallback(forget, at_start=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    trainer = UnlearningTrainer(
+        model, args, objective="uld", objective_params={"alpha": alpha}, callbacks=[evaluation], **given
+    )
+    trainer.train()
+
+    def forget_prob(scored) -> float:
+        return evaluate_splits(scored.eval(), forget, tok.pad_token_id, collective=False)["forget"]["prob"]
+
+    at_start = forget_prob(LogitDifferenceLM(start, copy.deepcopy(start), alpha))
+    assert evaluation.at_start["eval_forget_prob"] == pytest.approx(at_start, rel=1e-5)
+    assert at_start != pytest.approx(forget_prob(start), rel=1e-3)  # the assistant's own score would not pass
+    trainer.save_model(str(tmp_path / "model"))
+    for saved in (tmp_path / "model", tmp_path / "out" / f"checkpoint-{STEPS}"):
+        spec = json.loads((saved / "inference.json").read_text())
+        assert (spec["kind"], spec["alpha"], spec["target"]) == (
+            "logit_difference",
+            alpha,
+            str(Path(tiny_dir).resolve()),
+        )
+    deployed = load_scoring_model(tmp_path / "model")
+    assert isinstance(deployed, LogitDifferenceLM)
+    assert trainer.evaluate()["eval_forget_prob"] == pytest.approx(forget_prob(deployed), rel=1e-5)
+
+    nameless = copy.deepcopy(start)
+    nameless.name_or_path = ""
+    with pytest.raises(ValueError, match=r"reference_model_path: objective 'uld' .* Fix: pass reference_model_path"):
+        UnlearningTrainer(nameless, args, objective="uld", **given)
