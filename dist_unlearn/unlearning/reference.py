@@ -267,8 +267,6 @@ def sharded_reference(
     over: the reference is then the frozen model itself on ``device`` in ``dtype``, what a 1-rank ZeRO-3
     engine would hold.
     """
-    import deepspeed
-
     from dist_unlearn.models.loading import load_causal_lm
 
     model = load_causal_lm(model_path, torch.float32, attn_implementation)
@@ -277,6 +275,8 @@ def sharded_reference(
     if not torch.distributed.is_initialized():
         weights = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
         return ModelReference("sharded", model.to(device=device, dtype=weights))
+    import deepspeed
+
     config = {
         "train_micro_batch_size_per_gpu": max(1, micro_batch_size),
         "gradient_accumulation_steps": 1,
