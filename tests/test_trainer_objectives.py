@@ -1,14 +1,15 @@
 """Every registered unlearning objective through ``UnlearningTrainer``, checked number for number.
 
-For each name in :data:`~dist_unlearn.unlearning.OBJECTIVES` (a newly registered one is covered too), the
-plain ``Trainer`` path in this one process (no DeepSpeed, reference ``auto``) runs 2 steps on the tiny
-Llama. A callback keeps the weights each step starts from; the test then recomputes each step's terms
-on its own: the step's global forget/retain/holdout rows drawn by their samplers, the refusal / target
-rows paired with the forget rows, the objective applied to a copy of the model at those weights, and
-π_ref a frozen copy of the starting model run live (where the Trainer reads a cached table, or its own
-reference copy). Every logged term (``forget_loss``, ``retain_loss``, ``forget_nll``, ``retain_nll``,
-``unlearn_loss``, the Trainer's own ``loss``) must equal the recomputed one. ULD, whose trained model is
-an assistant, is also checked for what it saves and what its evaluation scores.
+For each name in :data:`~dist_unlearn.unlearning.OBJECTIVES` as collected (an objective added to the
+registry is covered without editing this file), the plain ``Trainer`` path in this one process (no
+DeepSpeed, reference ``auto``) runs 2 steps on the tiny Llama. A callback keeps the weights each step
+starts from; the test then recomputes each step's terms on its own: the step's global
+forget/retain/holdout rows drawn by their samplers, the refusal / target rows paired with the forget
+rows, the objective applied to a copy of the model at those weights, and π_ref a frozen copy of the
+starting model run live (where the Trainer reads a cached table, or its own reference copy). Every
+logged term (``forget_loss``, ``retain_loss``, ``forget_nll``, ``retain_nll``, ``unlearn_loss``, the
+Trainer's own ``loss``) must equal the recomputed one. ULD, whose trained model is an assistant, is also
+checked for what it saves and what its evaluation scores.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def setup(tiny_dir):
 
     The objects alive by then are frozen out of the garbage collector (``gc.freeze``) for the module: the
     Trainer ends each ``train()`` with a full ``gc.collect()`` (accelerate's ``free_memory``), which would
-    otherwise walk every object of the pytest process each time, most of these tests' CPU time. Torch
-    computes on one thread meanwhile: on a tiny model a second one only contends (as in the launches)."""
+    otherwise walk every object of the pytest process each time. Torch computes on one thread meanwhile:
+    on a tiny model a second one only contends."""
     import gc
 
     import torch
