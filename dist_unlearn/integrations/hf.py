@@ -41,6 +41,11 @@ weights θ₀ are saved with every checkpoint (``unlearning_state/``: the ``cach
 saliency mask) and read back instead of recomputed; ``sharded``/``quantized`` reload the starting model
 from ``reference_model_path`` and ``adapter_disabled`` needs nothing.
 
+**Deployed model.** When the trained weights are not themselves the unlearned model (ULD trains an
+assistant; the unlearned model is the starting model − α·the assistant), every saved model and checkpoint
+gets the objective's ``inference.json`` (the starting model: ``reference_model_path``, else
+``model.name_or_path``), and :class:`UnlearningEvalCallback` scores that combination.
+
 **Logs.** Every step the objective's terms (``forget_loss``, ``retain_loss``, ``forget_nll``, ...; the
 objective's ``loss`` as ``unlearn_loss``, unrounded) are averaged over ranks and, at each Trainer log,
 averaged over the steps since the last one and passed to ``self.log``, so every ``report_to`` logger
@@ -64,6 +69,8 @@ from dist_unlearn.distributed.env import get_rank, mean_over_ranks
 from dist_unlearn.eval.answers import evaluate_splits
 from dist_unlearn.io import atomic_path
 from dist_unlearn.models.chunked_lm import unwrap_model
+from dist_unlearn.models.combined import combine, write_inference_spec
+from dist_unlearn.models.inference import load_inference_model
 from dist_unlearn.unlearning import OBJECTIVES, UnlearningObjective, build_reference, get_objective
 from dist_unlearn.unlearning.reference import CachedReference, choose_reference_mode
 from dist_unlearn.unlearning.robust import SharpnessAware, unlearning_backward
@@ -232,6 +239,15 @@ class UnlearningEvalCallback(UnlearningCallback):
         self.every_steps, self.batch_size = every_steps, batch_size
         self.evaluate_at_start = at_start
         self.at_start: dict[str, float] | None = None
+        self._members: dict[str, torch.nn.Module] = {}  # frozen models an inference spec adds (ULD: the target)
+
+    def _member(self, trainer: UnlearningTrainerMixin, path: str) -> torch.nn.Module:
+        """The model at ``path``, loaded once: frozen, in the run's dtype, partitioned over ranks as
+        :func:`~dist_unlearn.models.inference.load_inference_model` does (collective then)."""
+        if path not in self._members:
+            dtype = "bf16" if trainer.args.bf16 else ("fp16" if trainer.args.fp16 else "fp32")
+            self._members[path] = load_inference_model(path, dtype, device=trainer.args.device)
+        return self._members[path]
 
     def setup(self, trainer: UnlearningTrainerMixin, model: torch.nn.Module, resume_dir: str | None) -> None:
         if self.evaluate_at_start and resume_dir is None:
@@ -247,9 +263,12 @@ class UnlearningEvalCallback(UnlearningCallback):
         self, trainer: UnlearningTrainerMixin, prefix: str = "eval", model: torch.nn.Module | None = None
     ) -> dict[str, float]:
         """The metrics of every split (collective). Under ZeRO-3 only once the Trainer has built its engine
-        (during or after ``train()``)."""
+        (during or after ``train()``). When the trained weights are not themselves the unlearned model
+        (ULD), what is scored is the model the objective's ``inference.json`` describes."""
         if model is None:
             model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+        if trainer.unlearn_inference is not None:  # ULD: score the unlearned model, not the assistant
+            model = combine(model, trainer.unlearn_inference, lambda path: self._member(trainer, path)).eval()
         results = evaluate_splits(model, self.datasets, trainer.pad_token_id, self.batch_size, trainer.args.device)
         return {
             f"{prefix}_{split}_{key}": float(value)
@@ -389,6 +408,7 @@ class UnlearningTrainerMixin:
                 f"Fix: a multiple of {world}"
             )
         self.reference_model_path = self._reference_path(reference_model_path, model)
+        self.unlearn_inference = self._inference_spec(reference_model_path, model)
         self.unlearn_batches = StepBatches(
             self.unlearn_streams,
             needs,
@@ -456,17 +476,30 @@ class UnlearningTrainerMixin:
                 return int(candidate)
         raise ValueError("pad_token_id: neither the tokenizer nor model.config has one. Fix: pass pad_token_id=...")
 
-    def _reference_path(self, path: Any, model: Any) -> str | None:
-        if self.reference_mode not in ("sharded", "quantized"):
-            return None
+    @staticmethod
+    def _starting_dir(path: Any, model: Any, user: str) -> str:
+        """The starting model's directory (``path``, else ``model.name_or_path``) that ``user`` loads."""
         path = path or getattr(unwrap_model(model), "name_or_path", None)
         if not path or not Path(str(path)).is_dir():
             raise ValueError(
-                f"reference_model_path: reference={self.reference_mode} loads the starting model from disk, and "
+                f"reference_model_path: {user} loads the starting model from disk, and "
                 f"{path or 'model.name_or_path'} is not a directory. Fix: pass reference_model_path=DIR "
                 "(where save_pretrained wrote the starting weights)"
             )
         return str(path)
+
+    def _reference_path(self, path: Any, model: Any) -> str | None:
+        if self.reference_mode not in ("sharded", "quantized"):
+            return None
+        return self._starting_dir(path, model, f"reference={self.reference_mode}")
+
+    def _inference_spec(self, path: Any, model: Any) -> dict[str, Any] | None:
+        """How the trained weights deploy when they are not themselves the unlearned model (ULD: the starting
+        model − α·the trained assistant, :meth:`~dist_unlearn.unlearning.UnlearningObjective.inference_spec`)."""
+        if self.unlearn_objective.forget.inference is None:
+            return None
+        user = f"objective '{self.unlearn_objective.name}' (its unlearned model combines the starting model)"
+        return self.unlearn_objective.inference_spec(self._starting_dir(path, model, user))
 
     # --- set-up once the Trainer has prepared the model ------------------------------------------
 
@@ -587,6 +620,14 @@ class UnlearningTrainerMixin:
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save, plus ``inference.json`` next to the weights when they are not themselves the
+        unlearned model (ULD's assistant), so that :func:`~dist_unlearn.models.combined.load_scoring_model`
+        and ``dist-unlearn eval`` load the unlearned model. Checkpoints save through here too."""
+        super().save_model(output_dir, _internal_call)
+        if self.unlearn_inference is not None and self.args.should_save:
+            write_inference_spec(output_dir or self.args.output_dir, self.unlearn_inference)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)

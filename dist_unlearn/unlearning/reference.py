@@ -251,7 +251,11 @@ def _cache_activations(
 
 
 def sharded_reference(
-    model_path: str | Path, micro_batch_size: int, dtype: str = "fp32", attn_implementation: str = "auto"
+    model_path: str | Path,
+    micro_batch_size: int,
+    dtype: str = "fp32",
+    attn_implementation: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> ModelReference:
     """A frozen ZeRO-3 DeepSpeed engine of the model at ``model_path`` with no optimizer.
 
@@ -259,14 +263,20 @@ def sharded_reference(
     uses; no gradients, no optimizer state. The model is read in full on each rank before being
     partitioned (for models larger than one host's memory, load under ``deepspeed.zero.Init``).
     Collective: every rank must call it, and then call the reference the same number of times.
+    One process without a process group (e.g. a plain ``Trainer`` on one device) has nothing to shard
+    over: the reference is then the frozen model itself on ``device`` in ``dtype``, what a 1-rank ZeRO-3
+    engine would hold.
     """
-    import deepspeed
-
     from dist_unlearn.models.loading import load_causal_lm
 
     model = load_causal_lm(model_path, torch.float32, attn_implementation)
     model.requires_grad_(False)
     model.eval()
+    if not torch.distributed.is_initialized():
+        weights = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+        return ModelReference("sharded", model.to(device=device, dtype=weights))
+    import deepspeed
+
     config = {
         "train_micro_batch_size_per_gpu": max(1, micro_batch_size),
         "gradient_accumulation_steps": 1,
@@ -384,7 +394,7 @@ def build_reference(
     if model_path is None:
         raise ValueError(f"method.reference={mode} needs the starting model's path")
     if mode == "sharded":
-        return sharded_reference(model_path, micro_batch_size, dtype)
+        return sharded_reference(model_path, micro_batch_size, dtype, device=device)
     if mode == "quantized":
         return quantized_reference(model_path, "nf4", device=device)
     raise ValueError(f"method.reference: unknown mode {mode!r}; one of {', '.join(REFERENCE_MODES)}")
