@@ -36,13 +36,9 @@ def load_config(
     known_methods: Collection[str] | None = None,
     registries: Registries | None = None,
 ) -> RunConfig:
-    """Read the YAML file at ``path``, apply ``overrides`` and return the validated config.
-
-    Relative paths inside the config are resolved against the YAML file's directory (or the current
-    directory, for a path that exists only there). ``registries`` (or just ``known_methods``, the names
-    ``method.names`` is checked against) serve the checks that need the layers above; without them those
-    checks are skipped.
-    """
+    """Read the YAML file at ``path``, apply ``overrides`` and return the validated config; relative paths
+    resolve against the file's directory. ``registries`` (or just ``known_methods``, what ``method.names`` is
+    checked against) serve the checks that need the layers above; without them those checks are skipped."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -84,11 +80,8 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``dotted.key=value`` override applied.
-
-    The value is parsed with ``yaml.safe_load`` (``3`` -> int, ``true`` -> bool, ``[a,b]`` -> list, ``null``
-    -> None); missing intermediate mappings are created. Malformed overrides raise one ConfigError.
-    """
+    """A copy of ``data`` with each ``dotted.key=value`` override applied (the value read as YAML: ``3``,
+    ``true``, ``[a,b]``, ``null``), creating missing mappings; malformed overrides raise one ConfigError."""
     result: dict[str, Any] = copy.deepcopy(dict(data))
     problems = [problem for item in overrides if (problem := _apply_one(result, item))]
     if problems:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import operator
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -78,11 +79,8 @@ class Context:
 
 
 def validate_config(cfg: RunConfig, registries: Registries | None = None, base_dir: Path | None = None) -> None:
-    """Check ``cfg`` for its job kind (making its paths absolute against ``base_dir``, default the cwd).
-
-    Raises:
-        ConfigError: one line per problem, naming the field and the fix.
-    """
+    """Check ``cfg`` for its job kind (making its paths absolute against ``base_dir``, default the cwd); raise
+    one ConfigError with a line per problem, naming the field and the fix."""
     problems = config_problems(cfg, registries, base_dir, deep=registries is not None)
     if problems:
         raise ConfigError.of("invalid config:", problems)
@@ -177,28 +175,21 @@ def _combinations(ctx: Context) -> Iterator[str]:
         )
 
 
-def _batches_divide(*batches: str) -> Callable[[Context], Iterator[str]]:
-    """A check that each global batch the job reads (dotted ``section.field``) splits evenly across
-    ``ray.num_workers``; a retain batch may be 0."""
-
-    def check(ctx: Context) -> Iterator[str]:
-        if not ctx.ok("job.kind", "ray.num_workers", *batches):
-            return
-        workers = ctx.cfg.ray.num_workers
-        sizes = {name: getattr(getattr(ctx.cfg, name.split(".")[0]), name.split(".")[1]) for name in batches}
-        divisors = _nearest_divisors(math.gcd(*sizes.values()), workers)
-        for name, batch in sizes.items():
-            if batch % workers == 0:
-                continue
-            lower = batch // workers * workers
-            options = [str(size) for size in (lower, lower + workers) if size >= (0 if "retain" in name else 1)]
-            yield (
-                f"{name} ({batch}) must be divisible by ray.num_workers ({workers}): it is the global "
-                f"batch, split evenly across workers. Fix: set {name} to {' or '.join(options)}, "
-                f"or set ray.num_workers to {' or '.join(str(w) for w in divisors)}"
-            )
-
-    return check
+def _batches_divide(ctx: Context, *batches: str) -> Iterator[str]:
+    """Each global batch the job reads (dotted ``section.field``) splits evenly across ``ray.num_workers``;
+    a retain batch may be 0."""
+    if not ctx.ok("job.kind", "ray.num_workers", *batches):
+        return
+    workers, sizes = ctx.cfg.ray.num_workers, {name: operator.attrgetter(name)(ctx.cfg) for name in batches}
+    divisors = _nearest_divisors(math.gcd(*sizes.values()), workers)
+    for name, batch in ((name, batch) for name, batch in sizes.items() if batch % workers):
+        lower = batch // workers * workers
+        options = [str(size) for size in (lower, lower + workers) if size >= (0 if "retain" in name else 1)]
+        yield (
+            f"{name} ({batch}) must be divisible by ray.num_workers ({workers}): it is the global "
+            f"batch, split evenly across workers. Fix: set {name} to {' or '.join(options)}, "
+            f"or set ray.num_workers to {' or '.join(str(w) for w in divisors)}"
+        )
 
 
 def _nearest_divisors(number: int, target: int) -> list[int]:
@@ -391,21 +382,15 @@ def _missing_local_dir(value: str, base_dir: Path) -> str | None:
     if path.is_dir():
         return None
     first = Path(value).parts[0] if Path(value).parts else value
-    if (
-        value.startswith(_LOCAL_PREFIXES)
-        or value in (".", "..")
-        or any((d / first).exists() for d in (base_dir, Path.cwd()))
-    ):
+    local = value.startswith(_LOCAL_PREFIXES) or value in (".", "..")
+    if local or (base_dir / first).exists() or (Path.cwd() / first).exists():
         return "not a directory" if path.exists() else "directory not found"
     return None
 
 
 def _resolve(value: str, base_dir: Path) -> Path:
     """Absolute path for ``value``: relative to ``base_dir``, or to the cwd if it exists only there."""
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return Path(os.path.normpath(path))
-    candidate, from_cwd = Path(os.path.normpath(base_dir / path)), Path(os.path.normpath(Path.cwd() / path))
+    candidate, from_cwd = (Path(os.path.normpath(root / Path(value).expanduser())) for root in (base_dir, Path.cwd()))
     return from_cwd if not candidate.exists() and from_cwd.exists() else candidate
 
 
@@ -539,8 +524,8 @@ def _raised(call: Callable[..., Any] | None, *args: Any) -> Iterator[str]:
 Check = tuple[tuple[str, ...], Callable[[Context], Iterator[str]]]
 CHECKS: tuple[Check, ...] = (
     (ALL, _combinations),
-    (UNLEARNING, _batches_divide("train.forget_batch_size", "train.retain_batch_size")),
-    (("contrastive",), _batches_divide("contrastive.global_batch_size")),
+    (UNLEARNING, lambda ctx: _batches_divide(ctx, "train.forget_batch_size", "train.retain_batch_size")),
+    (("contrastive",), lambda ctx: _batches_divide(ctx, "contrastive.global_batch_size")),
     (UNLEARNING, _methods),
     (ALL, _files),
     (("contrastive",), _pairs_files),
