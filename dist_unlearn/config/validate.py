@@ -181,22 +181,18 @@ def _batches_divide(ctx: Context, *batches: str) -> Iterator[str]:
     if not ctx.ok("job.kind", "ray.num_workers", *batches):
         return
     workers, sizes = ctx.cfg.ray.num_workers, {name: operator.attrgetter(name)(ctx.cfg) for name in batches}
-    divisors = _nearest_divisors(math.gcd(*sizes.values()), workers)
+    shared = math.gcd(*sizes.values())  # the worker counts closest to ray.num_workers that divide every batch
+    divisors = {d for c in range(1, math.isqrt(shared) + 1) if shared % c == 0 for d in (c, shared // c)}
+    below, above = [d for d in divisors if d < workers], [d for d in divisors if d > workers]
+    nearest = ([max(below)] if below else []) + ([min(above)] if above else [])
     for name, batch in ((name, batch) for name, batch in sizes.items() if batch % workers):
         lower = batch // workers * workers
         options = [str(size) for size in (lower, lower + workers) if size >= (0 if "retain" in name else 1)]
         yield (
             f"{name} ({batch}) must be divisible by ray.num_workers ({workers}): it is the global "
             f"batch, split evenly across workers. Fix: set {name} to {' or '.join(options)}, "
-            f"or set ray.num_workers to {' or '.join(str(w) for w in divisors)}"
+            f"or set ray.num_workers to {' or '.join(str(w) for w in nearest)}"
         )
-
-
-def _nearest_divisors(number: int, target: int) -> list[int]:
-    """The divisors of ``number`` closest to ``target`` from below and from above."""
-    divisors = {d for c in range(1, math.isqrt(number) + 1) if number % c == 0 for d in (c, number // c)}
-    below, above = [d for d in divisors if d < target], [d for d in divisors if d > target]
-    return ([max(below)] if below else []) + ([min(above)] if above else [])
 
 
 def _methods(ctx: Context) -> Iterator[str]:
