@@ -165,7 +165,8 @@ def _convert_section(cls: type, raw: Any, dotted: str, problems: list[str], bad:
         )
         bad.add(dotted)
         return _INVALID
-    valid, kwargs = [fld.name for fld in dataclasses.fields(cls)], dict[str, Any]()
+    valid = [fld.name for fld in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
     for key in (key for key in raw if key not in valid):  # unknown keys, with a suggestion
         name = f"{dotted}.{key}" if dotted else str(key)
         close = difflib.get_close_matches(str(key), valid, n=1)

@@ -1,10 +1,8 @@
-"""Validate a whole :class:`~dist_unlearn.config.schema.RunConfig` once, with the checks of its ``job.kind``.
-
-The loader converts each field; the checks here judge the fields together, the files they name (made
-absolute: the workers of a Ray cluster run elsewhere) and, through :class:`Registries`, what only the
-layers above know. A check runs for the job kinds that read its settings (:data:`CHECKS`), never on a field
-that failed to convert; the deep checks (:data:`DEEP_CHECKS`) run only with registries, once nothing else is
-wrong. Every problem is one line naming the field and the fix; all are raised together as one ConfigError.
+"""Validate a whole :class:`~dist_unlearn.config.schema.RunConfig` once, with the checks of its ``job.kind``
+(:data:`CHECKS`): the fields together, the files they name (made absolute: Ray workers run elsewhere) and,
+through :class:`Registries`, what only the layers above know (:data:`DEEP_CHECKS`, once nothing else is
+wrong). A check never judges a field that failed to convert; every problem is one line naming the field and
+the fix, all raised together as one ConfigError.
 """
 
 from __future__ import annotations
@@ -109,29 +107,22 @@ UNLEARNING = ("unlearn", "continual")
 def _combinations(ctx: Context) -> Iterator[str]:
     """Settings that do not go together, each judged for the job kinds that read them."""
     c, ok, unlearning, continual = ctx.cfg, ctx.ok, ctx.cfg.job.kind in UNLEARNING, ctx.cfg.job.kind == "continual"
-    if (
-        ok("model.quantization", "deepspeed.zero_stage")
-        and c.model.quantization == "int8"
-        and c.deepspeed.zero_stage == 3
-    ):
+    quantization, zero = c.model.quantization, c.deepspeed.zero_stage
+    saliency, decay = c.method.saliency, c.train.weight_decay
+    if ok("model.quantization", "deepspeed.zero_stage") and quantization == "int8" and zero == 3:
         yield (
             "model.quantization=int8 with deepspeed.zero_stage=3: 8-bit base weights with ZeRO-3 are reported "
             "to train badly (ZeRO-3 cannot partition the int8 weights and their scales). "
             "Fix: use model.quantization=nf4 or deepspeed.zero_stage=2"
         )
-    if ok("model.quantization", "model.lora.r") and c.model.quantization != "none" and c.model.lora.r == 0:
+    if ok("model.quantization", "model.lora.r") and quantization != "none" and c.model.lora.r == 0:
         yield (
-            f"model.quantization={c.model.quantization} needs LoRA adapters: quantized base weights are frozen: "
+            f"model.quantization={quantization} needs LoRA adapters: quantized base weights are frozen: "
             "set model.lora.r, e.g. model.lora.r=8 (or use model.quantization=none)"
         )
-    if (
-        unlearning
-        and ok("method.saliency", "train.weight_decay")
-        and c.method.saliency < 1
-        and c.train.weight_decay > 0
-    ):
+    if unlearning and ok("method.saliency", "train.weight_decay") and saliency < 1 and decay > 0:
         yield (  # AdamW would still shrink the masked-out weights
-            f"method.saliency={c.method.saliency:g} with train.weight_decay={c.train.weight_decay:g}: "
+            f"method.saliency={saliency:g} with train.weight_decay={decay:g}: "
             "AdamW's decoupled weight decay would also change the weights outside the saliency mask. "
             "Fix: set train.weight_decay=0 (or method.saliency=1)"
         )
@@ -141,21 +132,21 @@ def _combinations(ctx: Context) -> Iterator[str]:
             "job.kind=unlearn only. Fix: method.robust=none (or job.kind=unlearn)"
         )
     sure = unlearning and c.method.robust.name == "sure"
-    if sure and ok("method.robust.name", "method.saliency") and c.method.saliency < 1:
+    if sure and ok("method.robust.name", "method.saliency") and saliency < 1:
         yield (
-            f"method.saliency={c.method.saliency:g} with method.robust=sure: SURE sets the saliency fraction "
-            f"itself (method.robust.fraction). Fix: method.saliency=1 and method.robust.fraction={c.method.saliency:g}"
+            f"method.saliency={saliency:g} with method.robust=sure: SURE sets the saliency fraction "
+            f"itself (method.robust.fraction). Fix: method.saliency=1 and method.robust.fraction={saliency:g}"
         )
-    if sure and ok("method.robust.name", "train.weight_decay") and c.train.weight_decay > 0:
+    if sure and ok("method.robust.name", "train.weight_decay") and decay > 0:
         yield (
-            f"method.robust=sure with train.weight_decay={c.train.weight_decay:g}: AdamW's decoupled weight "
+            f"method.robust=sure with train.weight_decay={decay:g}: AdamW's decoupled weight "
             "decay would also change the weights outside SURE's saliency mask. Fix: set train.weight_decay=0"
         )
     if continual and ok("model.lora.r") and c.model.lora.r == 0:
         yield (
             "job.kind=continual trains one LoRA adapter per forget request: set model.lora.r. Fix: e.g. model.lora.r=8"
         )
-    if continual and ok("deepspeed.zero_stage") and c.deepspeed.zero_stage == 3:  # the penalty reads whole matrices
+    if continual and ok("deepspeed.zero_stage") and zero == 3:  # the penalty reads whole matrices
         yield (
             "job.kind=continual with deepspeed.zero_stage=3: the adapter orthogonality penalty needs whole "
             "LoRA matrices, which ZeRO-3 partitions. Fix: deepspeed.zero_stage=2 (adapters are small)"
