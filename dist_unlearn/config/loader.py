@@ -1,10 +1,6 @@
-"""Load a :class:`~dist_unlearn.config.schema.RunConfig`: read YAML, apply overrides, convert, validate.
-
-The flow is: read one YAML mapping, apply ``dotted.key=value`` overrides to the raw mapping, convert
-each field with pydantic (its type from :mod:`dist_unlearn.config.fields`, then its choices and range),
-then validate the whole config for its job kind (:mod:`dist_unlearn.config.validate`). Every problem
-becomes one line naming the dotted field and how to fix it; all lines are raised together as a single
-:class:`ConfigError` before any work starts.
+"""Load a :class:`~dist_unlearn.config.schema.RunConfig`: read YAML, apply ``dotted.key=value`` overrides,
+convert each field with pydantic (its type from :mod:`dist_unlearn.config.fields`, then its choices and
+range), then validate the whole config for its job kind (:mod:`dist_unlearn.config.validate`).
 """
 
 from __future__ import annotations
@@ -28,6 +24,10 @@ from dist_unlearn.config.schema import RunConfig
 from dist_unlearn.config.validate import ConfigError, Registries, config_problems
 
 _INVALID = object()
+_MOVED_KEYS = {"ray.max_failures": "failure.max_failures"}  # old dotted key -> new dotted key
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "lt": ("<", operator.lt), "le": ("<=", operator.le)}
+_adapter = functools.cache(TypeAdapter)  # the pydantic validator of a field type
+_hints = functools.cache(lambda cls: typing.get_type_hints(cls, include_extras=True))  # with pydantic annotations
 
 
 def load_config(
@@ -36,13 +36,9 @@ def load_config(
     known_methods: Collection[str] | None = None,
     registries: Registries | None = None,
 ) -> RunConfig:
-    """Read the YAML file at ``path``, apply ``overrides`` and return the validated config.
-
-    Relative paths inside the config are resolved against the YAML file's directory (falling back
-    to the current directory for a path that exists only there, e.g. one given as an override).
-    ``registries`` (or just ``known_methods``, the names ``method.names`` is checked against) is what
-    the checks that need the layers above the config use; without them those checks are skipped.
-    """
+    """Read the YAML file at ``path``, apply ``overrides`` and return the validated config; relative paths
+    resolve against the file's directory. ``registries`` (or just ``known_methods``, what ``method.names`` is
+    checked against) serve the checks that need the layers above; without them those checks are skipped."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -52,22 +48,14 @@ def load_config(
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        problem = f"could not read the file as YAML: {exc}".rstrip()
-        raise ConfigError(f"{header}\n{problem}", [problem]) from exc
+        raise ConfigError.of(header, [f"could not read the file as YAML: {exc}".rstrip()]) from exc
     if data is None:
-        problem = (
-            f"{path} holds no settings. Fix: write the settings to use (`dist-unlearn init` writes "
-            "examples), or write {} to run on every default"
-        )
-        raise ConfigError(f"{header}\n{problem}", [problem])
+        fix = "write the settings to use (`dist-unlearn init` writes examples), or write {} to run on every default"
+        raise ConfigError.of(header, [f"{path} holds no settings. Fix: {fix}"])
     if not isinstance(data, Mapping):
-        problem = (
-            f"expected a mapping of sections at the top level, got {_describe(data)}. "
-            f"Fix: write sections such as 'train:' with their settings indented below"
-        )
-        raise ConfigError(f"{header}\n{problem}", [problem])
-    data = apply_overrides(dict(data), overrides)
-    return _build(data, path.parent.absolute(), registries, known_methods, header)
+        fix = "Fix: write sections such as 'train:' with their settings indented below"
+        raise ConfigError.of(header, [f"expected a mapping of sections at the top level, got {_describe(data)}. {fix}"])
+    return _build(apply_overrides(dict(data), overrides), path.parent.absolute(), registries, known_methods, header)
 
 
 def config_from_dict(
@@ -76,17 +64,14 @@ def config_from_dict(
     known_methods: Collection[str] | None = None,
     registries: Registries | None = None,
 ) -> RunConfig:
-    """Validate a raw mapping (as read from YAML) and return the config, as :func:`load_config` does.
-
-    Relative paths are resolved against ``base_dir`` (default: the current directory).
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        problem = f"expected a mapping of sections at the top level, got {_describe(data)}"
-        raise ConfigError(f"invalid config:\n{problem}", [problem])
+    """Validate a raw mapping (as read from YAML) and return the config, as :func:`load_config` does;
+    relative paths are resolved against ``base_dir`` (default: the current directory)."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError.of(
+            "invalid config:", [f"expected a mapping of sections at the top level, got {_describe(data)}"]
+        )
     base = Path(base_dir).expanduser().absolute() if base_dir is not None else Path.cwd()
-    return _build(data, base, registries, known_methods, "invalid config:")
+    return _build(data or {}, base, registries, known_methods, "invalid config:")
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -95,20 +80,12 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``dotted.key=value`` override applied.
-
-    The value is parsed with ``yaml.safe_load`` (``3`` -> int, ``true`` -> bool, ``[a,b]`` -> list,
-    ``null`` -> None); missing intermediate mappings are created. Malformed overrides raise one
-    :class:`ConfigError` listing all of them.
-    """
+    """A copy of ``data`` with each ``dotted.key=value`` override applied (the value read as YAML: ``3``,
+    ``true``, ``[a,b]``, ``null``), creating missing mappings; malformed overrides raise one ConfigError."""
     result: dict[str, Any] = copy.deepcopy(dict(data))
-    problems: list[str] = []
-    for item in overrides:
-        problem = _apply_one(result, item)
-        if problem:
-            problems.append(problem)
+    problems = [problem for item in overrides if (problem := _apply_one(result, item))]
     if problems:
-        raise ConfigError("invalid command-line override:\n" + "\n".join(problems), problems)
+        raise ConfigError.of("invalid command-line override:", problems)
     return result
 
 
@@ -119,25 +96,23 @@ def _apply_one(result: dict[str, Any], item: str) -> str | None:
     if not sep or not all(parts):
         return (
             f"malformed override {item!r}: expected the form section.key=value, "
-            f"e.g. train.steps=30 or method.names=ga,npo"
+            "e.g. train.steps=30 or method.names=ga,npo"
         )
-    dotted = ".".join(parts)
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
-        return f"{dotted}: could not parse the value of override {item!r} ({first}). Fix: quote the value"
+        return f"{'.'.join(parts)}: could not parse the value of override {item!r} ({first}). Fix: quote the value"
     if isinstance(value, (datetime.date, datetime.datetime)):
         value = raw.strip()  # keep date-like strings as typed, e.g. output.dir=2024-01-01
     node = result
     for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
+        child, where = node.get(part), ".".join(parts[: depth + 1])
         if child is None:
             child = node[part] = {}
         elif isinstance(child, str) and _shorthand(parts[: depth + 1]):  # method.robust=sam, then method.robust.rho
             child = node[part] = {_shorthand(parts[: depth + 1]): child}
         elif not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
             return (
                 f"{where}: override {item!r} sets a key inside {where}, but {where} is "
                 f"{_describe(child)}, not a mapping. Fix: drop the earlier setting of {where}"
@@ -151,10 +126,9 @@ def _shorthand(parts: Sequence[str]) -> str | None:
     """The field that a plain string sets for the nested section at ``parts`` (its ``shorthand``), if any."""
     cls: Any = RunConfig
     for part in parts:
-        hint = _hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
-        if hint is None or not dataclasses.is_dataclass(hint):
+        cls = _hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if cls is None or not dataclasses.is_dataclass(cls):
             return None
-        cls = hint
     return getattr(cls, "shorthand", None)
 
 
@@ -173,7 +147,7 @@ def _build(
     deep = registries is not None and not problems
     problems += config_problems(cfg, registries or Registries(methods=known_methods), base_dir, bad, deep)
     if problems:
-        raise ConfigError(header + "\n" + "\n".join(problems), problems)
+        raise ConfigError.of(header, problems)
     return cfg
 
 
@@ -191,42 +165,29 @@ def _convert_section(cls: type, raw: Any, dotted: str, problems: list[str], bad:
         )
         bad.add(dotted)
         return _INVALID
-    _report_unknown(raw, cls, dotted, problems)
-    hints = _hints(cls)
+    valid = [fld.name for fld in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
+    for key in (key for key in raw if key not in valid):  # unknown keys, with a suggestion
+        name = f"{dotted}.{key}" if dotted else str(key)
+        close = difflib.get_close_matches(str(key), valid, n=1)
+        hint = f"; did you mean '{dotted + '.' if dotted else ''}{close[0]}'?" if close else "."
+        moved = _MOVED_KEYS.get(name)
+        problems.append(
+            f"{name} has moved to {moved}. Fix: write {moved} instead"
+            if moved
+            else f"unknown key '{name}'{hint} Valid keys: {', '.join(valid)}"
+        )
     for fld in (fld for fld in dataclasses.fields(cls) if fld.name in raw):
-        name = f"{dotted}.{fld.name}" if dotted else fld.name
-        if dataclasses.is_dataclass(hints[fld.name]):
-            value = _convert_section(hints[fld.name], raw[fld.name], name, problems, bad)
+        name, hint = f"{dotted}.{fld.name}" if dotted else fld.name, _hints(cls)[fld.name]
+        if dataclasses.is_dataclass(hint):
+            value = _convert_section(hint, raw[fld.name], name, problems, bad)
         else:
-            value = _convert_field(raw[fld.name], fld, hints[fld.name], name, problems)
+            value = _convert_field(raw[fld.name], fld, hint, name, problems)
         if value is _INVALID:
             bad.add(name)
         else:
             kwargs[fld.name] = value
     return cls(**kwargs)
-
-
-# keys that moved to another section: old dotted key -> new dotted key
-_MOVED_KEYS = {"ray.max_failures": "failure.max_failures"}
-
-
-def _report_unknown(raw: Mapping[str, Any], cls: type, prefix: str, problems: list[str]) -> None:
-    """Add one problem per key of ``raw`` that is not a field of ``cls``, with a suggestion."""
-    valid = [fld.name for fld in dataclasses.fields(cls)]
-    for key in raw:
-        if key in valid:
-            continue
-        name = str(key)
-        dotted = f"{prefix}.{name}" if prefix else name
-        if dotted in _MOVED_KEYS:
-            problems.append(f"{dotted} has moved to {_MOVED_KEYS[dotted]}. Fix: write {_MOVED_KEYS[dotted]} instead")
-            continue
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = "."
-        if close:
-            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
-        problems.append(f"unknown key '{dotted}'{hint} Valid keys: {', '.join(valid)}")
 
 
 def _convert_field(value: Any, fld: dataclasses.Field, hint: Any, dotted: str, problems: list[str]) -> Any:
@@ -245,12 +206,6 @@ def _convert_field(value: Any, fld: dataclasses.Field, hint: Any, dotted: str, p
         problems.append(problem)
         return _INVALID
     return converted
-
-
-@functools.cache
-def _adapter(hint: Any) -> TypeAdapter:
-    """The pydantic validator of a field type of :mod:`dist_unlearn.config.fields`."""
-    return TypeAdapter(hint)
 
 
 def _got(exc: ValidationError, value: Any) -> str:
@@ -285,9 +240,6 @@ def _check_choice(value: Any, fld: dataclasses.Field, dotted: str) -> str | None
     return f"{dotted}: {wrong[0]!r} is not one of {', '.join(choices)}. Fix: {fix}"
 
 
-_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "lt": ("<", operator.lt), "le": ("<=", operator.le)}
-
-
 def _check_range(value: Any, fld: dataclasses.Field, dotted: str) -> str | None:
     """Return a problem line when a number is outside the bounds in the field's metadata."""
     bounds = [(sign, test, fld.metadata[key]) for key, (sign, test) in _BOUNDS.items() if key in fld.metadata]
@@ -297,33 +249,22 @@ def _check_range(value: Any, fld: dataclasses.Field, dotted: str) -> str | None:
     return f"{dotted}: must be {allowed}, got {value}. Fix: e.g. {dotted}={_format(_example(fld))}"
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    """Resolved type hints of a schema dataclass, with their pydantic annotations."""
-    return typing.get_type_hints(cls, include_extras=True)
-
-
 def _describe(value: Any) -> str:
     """``'abc' (str)`` style description of a value for messages."""
     if isinstance(value, (Mapping, list)):
         return f"a {type(value).__name__}"
-    if value is None:
-        return "null"
-    return f"{value!r} ({type(value).__name__})"
+    return "null" if value is None else f"{value!r} ({type(value).__name__})"
 
 
 def _example(fld: dataclasses.Field) -> Any:
-    """The value used in 'e.g. key=value' hints: the field's ``example`` or its default."""
+    """The value used in 'e.g. key=value' hints: the field's ``example`` or its default (every field has one)."""
     if "example" in fld.metadata:
         return fld.metadata["example"]
-    return fld.default_factory() if fld.default is dataclasses.MISSING else fld.default  # every field has one
+    return fld.default_factory() if fld.default is dataclasses.MISSING else fld.default
 
 
 def _format(value: Any) -> str:
     """Render a value the way it would be typed in a ``key=value`` override."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, list):
-        return ",".join(str(item) for item in value)
-    return str(value)
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return ",".join(str(item) for item in value) if isinstance(value, list) else str(value)

@@ -1,5 +1,4 @@
-"""The registries the config checks need from the layers above ``config`` (objectives, data formats,
-encoders, evaluation files), and :func:`validate_run`, the whole check of a run config with them."""
+"""The registries the config checks need from the layers above ``config``, and :func:`validate_run`."""
 
 from __future__ import annotations
 
@@ -32,9 +31,5 @@ def run_registries() -> Registries:
 
 def validate_run(cfg: RunConfig) -> None:
     """Check ``cfg`` for its job kind with every registry, so that bad method parameters, data files or
-    encoders fail before Ray or DeepSpeed start.
-
-    Raises:
-        ConfigError: one line per problem, naming the field and the fix.
-    """
+    encoders fail before Ray or DeepSpeed start; raises ConfigError, one line per problem."""
     validate_config(cfg, run_registries())
