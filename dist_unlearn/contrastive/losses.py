@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_unlearn.distributed.gather import all_gather_with_sizes, group_rank, group_world_size
+from dist_unlearn.distributed.gather import all_gather_with_sizes, group_rank, group_world_size, same_row_counts
 
 __all__ = [
     "AUCLoss",
@@ -141,7 +141,9 @@ class CrossRankLoss(nn.Module):
         return self
 
     def _prep(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=-1) if self.normalize else x
+        """L2-normalised ``x`` (when ``normalize``), with ``x``'s per-rank row counts if those are known
+        (:func:`~dist_unlearn.distributed.gather.known_row_counts`: the gather then needs no size exchange)."""
+        return same_row_counts(F.normalize(x, dim=-1), x) if self.normalize else x
 
     def _columns(self, x: Tensor) -> tuple[Tensor, int]:
         """``(columns [N, d], offset of this rank's rows in columns)``."""
@@ -519,8 +521,8 @@ class MatryoshkaLoss(nn.Module):
         total: Tensor | float = 0.0
         logged: Tensor | float = 0.0
         for dim, weight in zip(self.dims, self.weights, strict=True):
-            q = F.normalize(queries[..., :dim], dim=-1)
-            d = F.normalize(docs[..., :dim], dim=-1)
+            q = same_row_counts(F.normalize(queries[..., :dim], dim=-1), queries)
+            d = same_row_counts(F.normalize(docs[..., :dim], dim=-1), docs)
             total = total + weight * self.base_loss(q, d)
             last = getattr(self.base_loss, "last_global_loss", None)
             logged = logged + weight * last if last is not None else logged
