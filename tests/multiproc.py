@@ -12,6 +12,9 @@ Usage (the function must be importable by module path, i.e. defined at module le
 Each rank runs with ``torch.set_num_threads(1)``; results travel through ``torch.save`` files in a
 temporary directory (tensors are fine). An exception on any rank is re-raised in the parent with the
 rank's traceback.
+
+:func:`counted_collectives` counts the ``torch.distributed`` collectives a block calls (e.g. to check that a step
+exchanges sizes once).
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ Gradient convention (``reduction="global_mean"``, the default)
 
         loss_r = (W / B) * sum_{i on rank r} l_i,    so that    (1 / W) sum_r loss_r = L.
 
-    Each rank calls ``loss_r.backward()``; the gather's backward all-reduce-sums the doc gradients, so the
-    sum over ranks of the parameter gradients is ``W * dL/dtheta``, and the **average** that DDP and
-    DeepSpeed apply gives exactly ``dL/dtheta``, also with unequal per-rank batches. The same holds for a
+    Each rank calls ``loss_r.backward()``; the gather's backward sums the doc gradients over ranks (one
+    reduce-scatter: each rank receives the sum for its own docs), so the sum over ranks of the parameter
+    gradients is ``W * dL/dtheta``, and the **average** that DDP and DeepSpeed apply gives exactly
+    ``dL/dtheta``, also with unequal per-rank batches. The same holds for a
     learnable temperature, scale or bias: its per-rank gradient is ``d loss_r / d tau`` and the rank average
     is ``dL/dtau`` -- provided it is averaged like any other parameter. **Convention: the gradient of a
     loss parameter is the global-batch gradient, like the model's.** :class:`~dist_unlearn.contrastive.GradCache`
