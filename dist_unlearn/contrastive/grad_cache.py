@@ -836,8 +836,8 @@ class GradCache:
             if order is not None:
                 joined = joined[torch.argsort(order).to(joined.device)]
             leaves.append(joined.requires_grad_())
-        known = known_row_counts(zip(leaves, row_table, strict=True)) if row_table is not None else None
-        with known if known is not None else contextlib.nullcontext():
+        declared = zip(leaves, row_table, strict=True) if row_table is not None else ()
+        with known_row_counts(declared):
             loss = self.loss_fn(*leaves, **loss_kwargs)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn must return a scalar (0-dim) tensor")
