@@ -12,16 +12,21 @@ Usage (the function must be importable by module path, i.e. defined at module le
 Each rank runs with ``torch.set_num_threads(1)``; results travel through ``torch.save`` files in a
 temporary directory (tensors are fine). An exception on any rank is re-raised in the parent with the
 rank's traceback.
+
+:func:`counted_collectives` counts the ``torch.distributed`` collectives a block calls (e.g. to check that a step
+exchanges sizes once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -98,3 +103,60 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
                 raise RuntimeError(f"rank {rank} failed:\n{record['error']}")
             results.append(record["result"])
         return results
+
+
+COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "all_reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "broadcast",
+)
+"""``torch.distributed`` functions that :func:`counted_collectives` counts (those that exist in this torch)."""
+
+
+def _tensors(values: Any) -> Iterator[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, list | tuple):
+            yield from _tensors(value)
+
+
+@contextlib.contextmanager
+def counted_collectives() -> Iterator[Counter]:
+    """Count the calls of ``torch.distributed``'s collectives (:data:`COLLECTIVES`) made within the block.
+
+    Yields a ``Counter`` filled as the block runs: one count per outermost call by function name (a deprecated
+    name that forwards to its successor counts once), plus ``"size_exchange"`` for every all-gather or all-reduce
+    of integer tensors (the per-rank size and chunk-count exchanges; data and losses are floating point).
+    """
+    counts: Counter = Counter()
+    depth = [0]
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def counting(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if depth[0] == 0:
+                counts[name] += 1
+                tensors = list(_tensors([*args, *kwargs.values()]))
+                if name.startswith(("all_gather", "all_reduce")) and tensors and not tensors[0].is_floating_point():
+                    counts["size_exchange"] += 1
+            depth[0] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(dist, name, counting(name, original))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)

@@ -307,6 +307,19 @@ def test_a_contrastive_job_checks_only_its_own_batch(tmp_path: Path) -> None:
     assert "forget_batch_size" not in message
 
 
+def test_siglip_is_a_contrastive_loss_and_its_scale_and_bias_are_checked(tmp_path: Path) -> None:
+    """``contrastive.loss=siglip`` loads with its initial scale and bias; a scale <= 0, a non-number bias and a
+    misspelt loss are each one line naming the field."""
+    job = {"job": {"kind": "contrastive"}, "contrastive": {"global_batch_size": 8}}
+    cfg = load_config(write_yaml(tmp_path, job), ("contrastive.loss=siglip", "contrastive.sigmoid_scale=5"))
+    assert (cfg.contrastive.loss, cfg.contrastive.sigmoid_scale, cfg.contrastive.sigmoid_bias) == ("siglip", 5.0, -10.0)
+    bad = ("contrastive.sigmoid_scale=0", "contrastive.sigmoid_bias=low", "contrastive.loss=SigLIP")
+    message = load_error(tmp_path, job, bad)
+    assert "must be > 0.0, got 0.0" in problem_line(message, "contrastive.sigmoid_scale")
+    assert "expected a number" in problem_line(message, "contrastive.sigmoid_bias")
+    assert "siglip" in problem_line(message, "contrastive.loss")
+
+
 def test_a_contrastive_job_is_not_refused_for_settings_it_never_reads(tmp_path: Path) -> None:
     """The checks are chosen by job.kind: method names, saliency and the embedded model's shape are unlearning's."""
     unused = {"method": {"names": [], "saliency": 0.5}, "train": {"weight_decay": 0.1}, "prepare": {"num_heads": 3}}

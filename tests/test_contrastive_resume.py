@@ -1,6 +1,6 @@
 """Resume of the contrastive job through ``dist-unlearn run`` (one process, no Ray): a run stopped mid-way
 (``OUTPUT/STOP``: checkpoint, exit 75) and run again with the same command ends with exactly the weights,
-learned temperature and per-step metrics of an uninterrupted run; a finished run whose ``contrastive.steps``
+learned loss parameters and per-step metrics of an uninterrupted run; a finished run whose ``contrastive.steps``
 grows continues from its last checkpoint.
 
 The subject is the resume path, not the training, so everything is as small as it gets: a randomly initialised
@@ -32,6 +32,8 @@ from dist_unlearn.engine.runner import RUN_SETTINGS_FILE
 pytestmark = pytest.mark.slow
 
 STEPS = 3
+SIGLIP_START = {"scale": 5.0, "bias": -3.0}
+"""The initial sigmoid scale and bias (``contrastive.sigmoid_scale`` / ``sigmoid_bias``, not SigLIP's defaults)."""
 TIMING = ("step_seconds", "examples_per_second")
 """Metrics fields that measure the machine, not the run: left out of the comparisons."""
 
@@ -64,7 +66,8 @@ def write_triples(root: Path) -> Path:
 
 
 def contrastive_config(out: Path, model: Path, data: Path, steps: int) -> Path:
-    """``out/run.yaml``: the tiny contrastive run, one process, learned temperature, a checkpoint every step;
+    """``out/run.yaml``: the tiny contrastive run, one process, SigLIP (``contrastive.loss=siglip``: the sigmoid
+    loss with learned scale and bias; Zhai et al. 2023) from a scale and bias of our own, a checkpoint every step;
     stop requests by ``OUTPUT/STOP`` only."""
     cfg = {
         "job": {"kind": "contrastive"},
@@ -77,7 +80,9 @@ def contrastive_config(out: Path, model: Path, data: Path, steps: int) -> Path:
             "steps": steps,
             "lr": 1.0e-3,
             "max_length": 16,
-            "learn_temperature": True,
+            "loss": "siglip",
+            "sigmoid_scale": SIGLIP_START["scale"],
+            "sigmoid_bias": SIGLIP_START["bias"],
             "temperature_lr": 1.0e-2,
         },
         "deepspeed": {"zero_stage": 2},
@@ -139,9 +144,10 @@ def run_until_stopped(config: Path, out: Path) -> int:
 
 
 def test_stopped_run_resumes_to_the_uninterrupted_weights_and_a_finished_run_extends(tmp_path, capsys):
-    """Stop (exit 75), then the same command in a new process: the weights, τ and per-step loss equal the
-    uninterrupted run's bit for bit; growing ``contrastive.steps`` of a finished run continues from its last
-    checkpoint, to the same end as the stopped-and-resumed run of that many steps.
+    """Stop (exit 75), then the same command in a new process: the weights, SigLIP's learned scale and bias and the
+    per-step loss equal the uninterrupted run's bit for bit, and every step moves the scale and the bias; growing
+    ``contrastive.steps`` of a finished run continues from its last checkpoint, to the same end as the
+    stopped-and-resumed run of that many steps.
 
     The resumed run is a ``dist-unlearn`` subprocess: it can only know what the checkpoint holds (a fresh
     process, its own hash seed). The others run the CLI in this process, which saves their start-up."""
@@ -169,7 +175,8 @@ def test_stopped_run_resumes_to_the_uninterrupted_weights_and_a_finished_run_ext
     parted_lines = metrics_lines(parted_dir)
     assert [line["step"] for line in parted_lines] == list(range(1, STEPS + 1))
     # steps up to STEPS - 1 against the uninterrupted run: each logged loss is computed from the weights
-    # before that step, each τ after it, so equal lines mean equal weights and τ (and τ's AdamW state)
+    # before that step, each scale and bias after it, so equal lines mean equal weights, scale and bias (and their
+    # AdamW state)
     assert parted_lines[: STEPS - 1] == uninterrupted
 
     # the extension runs one step, its last; a stop asked for by then comes too late: the run finishes, and
@@ -184,6 +191,10 @@ def test_stopped_run_resumes_to_the_uninterrupted_weights_and_a_finished_run_ext
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     summaries = [json.loads((d / "metrics.json").read_text()) for d in (parted_dir, straight_dir)]
     assert summaries[0]["steps"] == summaries[1]["steps"] == STEPS
-    learned = {"temperature": parted_lines[-1]["temperature"]}
+    learned = {"scale": parted_lines[-1]["scale"], "bias": parted_lines[-1]["bias"]}
+    # SigLIP's scale and bias train: every step moves both (AdamW moves each by about temperature_lr)
+    trail = [SIGLIP_START] + [{k: line[k] for k in SIGLIP_START} for line in parted_lines]
+    for before, after in zip(trail, trail[1:]):
+        assert all(abs(after[k] - before[k]) > 1e-3 for k in SIGLIP_START), trail
     assert summaries[0]["loss_parameters"] == summaries[1]["loss_parameters"] == learned
     assert summaries[0]["before"] == summaries[1]["before"] and summaries[0]["after"] == summaries[1]["after"]

@@ -299,9 +299,16 @@ def test_learn_temperature_makes_the_loss_parameters_learnable():
     assert isinstance(fixed, InfoNCELoss) and not list(fixed.parameters())
     learned = build_contrastive_loss(ContrastiveConfig(temperature=0.07, learn_temperature=True))
     assert loss_parameter_values(learned) == {"temperature": pytest.approx(0.07)}
-    siglip = build_contrastive_loss(ContrastiveConfig(loss="sigmoid", learn_temperature=True))
-    assert isinstance(siglip, SigmoidLoss)
-    assert loss_parameter_values(siglip) == {"scale": pytest.approx(10.0), "bias": pytest.approx(-10.0)}
+    learned_sigmoid = build_contrastive_loss(ContrastiveConfig(loss="sigmoid", learn_temperature=True))
+    assert isinstance(learned_sigmoid, SigmoidLoss)
+    assert loss_parameter_values(learned_sigmoid) == {"scale": pytest.approx(10.0), "bias": pytest.approx(-10.0)}
+    # SigLIP always learns its scale and bias, from the configured start; "sigmoid" keeps them fixed by default
+    siglip = build_contrastive_loss(ContrastiveConfig(loss="siglip", sigmoid_scale=5.0, sigmoid_bias=-3.0))
+    assert isinstance(siglip, SigmoidLoss) and len(list(siglip.parameters())) == 2
+    assert loss_parameter_values(siglip) == {"scale": pytest.approx(5.0), "bias": pytest.approx(-3.0)}
+    fixed_sigmoid = build_contrastive_loss(ContrastiveConfig(loss="sigmoid", sigmoid_scale=5.0, sigmoid_bias=-3.0))
+    assert not list(fixed_sigmoid.parameters())
+    assert (fixed_sigmoid.init_scale, fixed_sigmoid.init_bias) == (5.0, -3.0)
 
 
 def test_the_stepper_applies_adamw_then_clamps_and_round_trips_its_state():

@@ -1,12 +1,20 @@
-"""all_gather_with_grad on spawned gloo ranks vs a single-process reference (unequal per-rank sizes)."""
+"""all_gather_with_grad on spawned gloo ranks vs a single-process reference (unequal per-rank sizes): the forward, the
+reduce-scatter backward, and sizes declared in advance (no size exchange)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from multiproc import run_on_ranks
+from multiproc import counted_collectives, run_on_ranks
 
-from dist_unlearn.distributed.gather import all_gather_with_grad, all_gather_with_sizes, gather_sizes
+from dist_unlearn.distributed.gather import (
+    all_gather_with_grad,
+    all_gather_with_sizes,
+    gather_sizes,
+    known_row_counts,
+    row_counts,
+    same_row_counts,
+)
 
 FEATURES = (2, 3)
 
@@ -30,11 +38,31 @@ def _work(rank: int, world_size: int, cases: list[tuple[int, ...]]) -> dict:
     for seed, sizes in enumerate(cases):
         full = _global_input(sizes, seed)
         start = sum(sizes[:rank])
-        x = full[start : start + sizes[rank]].clone().requires_grad_(True)
-        gathered, got_sizes = all_gather_with_sizes(x)
-        _rank_objective(gathered, rank, seed).backward()
-        out["cases"].append({"gathered": gathered.detach(), "grad": x.grad.clone(), "sizes": got_sizes})
+        results = {}
+        # sizes exchanged by the gather; declared for the tensor; declared for its source (same_row_counts)
+        for how in ("exchanged", "declared", "derived"):
+            leaf = full[start : start + sizes[rank]].clone().requires_grad_(True)
+            declared = [] if how == "exchanged" else [(leaf, sizes)]
+            with counted_collectives() as counts, known_row_counts(declared):
+                x = same_row_counts(leaf * 1.0, leaf) if how == "derived" else leaf
+                gathered, got_sizes = all_gather_with_sizes(x)
+                _rank_objective(gathered, rank, seed).backward()
+            results[how] = {
+                "gathered": gathered.detach(),
+                "grad": leaf.grad.clone(),
+                "sizes": got_sizes,
+                "counts": dict(counts),
+            }
+        out["cases"].append(results)
     out["gather_sizes"] = gather_sizes(10 * rank + 7)
+    out["gather_size_lists"] = gather_sizes([rank, 10 + rank, 20 + rank])
+    x = torch.zeros(rank + 1, 2)
+    out["outside"] = row_counts(x)  # None: nothing declared
+    try:
+        all_gather_with_sizes(x, sizes=[5, 5])
+        out["bad_sizes"] = "accepted"
+    except ValueError as exc:
+        out["bad_sizes"] = str(exc)
     # Groups of one rank: the gather is the identity and so is its gradient.
     singles = [dist.new_group([r]) for r in range(world_size)]
     x = torch.arange(6.0, dtype=torch.float64).reshape(3, 2).add(rank).requires_grad_(True)
@@ -51,15 +79,26 @@ def _check(world_size: int, cases: list[tuple[int, ...]]) -> None:
         total = sum(_rank_objective(full, r, seed) for r in range(world_size))
         (ref_grad,) = torch.autograd.grad(total, full)
         for rank, res in enumerate(results):
-            case = res["cases"][seed]
-            assert case["sizes"] == list(sizes)
-            torch.testing.assert_close(case["gathered"], full.detach(), rtol=0, atol=0)
-            start = sum(sizes[:rank])
-            expected = ref_grad[start : start + sizes[rank]]
-            assert case["grad"].shape == expected.shape
-            torch.testing.assert_close(case["grad"], expected, rtol=1e-12, atol=1e-12)
-    for res in results:
+            for how, case in res["cases"][seed].items():
+                assert case["sizes"] == list(sizes)
+                torch.testing.assert_close(case["gathered"], full.detach(), rtol=0, atol=0)
+                start = sum(sizes[:rank])
+                expected = ref_grad[start : start + sizes[rank]]
+                assert case["grad"].shape == expected.shape
+                torch.testing.assert_close(case["grad"], expected, rtol=1e-12, atol=1e-12)
+                # one gather of the data, its backward one reduce-scatter (no all-reduce); sizes exchanged
+                # only when not declared
+                counts = case["counts"]
+                assert counts.get("size_exchange", 0) == (how == "exchanged"), (how, counts)
+                data_gathers = sum(v for k, v in counts.items() if k.startswith("all_gather")) - (how == "exchanged")
+                assert data_gathers == 1, (how, counts)
+                assert sum(v for k, v in counts.items() if k.startswith("reduce_scatter")) == 1, (how, counts)
+                assert "all_reduce" not in counts, (how, counts)
+    for rank, res in enumerate(results):
         assert res["gather_sizes"] == [10 * r + 7 for r in range(world_size)]
+        assert res["gather_size_lists"] == [[r, 10 + r, 20 + r] for r in range(world_size)]
+        assert res["outside"] is None
+        assert f"do not fit a tensor of {rank + 1} rows on rank {rank}" in res["bad_sizes"]
         same, grad = res["single"]
         assert same
         torch.testing.assert_close(grad, torch.full((3, 2), 3.0, dtype=torch.float64))

@@ -21,10 +21,10 @@ import test_grad_cache_fp16 as fp16
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from multiproc import run_on_ranks
+from multiproc import counted_collectives, run_on_ranks
 from torch import Tensor, nn
 
-from dist_unlearn.contrastive import GradCache, InfoNCELoss, SigmoidLoss
+from dist_unlearn.contrastive import GradCache, InfoNCELoss, MatryoshkaLoss, SigmoidLoss
 
 IN_DIM, HIDDEN, OUT_DIM = 8, 16, 8
 HARD = 1  # hard negatives per query: docs are [b * (1 + HARD), d], per query [positive, negative]
@@ -298,6 +298,24 @@ def job_temperature_reference(sizes: tuple[int, ...]) -> list[float]:
     return values
 
 
+COUNTED_DIMS = (4, 8)
+"""Matryoshka prefixes of the counted step: each gathers the docs and (symmetric) the queries, so 4 gathers."""
+
+
+def collectives_of_one_step(rank: int) -> dict[str, int]:
+    """The ``torch.distributed`` calls of one GradCache step under DDP (uneven ranks): a symmetric InfoNCE with a
+    learnable temperature inside a 2-prefix Matryoshka loss, i.e. 4 differentiable gathers. DDP's own gradient
+    all-reduce runs in its C++ reducer and is not counted."""
+    wrapped, _ = wrap("ddp", make_encoder())
+    base = InfoNCELoss(TEMPERATURE, learnable_temperature=True, symmetric=True).double()
+    loss_fn = MatryoshkaLoss(base, dims=COUNTED_DIMS)
+    cache = GradCache(wrapped, CHUNK, loss_fn)
+    batch = shard(UNEVEN, rank)
+    with counted_collectives() as counts:
+        cache.step(*batch)
+    return dict(counts)
+
+
 def all_cases(rank: int, world: int) -> dict[str, Any]:
     os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world)})  # for DeepSpeed
     out: dict[str, Any] = {}
@@ -311,6 +329,7 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
     for cached in (True, False):
         out[f"job-temperature-{'cached' if cached else 'plain'}"] = job_temperature(rank, UNEVEN, cached)
         dist.barrier()
+    out["collectives"] = collectives_of_one_step(rank)
     out["inside-model"] = loss_inside_the_model(rank, world)
     out["function"] = loss_in_a_function(rank)
     out["fp16"] = fp16.fp16_on_ranks(rank, world)  # fp16 GradCache with loss scaling (test_grad_cache_fp16.py)
@@ -379,6 +398,25 @@ def test_job_temperature_after_two_steps_matches_one_process(two_ranks, path):
     moved, want_moved = [v - start for v in got[0]], [w - start for w in want]
     assert moved == pytest.approx(want_moved, rel=10 * TOL, abs=0.0)  # float32 ranks vs the float64 reference
     assert abs(moved[0]) > 0.5 * JOB_TAU_LR and abs(moved[1] - moved[0]) > 0.5 * JOB_TAU_LR  # both steps moved τ
+
+
+@pytest.mark.slow
+def test_one_size_exchange_per_step_and_reduce_scatter_backward(two_ranks):
+    """One GradCache step exchanges sizes once (the chunk and row counts of every input, in one all-gather), and
+    the loss's gathers reuse those row counts; each gather's backward is one reduce-scatter, no all-reduce.
+
+    Before: 5 size exchanges in this step (an all-reduce of the chunk counts, then one all-gather of sizes per
+    gather) and 8 all-reduces (4 of them the gathers' backwards)."""
+    gathers = 2 * len(COUNTED_DIMS)  # docs and queries per prefix
+    for results in two_ranks:
+        counts = results["collectives"]
+        assert counts["size_exchange"] == 1, counts
+        gathered = sum(counts.get(name, 0) for name in ("all_gather", "all_gather_into_tensor", "all_gather_single"))
+        assert gathered == 1 + gathers, counts  # the size exchange, then the data
+        scattered = sum(counts.get(n, 0) for n in ("reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single"))
+        assert scattered == gathers, counts
+        # the loss value's statistics once per prefix, and the temperature's gradient average once per step
+        assert counts["all_reduce"] == len(COUNTED_DIMS) + 1, counts
 
 
 @pytest.mark.slow

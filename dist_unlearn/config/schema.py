@@ -268,7 +268,7 @@ class OutputConfig:
 
 
 JOB_KINDS = ("unlearn", "contrastive", "continual")
-CONTRASTIVE_LOSSES = ("infonce", "tiled_infonce", "sigmoid")
+CONTRASTIVE_LOSSES = ("infonce", "tiled_infonce", "sigmoid", "siglip")
 POOLINGS = ("mean", "cls")
 
 
@@ -298,14 +298,24 @@ class ContrastiveConfig:
     dev_fraction: Float = _opt(0.1, gt=0.0, lt=1.0)
     """Share of a user ``data`` file's rows held out (seeded by ``data.seed``) when there is no dev file."""
     loss: Str = _opt("infonce", choices=CONTRASTIVE_LOSSES)
+    """``infonce`` / ``tiled_infonce``: softmax over every document of every worker, temperature τ. ``sigmoid``: the
+    pairwise sigmoid loss ``-log σ(z (t·s + b))`` with scale ``t = sigmoid_scale`` and bias ``b = sigmoid_bias``,
+    fixed unless ``learn_temperature``. ``siglip``: SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image
+    Pre-Training"), the same loss with ``t`` (as ``log t``) and ``b`` always learned, from ``sigmoid_scale`` and
+    ``sigmoid_bias`` (the paper's 10 and -10 by default)."""
     temperature: Float = _opt(0.05, gt=0.0)
     """τ of the InfoNCE losses (the initial τ with ``learn_temperature``)."""
     learn_temperature: Bool = False
     """Learn τ as ``log(1/τ)`` (CLIP), kept at ``1/τ <= 100`` by a clamp after each optimizer step; with
-    ``loss=sigmoid``, learn SigLIP's scale and bias (initial 10 and -10; fixed otherwise). Stepped by its own
-    AdamW (no weight decay) at ``temperature_lr``; its gradient is the global-batch one on every rank."""
+    ``loss=sigmoid``, learn its scale and bias (what ``loss=siglip`` always does). Stepped by its own AdamW (no
+    weight decay) at ``temperature_lr``; its gradient is the global-batch one on every rank."""
     temperature_lr: Float = _opt(0.0, ge=0.0, example=1e-3)
-    """Learning rate of the learned temperature (or SigLIP scale and bias); 0 = ``contrastive.lr``."""
+    """Learning rate of the learned temperature (or sigmoid scale and bias); 0 = ``contrastive.lr``."""
+    sigmoid_scale: Float = _opt(10.0, gt=0.0)
+    """Scale ``t`` of the ``sigmoid`` / ``siglip`` losses (the initial ``t`` when learned; SigLIP: 10)."""
+    sigmoid_bias: Float = -10.0
+    """Bias ``b`` of the ``sigmoid`` / ``siglip`` losses (the initial ``b`` when learned; SigLIP: -10, so that the
+    many negative pairs start with a small loss)."""
     hard_negatives: Int = _opt(1, ge=0)
     """Hard negatives per query (documents per query = 1 + hard_negatives): mined for ``fictitious``, the
     first ones of each row of a user file (every row must have that many)."""

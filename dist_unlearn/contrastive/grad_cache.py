@@ -61,9 +61,10 @@ Ranks may hold batches of different sizes, including 0 rows on a rank (as long a
 for each input: the rank then encodes its empty input, ``[0, d]``, and takes part in every collective).
 ZeRO-3 gathers parameters in every forward and backward (and DDP may broadcast buffers in forward), so
 all ranks must run the same number of passes: under DDP and DeepSpeed the ranks agree on the largest
-chunk count per input (one small ``all_reduce``), and a rank with fewer chunks runs "ghost" chunks (one
-row, or 0 rows for an empty input) whose surrogate has weight 0 (and whose forwards draw from a forked
-RNG, leaving the global RNG untouched).
+chunk count per input (one small all-gather of every rank's chunk and row counts per input, the step's only size
+exchange: the row counts also serve the loss's cross-rank gathers), and a rank with fewer chunks runs "ghost"
+chunks (one row, or 0 rows for an empty input) whose surrogate has weight 0 (and whose forwards draw from a
+forked RNG, leaving the global RNG untouched).
 
 Half precision: the loss and the cached ``∂L/∂R`` are float32 whatever the compute dtype; float16 without
 DeepSpeed takes a ``torch.amp.GradScaler`` (``scaler=``) that scales every chunk's backward and the loss
@@ -99,6 +100,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from dist_unlearn.distributed.gather import gather_sizes, known_row_counts
 
 Batch = Tensor | Mapping[str, Any]
 """One input batch: a tensor ``[B, ...]`` or a mapping (dict, HF ``BatchEncoding``) of tensors ``[B, ...]``."""
@@ -224,31 +227,40 @@ def trim_padding(chunk: Batch) -> Batch:
     }
 
 
-def agreed_chunk_counts(counts: list[int], device: torch.device, rows: list[int] | None = None) -> list[int]:
-    """Per input, the largest number of chunks any rank has (``all_reduce`` MAX); ``counts`` if not distributed.
+def agreed_chunk_counts(
+    counts: list[int], device: torch.device, rows: list[int] | None = None
+) -> tuple[list[int], list[list[int]] | None]:
+    """Per input, the largest number of chunks any rank has, and every rank's row count: one size exchange.
 
     ZeRO-3 gathers parameters inside every forward and backward, and DDP may broadcast buffers in
     forward, so every rank must run the same number of passes even when the ranks' batches differ in size.
     A rank with fewer chunks adds one-row "ghost" chunks whose surrogate has zero weight.
 
-    With ``rows`` (this rank's row count per input), the same single ``all_reduce`` also checks that every
-    input has at least one row on some rank; otherwise every rank raises the same ``ValueError``.
+    One all-gather (:func:`~dist_unlearn.distributed.gather.gather_sizes`) of ``counts + rows`` from every rank
+    gives both the agreed chunk counts (the maximum over ranks) and, per input ``i``, the row counts
+    ``[B_i^0, ..., B_i^{W-1}]`` that a cross-rank loss gathering that input's representations needs (passed to it
+    through :func:`~dist_unlearn.distributed.gather.known_row_counts`, so the loss exchanges no sizes of its own).
+    With ``rows`` (this rank's row count per input) it also checks that every input has at least one row on some
+    rank; otherwise every rank raises the same ``ValueError``.
+
+    Returns:
+        ``(agreed counts, per-input per-rank row counts)``; ``(counts, None)`` when not distributed.
     """
     rows = list(rows) if rows is not None else []
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        agreed_counts, agreed_rows = counts, rows
+        agreed_counts, totals, table = counts, rows, None
     else:
-        agreed = torch.tensor(counts + rows, dtype=torch.long, device=device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        values = [int(n) for n in agreed.tolist()]
-        agreed_counts, agreed_rows = values[: len(counts)], values[len(counts) :]
-    empty = [i for i, n in enumerate(agreed_rows) if n == 0]
+        per_rank = gather_sizes(counts + rows, device=device)
+        agreed_counts = [max(values[i] for values in per_rank) for i in range(len(counts))]
+        table = [[values[len(counts) + i] for values in per_rank] for i in range(len(rows))]
+        totals = [sum(column) for column in table]
+    empty = [i for i, n in enumerate(totals) if n == 0]
     if empty:
         raise ValueError(
             f"GradCache got an empty batch: input {empty[0]} has 0 rows on every rank; the global batch needs "
             "at least one row per input (a single rank may have 0 rows)"
         )
-    return agreed_counts
+    return agreed_counts, table
 
 
 def cache_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -711,6 +723,7 @@ class GradCache:
         device = first_device(inputs)
         real = [len(input_chunks) for input_chunks in chunks]
         rows = [batch_size(batch) for batch in inputs]
+        row_table: list[list[int]] | None = None
         if self.kind == "plain":
             if 0 in rows:
                 raise ValueError(
@@ -718,11 +731,11 @@ class GradCache:
                     "least one row per input (under DDP/DeepSpeed one rank may have 0 rows if another has some)"
                 )
         else:
-            agreed = agreed_chunk_counts(real, self._collective_device(device), rows)
+            agreed, row_table = agreed_chunk_counts(real, self._collective_device(device), rows)
             chunks = [c + [ghost_chunk(c[0])] * (n - len(c)) for c, n in zip(chunks, agreed, strict=True)]
         kept = (len(chunks) - 1, real[-1] - 1) if self.keep_last_graph else None
         reps, states, kept_reps = self._representation_pass(chunks, real, device.type, kept)
-        loss, grads = self._cache_gradients(reps, loss_kwargs, orders)
+        loss, grads = self._cache_gradients(reps, loss_kwargs, orders, row_table)
         surrogate = self._replay(chunks, real, states, reps, grads, device.type, defer_last, kept, kept_reps)
         if self.kind == "deepspeed":
             _LAST_STEP_AT[self.model] = self.model.micro_steps
@@ -795,7 +808,11 @@ class GradCache:
         return reps, states, kept_reps
 
     def _cache_gradients(
-        self, reps: list[list[Tensor]], loss_kwargs: dict[str, Any], orders: Sequence[Tensor | None] | None = None
+        self,
+        reps: list[list[Tensor]],
+        loss_kwargs: dict[str, Any],
+        orders: Sequence[Tensor | None] | None = None,
+        row_table: list[list[int]] | None = None,
     ) -> tuple[Tensor, list[list[Tensor]]]:
         """Phase 2: ``loss_fn`` on the detached full representations; returns the loss and ∂L/∂reps per chunk.
 
@@ -806,6 +823,10 @@ class GradCache:
         ``orders[i]`` (``[B_i]`` or None): input ``i`` was encoded in that row order (``sort_by_length``); its
         representations are put back in the input's order for ``loss_fn``, and ∂L/∂reps is returned in the
         encoding order, chunk by chunk.
+
+        ``row_table[i]`` (from :func:`agreed_chunk_counts`): input ``i``'s row count on every rank, declared for
+        the loss's gathers (:func:`~dist_unlearn.distributed.gather.known_row_counts`), so that the step's one
+        size exchange is the one in :func:`agreed_chunk_counts`.
         """
         orders = list(orders) if orders is not None else [None] * len(reps)
         leaves = []
@@ -815,7 +836,9 @@ class GradCache:
             if order is not None:
                 joined = joined[torch.argsort(order).to(joined.device)]
             leaves.append(joined.requires_grad_())
-        loss = self.loss_fn(*leaves, **loss_kwargs)
+        declared = zip(leaves, row_table, strict=True) if row_table is not None else ()
+        with known_row_counts(declared):
+            loss = self.loss_fn(*leaves, **loss_kwargs)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn must return a scalar (0-dim) tensor")
         if not loss.requires_grad:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dist_unlearn.config.schema import ContrastiveConfig
+from dist_unlearn.config.schema import CONTRASTIVE_LOSSES, ContrastiveConfig
 from dist_unlearn.contrastive.losses import InfoNCELoss, SigmoidLoss
 from dist_unlearn.contrastive.tiled import TiledInfoNCELoss
 
@@ -40,15 +40,26 @@ __all__ = [
 
 
 def build_contrastive_loss(cfg: ContrastiveConfig) -> nn.Module:
-    """The cross-rank loss named by ``contrastive.loss`` (global-mean gradient convention); with
-    ``learn_temperature`` its ``log(1/τ)`` (InfoNCE) or SigLIP's log-scale and bias (Zhai et al., 2023) are
-    parameters, else fixed (τ = ``temperature``; SigLIP t = 10, b = -10)."""
+    """The cross-rank loss named by ``contrastive.loss`` (global-mean gradient convention).
+
+    ``infonce`` / ``tiled_infonce``: τ = ``temperature``, learned as ``log(1/τ)`` with ``learn_temperature``.
+    ``sigmoid``: scale ``t = sigmoid_scale`` and bias ``b = sigmoid_bias``, learned (as ``log t`` and ``b``) with
+    ``learn_temperature``. ``siglip``: SigLIP (Zhai et al., 2023), the sigmoid loss with ``log t`` and ``b`` always
+    learned, starting from ``sigmoid_scale`` and ``sigmoid_bias``.
+    """
     learn = cfg.learn_temperature
     if cfg.loss == "infonce":
         return InfoNCELoss(temperature=cfg.temperature, learnable_temperature=learn, cross_rank=True)
     if cfg.loss == "tiled_infonce":
         return TiledInfoNCELoss(temperature=cfg.temperature, learnable_temperature=learn, cross_rank=True)
-    return SigmoidLoss(cross_rank=True, learnable=learn)
+    if cfg.loss not in ("sigmoid", "siglip"):
+        raise ValueError(f"contrastive.loss must be one of {', '.join(CONTRASTIVE_LOSSES)}; got {cfg.loss!r}")
+    return SigmoidLoss(
+        init_scale=cfg.sigmoid_scale,
+        init_bias=cfg.sigmoid_bias,
+        learnable=learn or cfg.loss == "siglip",
+        cross_rank=True,
+    )
 
 
 def average_loss_gradients(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None], group: Any = None) -> None:

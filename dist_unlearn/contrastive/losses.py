@@ -15,9 +15,10 @@ Gradient convention (``reduction="global_mean"``, the default)
 
         loss_r = (W / B) * sum_{i on rank r} l_i,    so that    (1 / W) sum_r loss_r = L.
 
-    Each rank calls ``loss_r.backward()``; the gather's backward all-reduce-sums the doc gradients, so the
-    sum over ranks of the parameter gradients is ``W * dL/dtheta``, and the **average** that DDP and
-    DeepSpeed apply gives exactly ``dL/dtheta``, also with unequal per-rank batches. The same holds for a
+    Each rank calls ``loss_r.backward()``; the gather's backward sums the doc gradients over ranks (one
+    reduce-scatter: each rank receives the sum for its own docs), so the sum over ranks of the parameter
+    gradients is ``W * dL/dtheta``, and the **average** that DDP and DeepSpeed apply gives exactly
+    ``dL/dtheta``, also with unequal per-rank batches. The same holds for a
     learnable temperature, scale or bias: its per-rank gradient is ``d loss_r / d tau`` and the rank average
     is ``dL/dtau`` -- provided it is averaged like any other parameter. **Convention: the gradient of a
     loss parameter is the global-batch gradient, like the model's.** :class:`~dist_unlearn.contrastive.GradCache`
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_unlearn.distributed.gather import all_gather_with_sizes, group_rank, group_world_size
+from dist_unlearn.distributed.gather import all_gather_with_sizes, group_rank, group_world_size, same_row_counts
 
 __all__ = [
     "AUCLoss",
@@ -141,7 +142,9 @@ class CrossRankLoss(nn.Module):
         return self
 
     def _prep(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=-1) if self.normalize else x
+        """L2-normalised ``x`` (when ``normalize``), with ``x``'s per-rank row counts if those are known
+        (:func:`~dist_unlearn.distributed.gather.known_row_counts`: the gather then needs no size exchange)."""
+        return same_row_counts(F.normalize(x, dim=-1), x) if self.normalize else x
 
     def _columns(self, x: Tensor) -> tuple[Tensor, int]:
         """``(columns [N, d], offset of this rank's rows in columns)``."""
@@ -519,8 +522,8 @@ class MatryoshkaLoss(nn.Module):
         total: Tensor | float = 0.0
         logged: Tensor | float = 0.0
         for dim, weight in zip(self.dims, self.weights, strict=True):
-            q = F.normalize(queries[..., :dim], dim=-1)
-            d = F.normalize(docs[..., :dim], dim=-1)
+            q = same_row_counts(F.normalize(queries[..., :dim], dim=-1), queries)
+            d = same_row_counts(F.normalize(docs[..., :dim], dim=-1), docs)
             total = total + weight * self.base_loss(q, d)
             last = getattr(self.base_loss, "last_global_loss", None)
             logged = logged + weight * last if last is not None else logged

@@ -7,9 +7,10 @@ then applies it. Retrieval quality (recall@1/@10, MRR) on held-out queries is me
 
 The data is the fictitious-facts retrieval task (people never trained on are evaluated) or the user's own
 JSON Lines pairs/triples (``contrastive.data``, :mod:`dist_unlearn.data.pairs`; the dev rows are evaluated).
-With ``contrastive.learn_temperature`` the loss's own parameters (τ; SigLIP's scale and bias) train next to
-the model with their own optimizer (:class:`~dist_unlearn.contrastive.loss_params.LossParameterStepper`),
-identically on every rank, and are saved with each checkpoint. The exported ``model/`` is also a
+With ``contrastive.learn_temperature`` (or ``contrastive.loss=siglip``) the loss's own parameters (τ; the
+sigmoid loss's scale and bias, SigLIP: Zhai et al. 2023) train next to the model with their own optimizer
+(:class:`~dist_unlearn.contrastive.loss_params.LossParameterStepper`), identically on every rank, and are saved
+with each checkpoint. The exported ``model/`` is also a
 sentence-transformers model directory.
 """
 
