@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks (spawned processes on localhost) and collect the results.
+"""Run a function on N ranks (spawned processes on localhost; gloo, or NCCL on GPUs) and collect the results.
 
 Usage (the function must be importable by module path, i.e. defined at module level)::
 
@@ -8,10 +8,14 @@ Usage (the function must be importable by module path, i.e. defined at module le
         ...  # torch.distributed is initialised (gloo); return something picklable
 
     results = run_on_ranks(work, 2, 3.0)  # [result_of_rank_0, result_of_rank_1]
+    results = run_on_ranks(work, 2, 3.0, backend="nccl")  # rank r on cuda:r (needs 2 GPUs)
 
 Each rank runs with ``torch.set_num_threads(1)``; results travel through ``torch.save`` files in a
 temporary directory (tensors are fine). An exception on any rank is re-raised in the parent with the
 rank's traceback.
+
+:data:`DEVICES` parametrizes a test over ``cpu`` and ``cuda`` (skipped without a GPU); :data:`needs_two_gpus`
+skips an NCCL test on fewer than 2 GPUs; :func:`to_cpu` moves a rank's result off its device.
 
 :func:`counted_collectives` counts the ``torch.distributed`` collectives a block calls (e.g. to check that a step
 exchanges sizes once).
@@ -29,11 +33,31 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_unlearn.distributed.env import skip_deepspeed_shm_op
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none available)")
+needs_two_gpus = pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason=f"NCCL needs one CUDA device per rank: 2 ranks need 2 GPUs, found {torch.cuda.device_count()}",
+)
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+"""``@pytest.mark.parametrize("device", DEVICES)``: the test on the CPU and, where a GPU is present, on CUDA."""
+
+
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (nested dicts, lists, tuples) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_cpu(v) for v in value)
+    return value
 
 
 def free_port() -> int:
@@ -43,13 +67,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple) -> None:
+def _worker(
+    rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple, backend: str
+) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
         skip_deepspeed_shm_op()  # as the product's workers do: no JIT build of an op training never uses
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # NCCL needs one device per rank; the current one is the rank's
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
         try:
             result = fn(rank, world_size, *args)
         finally:
@@ -60,21 +88,25 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_d
         raise
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return results by rank.
+def run_on_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo"
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return results by rank.
 
     Args:
         fn: module-level function; ``torch.distributed`` is initialised when it runs.
         world_size: number of ranks (processes).
         args: extra picklable arguments passed to every rank.
         timeout: seconds to wait for all ranks before failing.
+        backend: ``"gloo"`` (CPU), or ``"nccl"``: rank ``r`` runs with ``torch.cuda.set_device(r)``, so it needs
+            ``world_size`` CUDA devices; ``fn`` puts its tensors on ``cuda:r`` and returns them on the CPU.
     Returns:
         ``[fn(0, ...), ..., fn(world_size - 1, ...)]``.
     """
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(fn, world_size, free_port(), out_dir, args),
+            args=(fn, world_size, free_port(), out_dir, args, backend),
             nprocs=world_size,
             join=False,
             start_method="spawn",
