@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from multiproc import counted_collectives, run_on_ranks
+from multiproc import counted_collectives, needs_two_gpus, run_on_ranks, to_cpu
 
 from dist_unlearn.distributed.gather import (
     all_gather_with_grad,
@@ -27,16 +27,18 @@ def _global_input(sizes: tuple[int, ...], seed: int) -> torch.Tensor:
 def _rank_objective(gathered: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
     """A nonlinear, rank-specific scalar f_r(X) of the whole gathered tensor."""
     gen = torch.Generator().manual_seed(1000 * seed + rank)
-    weights = torch.randn(gathered.shape, generator=gen, dtype=gathered.dtype)
+    weights = torch.randn(gathered.shape, generator=gen, dtype=gathered.dtype).to(gathered.device)
     return (weights * gathered).pow(2).sum() + (rank + 1.0) * torch.sin(gathered * weights).sum()
 
 
-def _work(rank: int, world_size: int, cases: list[tuple[int, ...]]) -> dict:
+def _work(rank: int, world_size: int, cases: list[tuple[int, ...]], device: str = "cpu") -> dict:
+    """Every check on this rank, its tensors on ``device`` (``cuda``: the rank's GPU under NCCL), returned on the
+    CPU."""
     import torch.distributed as dist
 
     out: dict = {"cases": []}
     for seed, sizes in enumerate(cases):
-        full = _global_input(sizes, seed)
+        full = _global_input(sizes, seed).to(device)
         start = sum(sizes[:rank])
         results = {}
         # sizes exchanged by the gather; declared for the tensor; declared for its source (same_row_counts)
@@ -56,7 +58,7 @@ def _work(rank: int, world_size: int, cases: list[tuple[int, ...]]) -> dict:
         out["cases"].append(results)
     out["gather_sizes"] = gather_sizes(10 * rank + 7)
     out["gather_size_lists"] = gather_sizes([rank, 10 + rank, 20 + rank])
-    x = torch.zeros(rank + 1, 2)
+    x = torch.zeros(rank + 1, 2, device=device)
     out["outside"] = row_counts(x)  # None: nothing declared
     try:
         all_gather_with_sizes(x, sizes=[5, 5])
@@ -65,15 +67,17 @@ def _work(rank: int, world_size: int, cases: list[tuple[int, ...]]) -> dict:
         out["bad_sizes"] = str(exc)
     # Groups of one rank: the gather is the identity and so is its gradient.
     singles = [dist.new_group([r]) for r in range(world_size)]
-    x = torch.arange(6.0, dtype=torch.float64).reshape(3, 2).add(rank).requires_grad_(True)
+    x = torch.arange(6.0, dtype=torch.float64, device=device).reshape(3, 2).add(rank).requires_grad_(True)
     y = all_gather_with_grad(x, group=singles[rank])
     (y * 3.0).sum().backward()
     out["single"] = (torch.equal(y.detach(), x.detach()), x.grad.clone())
-    return out
+    return to_cpu(out)
 
 
-def _check(world_size: int, cases: list[tuple[int, ...]]) -> None:
-    results = run_on_ranks(_work, world_size, cases)
+def _check(world_size: int, cases: list[tuple[int, ...]], backend: str = "gloo") -> None:
+    """``cases`` on ``world_size`` ranks vs one process; ``backend="nccl"``: rank r's tensors on ``cuda:r``."""
+    device = "cuda" if backend == "nccl" else "cpu"
+    results = run_on_ranks(_work, world_size, cases, device, backend=backend)
     for seed, sizes in enumerate(cases):
         full = _global_input(sizes, seed).requires_grad_(True)
         total = sum(_rank_objective(full, r, seed) for r in range(world_size))
@@ -106,6 +110,12 @@ def _check(world_size: int, cases: list[tuple[int, ...]]) -> None:
 
 def test_two_ranks_unequal_and_empty():
     _check(2, [(3, 1), (0, 2), (2, 2)])
+
+
+@needs_two_gpus
+def test_cuda_nccl_two_ranks_unequal_and_empty():
+    """The same checks over NCCL (float64 on the GPUs: exact to rounding, the same 1e-12)."""
+    _check(2, [(3, 1), (0, 2), (2, 2)], backend="nccl")
 
 
 def test_three_ranks_unequal():

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import DEVICES
 from torch import Tensor, nn
 
 from dist_unlearn.contrastive import GradCache, InfoNCELoss
@@ -36,8 +37,8 @@ SCALE = 2.0**10
 value, 65504 (at GradScaler's default 2^16 the first step here overflows and is skipped, as it should be)."""
 
 
-def scaler(init_scale: float = SCALE) -> torch.amp.GradScaler:
-    return torch.amp.GradScaler("cpu", init_scale=init_scale)
+def scaler(init_scale: float = SCALE, device: str = "cpu") -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(device, init_scale=init_scale)
 
 
 def make_encoder() -> nn.Module:
@@ -78,13 +79,15 @@ def fp16_update(
     sizes: tuple[int, ...] | None = None,
     rank: int = 0,
     chunk: int = CHUNK,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """One GradCache step under float16 autocast and one SGD step (model and loss in one optimizer) through
     ``scaler`` (a plain ``optimizer.step()`` without one). ``half_cache``: the loss runs on float16 copies of the
     representations, so ``∂L/∂R`` is float16, as GradCache kept it before. ``sizes``: DDP over the ranks, each
-    with its slice of the ``sum(sizes)`` rows. Returns every parameter's update and unscaled gradient (``.grad``
+    with its slice of the ``sum(sizes)`` rows. ``device``: where the model, loss and batch live (``cuda``: one
+    GPU; under NCCL the rank's current device). Returns every parameter's update and unscaled gradient (``.grad``
     after ``scaler.step``), the scaler's scale and the dtypes of the representations the loss received."""
-    model, loss_fn = make_encoder(), make_loss()
+    model, loss_fn = make_encoder().to(device), make_loss().to(device)
     wrapped = nn.parallel.DistributedDataParallel(model) if sizes is not None else model
     before = {n: p.detach().clone() for n, p in [*model.named_parameters(), *loss_fn.named_parameters()]}
     optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": loss_fn.parameters()}], lr=LR)
@@ -97,7 +100,7 @@ def fp16_update(
         return weight * loss_fn(q, d)
 
     cache = GradCache(wrapped, chunk, loss, autocast_dtype=FP16, scaler=scaler, loss_parameters=loss_fn.parameters())
-    queries, docs = global_batch(rows)
+    queries, docs = (x.to(device) for x in global_batch(rows))
     if sizes is not None:
         start = sum(sizes[:rank])
         queries, docs = queries[start : start + sizes[rank]], docs[start : start + sizes[rank]]
@@ -109,8 +112,8 @@ def fp16_update(
         optimizer.step()
     after = dict([*model.named_parameters(), *loss_fn.named_parameters()])
     return {
-        "update": {n: (after[n].detach() - before[n]).double() for n in before},
-        "grad": {n: p.grad.double() for n, p in after.items()},
+        "update": {n: (after[n].detach() - before[n]).double().cpu() for n in before},
+        "grad": {n: p.grad.double().cpu() for n, p in after.items()},
         "scale": scaler.get_scale() if scaler is not None else None,
         "loss_dtypes": seen,
     }
@@ -127,11 +130,13 @@ MODEL = [n for n, _ in make_encoder().named_parameters()]
 TAU = ["log_inverse_temperature"]
 
 
-def test_fp16_with_loss_scaling_matches_fp32():
-    """One step with a GradScaler: the weights' and the temperature's updates equal float64's within TOL."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_with_loss_scaling_matches_fp32(device):
+    """One step with a GradScaler: the weights' and the temperature's updates equal float64's within TOL (on CUDA
+    the float16 matmuls accumulate in float32, as on the CPU: the same bound)."""
     want = reference_update(64)
-    got = fp16_update(64, scaler())
-    assert got["scale"] == SCALE  # no overflow: the step was taken (measured: 1.5e-3 and 6.0e-4)
+    got = fp16_update(64, scaler(device=device), device=device)
+    assert got["scale"] == SCALE  # no overflow: the step was taken (measured on the CPU: 1.5e-3 and 6.0e-4)
     assert rel_error(got["update"], want, MODEL) < TOL
     assert rel_error(got["update"], want, TAU) < TOL
 

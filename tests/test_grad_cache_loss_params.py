@@ -21,7 +21,7 @@ import test_grad_cache_fp16 as fp16
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from multiproc import counted_collectives, run_on_ranks
+from multiproc import counted_collectives, needs_two_gpus, run_on_ranks, to_cpu
 from torch import Tensor, nn
 
 from dist_unlearn.contrastive import GradCache, InfoNCELoss, MatryoshkaLoss, SigmoidLoss
@@ -154,14 +154,15 @@ def full_grads(wrapped: Any) -> dict[str, Tensor]:
     return {n: safe_get_full_grad(p).detach().double() for n, p in wrapped.module.named_parameters()}
 
 
-def one_step(rank: int, setup: str, name: str, sizes: tuple[int, ...]) -> dict[str, Any]:
-    """GradCache.step on this rank's shard, then the optimizer steps (model and loss) and the clamp."""
+def one_step(rank: int, setup: str, name: str, sizes: tuple[int, ...], device: str = "cpu") -> dict[str, Any]:
+    """GradCache.step on this rank's shard, then the optimizer steps (model and loss) and the clamp. ``device``:
+    where the model, loss and shard live (``cuda``: the rank's current GPU under NCCL); tensors come back there."""
     dtype = dtype_of(setup)
-    wrapped, optimizer = wrap(setup, make_encoder(dtype))
-    loss_fn = LOSSES[name]().to(dtype)
+    wrapped, optimizer = wrap(setup, make_encoder(dtype).to(device))
+    loss_fn = LOSSES[name]().to(dtype).to(device)
     loss_optimizer = torch.optim.SGD(loss_fn.parameters(), lr=LR)
     cache = GradCache(wrapped, CHUNK, loss_fn, check_replay=True)
-    cache.step(*shard(sizes, rank, dtype=dtype))
+    cache.step(*(x.to(device) for x in shard(sizes, rank, dtype=dtype)))
     out = {
         "grads": full_grads(wrapped),
         "loss_grads": {n: p.grad.clone() for n, p in loss_fn.named_parameters()},
@@ -342,9 +343,30 @@ def two_ranks() -> list[dict[str, Any]]:
     return run_on_ranks(all_cases, 2, timeout=400)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(STEP_CASES))
-def test_one_step_matches_one_process_including_loss_parameters(two_ranks, case):
+NCCL_CASES = [case for case, (setup, _, _) in STEP_CASES.items() if setup == "ddp"]
+
+
+def nccl_cases(rank: int, world: int) -> dict[str, Any]:
+    """On each of 2 NCCL ranks (rank r on ``cuda:r``): the DDP cases of :data:`STEP_CASES` and the DDP float16
+    step with loss scaling of ``test_grad_cache_fp16.py``, everything returned on the CPU."""
+    out: dict[str, Any] = {}
+    for case in NCCL_CASES:
+        out[case] = one_step(rank, *STEP_CASES[case], device="cuda")
+        dist.barrier()
+    out["fp16"] = fp16.fp16_update(
+        sum(fp16.SIZES), fp16.scaler(device="cuda"), sizes=fp16.SIZES, rank=rank, device="cuda"
+    )
+    return to_cpu(out)
+
+
+@pytest.fixture(scope="module")
+def two_nccl_ranks() -> list[dict[str, Any]]:
+    return run_on_ranks(nccl_cases, 2, timeout=400, backend="nccl")
+
+
+def check_one_step(two_ranks: list[dict[str, Any]], case: str) -> None:
+    """Both ranks' gradients, weights and loss parameters after ``case``'s step equal the one-process reference
+    within TOL, and the loss parameters are bitwise equal on the two ranks."""
     setup, name, sizes = STEP_CASES[case]
     want = reference(name, [global_batch(sum(sizes))])
     initial = {n: p.detach().clone() for n, p in make_encoder().named_parameters()}
@@ -367,6 +389,20 @@ def test_one_step_matches_one_process_including_loss_parameters(two_ranks, case)
     for key in ("loss_grads", "loss_params"):  # bitwise identical on the ranks: they cannot drift apart
         for n, value in two_ranks[0][case][key].items():
             assert torch.equal(value, two_ranks[1][case][key][n]), f"{case}: {key} {n} differs between ranks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_one_step_matches_one_process_including_loss_parameters(two_ranks, case):
+    check_one_step(two_ranks, case)
+
+
+@pytest.mark.slow
+@needs_two_gpus
+@pytest.mark.parametrize("case", NCCL_CASES)
+def test_cuda_nccl_one_step_matches_one_process(two_nccl_ranks, case):
+    """The DDP cases on 2 GPUs over NCCL, float64 as on gloo: the same reference, the same TOL."""
+    check_one_step(two_nccl_ranks, case)
 
 
 @pytest.mark.slow
@@ -442,6 +478,19 @@ def test_undeclared_loss_parameters_are_refused_or_listed(two_ranks):
 def test_ddp_fp16_with_loss_scaling_matches_one_process_fp32(two_ranks):
     """DDP on 2 ranks (uneven slices): the same updates as float64 on the whole batch within TOL, and the
     temperature bitwise equal on both ranks."""
+    check_ddp_fp16(two_ranks)
+
+
+@pytest.mark.slow
+@needs_two_gpus
+def test_cuda_nccl_ddp_fp16_with_loss_scaling_matches_one_process_fp32(two_nccl_ranks):
+    """The same on 2 GPUs over NCCL (float16 matmuls accumulate in float32 there too: the same fp16.TOL)."""
+    check_ddp_fp16(two_nccl_ranks)
+
+
+def check_ddp_fp16(two_ranks: list[dict[str, Any]]) -> None:
+    """Each rank's fp16 DDP update equals float64's on the whole batch within fp16.TOL; the temperature's update
+    is bitwise equal on the ranks."""
     want = fp16.reference_update(sum(fp16.SIZES))
     for got in (out["fp16"] for out in two_ranks):
         assert got["scale"] == fp16.SCALE
