@@ -8,6 +8,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from dist_unlearn.bench import contrastive
 from dist_unlearn.cli import main
@@ -54,6 +55,37 @@ def test_resolve_fills_mode_defaults():
     assert full.loss_sizes == [16384, 32768, 65536] and full.mem_batches == [64, 128]
     with pytest.raises(ValueError, match="--loss-sizes"):
         contrastive.resolve(parser.parse_args(["--loss-sizes", "1k"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_bench_refuses_cuda_without_a_gpu(capsys):
+    """``--device cuda`` on a machine without a GPU fails before any work, naming the fix."""
+    assert main(["bench", "contrastive", "--device", "cuda", "--parts", "d"]) == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_indexed_device(capsys):
+    """Timing syncs and peak probes use the current GPU: ``cuda:1`` is refused with the CUDA_VISIBLE_DEVICES fix."""
+    assert main(["bench", "contrastive", "--device", "cuda:1", "--parts", "d"]) == 2
+    assert "CUDA_VISIBLE_DEVICES" in capsys.readouterr().err
+
+
+def test_bf16_steppers_match_each_other():
+    """``--bf16``: the plain and GradCache steps under bfloat16 autocast give float32 gradients that agree within
+    bf16 rounding (1e-2 relative, a few ``u = 2^-8``: each chunk's forward rounds like the whole batch's)."""
+    from dist_unlearn.bench.steps import TINY_BERT, Stepper, load_encoder, load_tokenizer, make_batch
+
+    queries, docs = make_batch(load_tokenizer(), 8, 16, "cpu")
+    grads = {}
+    for method in ("plain", "gradcache"):
+        model = load_encoder(TINY_BERT)[0].eval()  # no dropout: the two methods see the same network
+        loss = Stepper(method, model, 4, torch.bfloat16).gradient(queries, docs)
+        assert torch.isfinite(loss)
+        grads[method] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert all(g.dtype == torch.float32 for g in grads["plain"].values())
+    scale = max(g.abs().max().item() for g in grads["plain"].values())
+    err = max((grads["gradcache"][n] - g).abs().max().item() for n, g in grads["plain"].items()) / scale
+    assert err < 1e-2, err
 
 
 _PROBE_SCRIPT = """

@@ -17,6 +17,9 @@ d. **Tiled vs full InfoNCE loss memory** (``tiled_loss_memory``): random normali
 
 Memory is the peak resident set size above the process's baseline on the CPU and
 ``torch.cuda.max_memory_allocated`` above the baseline on CUDA (see :mod:`dist_unlearn.bench.memory`).
+``--device cuda`` runs every part on the current GPU (choose it with ``CUDA_VISIBLE_DEVICES``; timed steps
+synchronise it before and after); ``--bf16`` runs parts a-c's encoder forwards under bfloat16 autocast
+(:class:`~dist_unlearn.bench.steps.Stepper`).
 The JSON is rewritten (temp file, then rename) after every part.
 """
 
@@ -78,7 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-size", type=int, default=1024, help="part d TiledInfoNCELoss tile size")
     parser.add_argument("--mem-cap-gib", type=float, default=14.0, help="skip points estimated above this")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measuring subprocess")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--device", default=None, help="cpu or cuda (default: cuda if available; pick a GPU with CUDA_VISIBLE_DEVICES)"
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="parts a-c: the encoder's forwards under torch.autocast(bfloat16), float32 weights and gradients "
+        "(part d stays float32)",
+    )
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -94,11 +105,25 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown or not args.parts:
         raise ValueError(f"--parts must be a comma-separated subset of {','.join(PARTS)}, got {unknown or 'none'}")
-    if args.device is None:
-        import torch
+    import torch
 
+    if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device not in ("cpu", "cuda"):
+        # timing syncs and the peak probes use the current CUDA device: choose it with CUDA_VISIBLE_DEVICES
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}; pick a GPU with CUDA_VISIBLE_DEVICES")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu"
+        )
     return args
+
+
+def autocast_dtype(args: argparse.Namespace) -> Any:
+    """``torch.bfloat16`` with ``--bf16``, else None (float32 throughout)."""
+    import torch
+
+    return torch.bfloat16 if args.bf16 else None
 
 
 def _ints(text: str | list[int], option: str) -> list[int]:
@@ -173,7 +198,7 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
     model, info = load_encoder(args.model)
     model.to(args.device)
     queries, docs = make_batch(load_tokenizer(), args.batch, args.max_length, args.device, args.texts)
-    steppers = {name: Stepper(name, model, args.chunk) for name in ("plain", "gradcache")}
+    steppers = {name: Stepper(name, model, args.chunk, autocast_dtype(args)) for name in ("plain", "gradcache")}
     times = interleaved_times(steppers, queries, docs, args.repeats, args.device)
     plain, cached = _median(times["plain"]), _median(times["gradcache"])
     return {
@@ -182,6 +207,7 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
         "chunk": args.chunk,
         "max_length": args.max_length,
         "texts": args.texts,
+        "autocast": "bfloat16" if args.bf16 else None,
         "gradcache_options": GRADCACHE_OPTIONS,
         "repeats": args.repeats,
         "step": "zero_grad + forward + InfoNCE(tau=0.05) + backward + AdamW step",
@@ -203,6 +229,7 @@ def _step_spec(args: argparse.Namespace, method: str, model: str, batch: int, ch
         "max_length": args.max_length,
         "texts": args.texts,
         "device": args.device,
+        "bf16": args.bf16,
     }
 
 
@@ -261,8 +288,8 @@ def part_c(args: argparse.Namespace) -> dict[str, Any]:
 
     ours_model, info = load_encoder(args.model)
     steppers = {
-        "ours": Stepper("gradcache", ours_model.to(args.device), args.chunk),
-        "st": Stepper("st", load_st_model(args.model, args.device), args.chunk),
+        "ours": Stepper("gradcache", ours_model.to(args.device), args.chunk, autocast_dtype(args)),
+        "st": Stepper("st", load_st_model(args.model, args.device), args.chunk, autocast_dtype(args)),
     }
     queries, docs = make_batch(load_tokenizer(), args.batch, args.max_length, args.device, args.texts)
     times = interleaved_times(steppers, queries, docs, args.repeats, args.device)
@@ -278,6 +305,7 @@ def part_c(args: argparse.Namespace) -> dict[str, Any]:
         "chunk": args.chunk,
         "max_length": args.max_length,
         "texts": args.texts,
+        "autocast": "bfloat16" if args.bf16 else None,
         "gradcache_options": GRADCACHE_OPTIONS,
         "repeats": args.repeats,
         "temperature": TEMPERATURE,

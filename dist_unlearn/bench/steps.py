@@ -13,6 +13,7 @@ Three ways to compute the gradient of the same InfoNCE loss (temperature ``tau``
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,6 +121,13 @@ def make_batch(tokenizer: Any, n: int, max_length: int, device: str, texts: str 
     return tokenize(tokenizer, queries, max_length, device), tokenize(tokenizer, passages, max_length, device)
 
 
+def autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on the device type of ``model``'s parameters; a no-op when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
 def sync(device: str) -> None:
     """Wait for queued CUDA work (no-op on the CPU) so that wall-clock times are complete."""
     if device.startswith("cuda"):
@@ -128,11 +136,19 @@ def sync(device: str) -> None:
 
 @dataclass
 class Stepper:
-    """One training step (zero grads, gradient of InfoNCE over the batch, optimizer step) for one method."""
+    """One training step (zero grads, gradient of InfoNCE over the batch, optimizer step) for one method.
+
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``): the encoder's forwards run under ``torch.autocast`` to it, the
+    weights, gradients and AdamW stay float32. ``gradcache``: GradCache's ``autocast_dtype`` (the loss on float32
+    copies of the representations); ``plain``: the two encodes under autocast, the loss on float32 copies;
+    ``st``: sentence-transformers' loss call and its backward (where its cached replay forwards run) under
+    autocast.
+    """
 
     method: str
     model: nn.Module
     chunk: int
+    autocast_dtype: torch.dtype | None = None
     optimizer: torch.optim.Optimizer = field(init=False)
     _grad: Callable[[dict, dict], Tensor] = field(init=False)
 
@@ -144,16 +160,23 @@ class Stepper:
 
     def _make_grad(self) -> Callable[[dict, dict], Tensor]:
         if self.method == "st":
-            return st_gradient(self.model, self.chunk)
+            return st_gradient(self.model, self.chunk, self.autocast_dtype)
         loss_fn = InfoNCELoss(temperature=TEMPERATURE, cross_rank=False)
         if self.method == "gradcache":
             cache = GradCache(
-                self.model, chunk_size=self.chunk, loss_fn=loss_fn, encode=encode_batch, **GRADCACHE_OPTIONS
+                self.model,
+                chunk_size=self.chunk,
+                loss_fn=loss_fn,
+                encode=encode_batch,
+                autocast_dtype=self.autocast_dtype,
+                **GRADCACHE_OPTIONS,
             )
             return cache.step
 
         def plain(queries: dict, docs: dict) -> Tensor:
-            loss = loss_fn(encode_batch(self.model, queries), encode_batch(self.model, docs))
+            with autocast(self.model, self.autocast_dtype):
+                q, d = encode_batch(self.model, queries), encode_batch(self.model, docs)
+            loss = loss_fn(q.float(), d.float())
             loss.backward()
             return loss.detach()
 
@@ -178,9 +201,12 @@ def load_st_model(name: str, device: str) -> nn.Module:
     return SentenceTransformer(encoder_path(name), device=device).train()
 
 
-def st_gradient(st_model: nn.Module, chunk: int) -> Callable[[dict, dict], Tensor]:
+def st_gradient(
+    st_model: nn.Module, chunk: int, autocast_dtype: torch.dtype | None = None
+) -> Callable[[dict, dict], Tensor]:
     """``CachedMultipleNegativesRankingLoss`` (``scale = 1/tau``, ``mini_batch_size = chunk``) as a gradient
-    function: ``loss([queries, docs], None).backward()``, exactly what its trainer does per step."""
+    function: ``loss([queries, docs], None).backward()``, exactly what its trainer does per step; with
+    ``autocast_dtype`` both under ``torch.autocast`` (its chunk replays run in a backward hook)."""
     try:
         from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
     except ImportError:  # older releases
@@ -189,8 +215,9 @@ def st_gradient(st_model: nn.Module, chunk: int) -> Callable[[dict, dict], Tenso
     loss_fn = CachedMultipleNegativesRankingLoss(st_model, scale=1.0 / TEMPERATURE, mini_batch_size=chunk)
 
     def gradient(queries: dict, docs: dict) -> Tensor:
-        loss = loss_fn([dict(queries), dict(docs)], None)
-        loss.backward()
+        with autocast(st_model, autocast_dtype):
+            loss = loss_fn([dict(queries), dict(docs)], None)
+            loss.backward()
         return loss.detach()
 
     return gradient

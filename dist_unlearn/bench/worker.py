@@ -6,8 +6,9 @@
 ``step``: load the encoder and the batch, run one warm-up gradient on 2 rows (so gradient buffers and
 kernels exist before the baseline), then measure the peak memory of one gradient computation (forward,
 loss, backward; no optimizer step: its state is the same for every method) over ``batch`` queries +
-``batch`` passages. ``loss``: random L2-normalised float32 embeddings ``[batch, dim]`` (queries and docs,
-requiring grad), then the peak of one forward + backward of the loss alone.
+``batch`` passages (``"bf16": true``: the forwards under bfloat16 autocast). ``loss``: random L2-normalised
+float32 embeddings ``[batch, dim]`` (queries and docs, requiring grad), then the peak of one forward +
+backward of the loss alone.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
         model = load_st_model(spec["model"], device)
     else:
         model = load_encoder(spec["model"])[0].to(device)
-    stepper = Stepper(spec["method"], model, spec["chunk"])
+    stepper = Stepper(spec["method"], model, spec["chunk"], torch.bfloat16 if spec.get("bf16") else None)
     tokenizer = load_tokenizer()
     queries, docs = make_batch(tokenizer, spec["batch"], spec["max_length"], device, spec.get("texts", "facts"))
     warm_q, warm_d = make_batch(tokenizer, 2, spec["max_length"], device)
