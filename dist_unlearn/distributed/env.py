@@ -8,9 +8,12 @@ loopback so that DeepSpeed and the collectives below behave identically everywhe
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +46,50 @@ def skip_deepspeed_shm_op() -> None:
     except ImportError:
         return
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+# DeepSpeed's ZeRO and bf16 optimizers import this module in their constructors only to check whether the
+# optimizer is Muon; its kernels are decorated with ``torch.compile`` at import
+_DEEPSPEED_MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_deepspeed_muon_uncompiled(ds_config: Mapping[str, Any]) -> None:
+    """Import DeepSpeed's Muon module with TorchDynamo off, unless ``ds_config`` selects a Muon optimizer.
+
+    DeepSpeed's ZeRO-1/2/3 and bf16 optimizers import ``deepspeed.runtime.zero.muon`` when they are built,
+    to test ``isinstance(optimizer, MuonWithAuxAdam)``. That module decorates its Newton-Schulz kernels with
+    ``torch.compile``, and the first ``torch.compile`` of a process loads TorchInductor: seconds of CPU in
+    every process that builds an engine, for kernels only a Muon optimizer calls. With
+    ``TORCHDYNAMO_DISABLE=1`` set during the import, ``torch.compile`` returns the kernels unchanged (the
+    variable is read when decorating; it is restored afterwards, so later ``torch.compile`` calls of the
+    process behave as usual). When the config's optimizer is Muon the module is left to DeepSpeed, compiled.
+    No effect when the module is already imported or DeepSpeed is not installed.
+    """
+    optimizer = str((ds_config.get("optimizer") or {}).get("type", ""))
+    if _DEEPSPEED_MUON_MODULE in sys.modules or "muon" in optimizer.lower():
+        return
+    previous = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        importlib.import_module(_DEEPSPEED_MUON_MODULE)
+    except ImportError:
+        pass
+    finally:
+        if previous is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = previous
+
+
+def initialize_deepspeed(model: torch.nn.Module, ds_config: dict[str, Any], **kwargs: Any) -> Any:
+    """``deepspeed.initialize(model=model, config=ds_config, dist_init_required=False, **kwargs)`` in a process
+    group that already exists; returns the engine. Every engine of the package is built here (see
+    :func:`import_deepspeed_muon_uncompiled` for what it saves)."""
+    import deepspeed
+
+    import_deepspeed_muon_uncompiled(ds_config)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False, **kwargs)
+    return engine
 
 
 def init_distributed(backend: str | None = None) -> None:

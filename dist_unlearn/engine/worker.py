@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 from dist_unlearn.config import RunConfig
-from dist_unlearn.distributed.env import get_rank, get_world_size, init_distributed, is_main_process
+from dist_unlearn.distributed.env import (
+    get_rank,
+    get_world_size,
+    init_distributed,
+    initialize_deepspeed,
+    is_main_process,
+)
 from dist_unlearn.distributed.seeding import derive_seed, seed_everything
 from dist_unlearn.engine.chatter import attach_log_file, log_path
 from dist_unlearn.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -46,8 +52,6 @@ def start_worker(cfg: RunConfig) -> WorkerContext:
 
 def initialize_engine(cfg: RunConfig, model: torch.nn.Module, micro_batch_size: int, lr: float) -> Any:
     """``deepspeed.initialize`` with the run's DeepSpeed config, optimising the trainable parameters only."""
-    import deepspeed
-
     ds_config = build_deepspeed_config(
         zero_stage=cfg.deepspeed.zero_stage,
         micro_batch_size=micro_batch_size,
@@ -60,13 +64,7 @@ def initialize_engine(cfg: RunConfig, model: torch.nn.Module, micro_batch_size: 
         user_config=cfg.deepspeed.config,
         offload_optimizer=cfg.deepspeed.offload_optimizer,
     )
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        dist_init_required=False,
-    )
-    return engine
+    return initialize_deepspeed(model, ds_config, model_parameters=[p for p in model.parameters() if p.requires_grad])
 
 
 def resume_state(engine: Any, reporter: Reporter, name: str) -> tuple[int, dict[str, Any]]:

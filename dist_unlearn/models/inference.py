@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dist_unlearn.distributed.env import get_world_size
+from dist_unlearn.distributed.env import get_world_size, initialize_deepspeed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,8 +110,6 @@ def sharded_engine(
 ) -> Any:
     """A frozen ZeRO-3 ``DeepSpeedEngine`` (no optimizer) of the causal LM at ``path`` in ``dtype``,
     built partitioned (see the module docstring). Collective."""
-    import deepspeed
-
     config = inference_ds_config(dtype, micro_batch_size)
     if "LOCAL_RANK" not in os.environ:  # zero.Init reads it; a user's own process group may not export it
         os.environ["LOCAL_RANK"] = str(torch.cuda.current_device() if torch.cuda.is_available() else 0)
@@ -122,7 +120,7 @@ def sharded_engine(
     if model is None:
         model = _load_with_transformers_zero3(path, dtype, attn_implementation, config)
     model.requires_grad_(False).eval()
-    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine = initialize_deepspeed(model, config)
     engine.eval()  # (DeepSpeedEngine.eval returns None)
     return engine
 

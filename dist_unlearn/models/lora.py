@@ -4,6 +4,7 @@ trainable and ``W`` frozen (possibly quantized)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,9 +58,6 @@ def add_lora(model: Any, kind: str, r: int, alpha: int = 16, dropout: float = 0.
 
 
 def is_peft_model(module: Any) -> bool:
-    """True for a ``peft.PeftModel`` (without importing peft when it is not loaded)."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(module, PeftModel)
+    """True for a ``peft.PeftModel`` (without importing peft when it is not loaded: no model can be one then)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(module, peft.PeftModel)

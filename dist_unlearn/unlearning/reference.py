@@ -38,6 +38,7 @@ import torch
 
 from dist_unlearn.config.schema import REFERENCE_STRATEGIES, RunConfig
 from dist_unlearn.data.qa import QADataset, collate_qa
+from dist_unlearn.distributed.env import initialize_deepspeed
 from dist_unlearn.distributed.sharded import sharded_map
 from dist_unlearn.eval.answers import score_dataset
 from dist_unlearn.eval.modes import eval_mode
@@ -284,8 +285,7 @@ def sharded_reference(
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16"},
     }
-    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
-    return ModelReference("sharded", engine)
+    return ModelReference("sharded", initialize_deepspeed(model, config))
 
 
 def quantized_reference(
