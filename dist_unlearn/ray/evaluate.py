@@ -11,11 +11,12 @@ from ray.train.torch import TorchTrainer
 
 from dist_unlearn.config import RunConfig as DistUnlearnConfig
 from dist_unlearn.engine.eval_job import eval_job, run_eval_job
-from dist_unlearn.ray.trainer import _wants_gpu, connect, disconnect, ray_log_level
+from dist_unlearn.ray.trainer import _wants_gpu, connect, disconnect, prepare_worker_process, ray_log_level, worker_env
 
 
-def _eval_fn(job: dict[str, Any]) -> None:
-    run_eval_job(job)
+def _eval_fn(config: dict[str, Any]) -> None:
+    prepare_worker_process(config["env"])
+    run_eval_job(config["job"])
 
 
 def run_eval_with_ray(cfg: DistUnlearnConfig, targets: dict[str, str], oracle_dir: str | None) -> None:
@@ -32,7 +33,7 @@ def evaluate_on_ray(cfg: DistUnlearnConfig, targets: dict[str, str], oracle_dir:
     use_gpu = _wants_gpu(cfg)
     TorchTrainer(
         _eval_fn,
-        train_loop_config=eval_job(cfg, targets, oracle_dir),
+        train_loop_config={"job": eval_job(cfg, targets, oracle_dir), "env": worker_env(cfg)},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=use_gpu,

@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from dist_unlearn.config import ConfigError
 from dist_unlearn.config import RunConfig as DistUnlearnConfig
-from dist_unlearn.engine.chatter import VERBOSE_ENV, is_verbose
+from dist_unlearn.engine.chatter import VERBOSE_ENV, is_verbose, quiet_console
 from dist_unlearn.engine.checkpoint import latest_checkpoint
 from dist_unlearn.engine.driver import run_job
 from dist_unlearn.engine.job import Job
@@ -83,6 +84,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     id (a fresh random id per fit, written by rank 0 once the job returned). No file time is compared, so
     clocks that differ between nodes, or outputs of an earlier run of the same directory, cannot make a job
     count as finished."""
+    prepare_worker_process(config["env"])
     for job in config["jobs"]:
         if finished_in_fit(job["run_dir"], config["fit_id"]):
             continue
@@ -126,14 +128,31 @@ class _Trainer(TorchTrainer):
         return [cb for cb in callbacks if type(cb).__name__ not in dropped]
 
 
+_QUIET_WARNINGS = (FutureWarning, UserWarning)  # the libraries' deprecation chatter, off in the workers
+
+
 def worker_env(cfg: DistUnlearnConfig) -> dict[str, str]:
     """Environment for the workers: thread count, quiet warnings, ``--verbose``."""
     return {
         "OMP_NUM_THREADS": str(max(1, cfg.ray.cpus_per_worker)),
-        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
+        "PYTHONWARNINGS": ",".join(f"ignore::{category.__name__}" for category in _QUIET_WARNINGS),
         "TOKENIZERS_PARALLELISM": "false",
         **({VERBOSE_ENV: "1"} if is_verbose() else {}),
     }
+
+
+def prepare_worker_process(env: Mapping[str, str]) -> None:
+    """First thing in every worker function: the environment of :func:`worker_env` (its thread count applied
+    to torch, its warnings filtered) and the quiet console (:func:`~dist_unlearn.engine.chatter.quiet_console`).
+
+    Done here, not through a Ray runtime environment: Ray starts every worker of a job that has a runtime
+    environment through an extra set-up process, and cannot give such a job the worker processes it started
+    ahead of time (they have none), so each worker would cost two more Python starts with Ray's imports."""
+    os.environ.update(env)
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    for category in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", category=category)
+    quiet_console()
 
 
 def ray_log_level() -> str:
@@ -154,13 +173,9 @@ def connect(cfg: DistUnlearnConfig) -> bool:
     started it."""
     if ray.is_initialized():
         return False
-    runtime_env: dict[str, Any] = {"env_vars": worker_env(cfg)}
-    if not is_verbose():  # before a worker imports the libraries (engine/chatter.py)
-        runtime_env["worker_process_setup_hook"] = "dist_unlearn.engine.chatter.quiet_console"
     address = cluster_address(cfg.ray.address)
     kwargs: dict[str, Any] = {
         "address": address,
-        "runtime_env": runtime_env,
         "log_to_driver": True,
         "logging_level": ray_log_level(),
     }
@@ -274,7 +289,7 @@ def run_jobs_on_ray(cfg: DistUnlearnConfig, jobs: list[Job], callbacks: list[Any
     use_gpu = _wants_gpu(cfg)
     trainer = _Trainer(
         _train_fn,
-        train_loop_config={"jobs": [job.to_dict() for job in jobs], "fit_id": uuid.uuid4().hex},
+        train_loop_config={"jobs": [job.to_dict() for job in jobs], "fit_id": uuid.uuid4().hex, "env": worker_env(cfg)},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=use_gpu,
