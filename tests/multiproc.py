@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_unlearn.distributed.env import skip_deepspeed_shm_op
+from dist_unlearn.distributed.env import import_deepspeed_muon_uncompiled, skip_deepspeed_shm_op
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none available)")
 needs_two_gpus = pytest.mark.skipif(
@@ -75,6 +75,7 @@ def _worker(
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
         skip_deepspeed_shm_op()  # as the product's workers do: no JIT build of an op training never uses
+        import_deepspeed_muon_uncompiled({})  # and no TorchInductor load for the Muon kernels (engines built here)
         if backend == "nccl":
             torch.cuda.set_device(rank)  # NCCL needs one device per rank; the current one is the rank's
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)

@@ -72,16 +72,36 @@ from dist_unlearn.distributed.env import init_distributed
 init_distributed()
 deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
 print("shm op:", ds_comm.cdb.shm_comm_op)
+
+import os, sys, torch
+from dist_unlearn.distributed.env import import_deepspeed_muon_uncompiled, initialize_deepspeed
+
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+import_deepspeed_muon_uncompiled({"optimizer": {"type": "Muon"}})  # left to DeepSpeed (compiled)
+print("muon imported for a Muon config:", MUON in sys.modules)
+model = torch.nn.Linear(4, 4)
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+engine = initialize_deepspeed(model, config, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+print("engine:", type(engine).__name__, type(engine.optimizer).__name__)
+print("muon imported:", MUON in sys.modules)
+print("inductor loaded:", "torch._inductor.compile_fx" in sys.modules)
+print("dynamo switch:", os.environ.get("TORCHDYNAMO_DISABLE"))
 """
 
 
 def test_deepspeed_sets_up_without_building_its_cpu_shm_op(tmp_path: Path) -> None:
-    """Our process-group set-up keeps DeepSpeed from JIT-building (and announcing) its CPU shm op."""
+    """Our process-group set-up keeps DeepSpeed from JIT-building (and announcing) its CPU shm op, and a ZeRO
+    engine built by ``initialize_deepspeed`` does not load TorchInductor for DeepSpeed's Muon kernels (unless
+    the config's optimizer is Muon); the process's TorchDynamo switch is left as it was."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}  # a build would land here
     # without the suite's start-up hooks, which skip the op in every test process (tests/force_bnb_cpu_fastpath)
     env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if "fastpath" not in p)
     result = subprocess.run([sys.executable, "-c", SHM_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shm op: None" in result.stdout
+    assert "muon imported for a Muon config: False" in result.stdout
+    assert "engine: DeepSpeedEngine DeepSpeedZeroOptimizer" in result.stdout, result.stdout
+    assert "muon imported: True" in result.stdout and "inductor loaded: False" in result.stdout, result.stdout
+    assert "dynamo switch: None" in result.stdout
     assert "built successfully" not in result.stdout + result.stderr
     assert not (tmp_path / "extensions").exists()
