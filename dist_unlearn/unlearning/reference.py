@@ -276,8 +276,6 @@ def sharded_reference(
     if not torch.distributed.is_initialized():
         weights = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
         return ModelReference("sharded", model.to(device=device, dtype=weights))
-    import deepspeed
-
     config = {
         "train_micro_batch_size_per_gpu": max(1, micro_batch_size),
         "gradient_accumulation_steps": 1,
