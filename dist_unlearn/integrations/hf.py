@@ -65,7 +65,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dist_unlearn.data.qa import QADataset
-from dist_unlearn.distributed.env import get_rank, mean_over_ranks
+from dist_unlearn.distributed.env import get_rank, import_deepspeed_muon_uncompiled, mean_over_ranks
 from dist_unlearn.eval.answers import evaluate_splits
 from dist_unlearn.io import atomic_path
 from dist_unlearn.models.chunked_lm import unwrap_model
@@ -343,6 +343,8 @@ class UnlearningTrainerMixin:
                 "paired forget/retain batch per optimizer step and does not accumulate. Fix: "
                 "gradient_accumulation_steps=1 and a larger per_device_train_batch_size (or more ranks)"
             )
+        if args.deepspeed:  # before the Trainer builds its engine (see import_deepspeed_muon_uncompiled)
+            import_deepspeed_muon_uncompiled(getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {})
         self.unlearn_objective = self._objective(objective, objective_params)
         self.unlearn_sam = self._robust(robust, args)
         name, needs = self.unlearn_objective.name, self.unlearn_objective.needs
