@@ -7,10 +7,13 @@ saves / loads with the usual ``save_pretrained`` / ``from_pretrained`` calls.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # imported where used: a process that only checks prepared models never loads the Llama classes
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
@@ -46,6 +49,8 @@ def train_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
@@ -82,6 +87,8 @@ def build_tiny_llama(
     if min(vocab_size, hidden_size, num_layers, num_heads, max_position_embeddings) < 1:
         raise ValueError("all sizes (vocab, hidden, layers, heads, positions) must be >= 1")
     num_kv_heads = num_heads // 2 if num_heads % 2 == 0 else num_heads
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
