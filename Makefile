@@ -34,8 +34,8 @@ lint: setup
 	$(BIN)/lint-imports
 
 # the suite in this process, or on TEST_WORKERS pytest-xdist processes (a test file per worker at a time,
-# the long files first: tests/conftest.py). One by default: under 2 workers on 2 cores the killed-worker
-# recovery test failed once in two fresh-clone runs (docs/benchmarks.md), and a red CI lands nothing.
+# the long files first: tests/conftest.py). One by default: on the idle 2-core machine 2 workers took longer than
+# one (25 min 43 s against 24 min 48 s, docs/benchmarks.md), and an earlier 2-worker run failed on a race.
 TEST_WORKERS ?= 1
 test: lint
 	$(BIN)/pytest -q --durations=40 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
