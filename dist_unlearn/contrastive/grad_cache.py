@@ -101,6 +101,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dist_unlearn.contrastive.losses import float32_for_half
 from dist_unlearn.distributed.gather import gather_sizes, known_row_counts
 
 Batch = Tensor | Mapping[str, Any]
@@ -261,20 +262,6 @@ def agreed_chunk_counts(
             "at least one row per input (a single rank may have 0 rows)"
         )
     return agreed_counts, table
-
-
-def cache_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype GradCache keeps representations and their cached gradient in: float32 for float16/bfloat16, else
-    ``dtype`` (float32, float64).
-
-    A loss computed in float16 rounds every logit ``s / τ`` (up to ``1/τ``, e.g. 20) to 11 significant bits, an
-    absolute error of up to ~1e-2 in each logit, and ``G = ∂L/∂R`` of a mean-reduced loss scales like ``1/B``, so at
-    large batches its float16 entries fall below the smallest normal number (6.1e-5) and lose digits, or flush to
-    0, before any loss scale could apply; bfloat16 keeps only 8 significant bits. The loss therefore runs on float32
-    copies of the representations and ``G`` stays float32 until the replay multiplies it (scaled, see
-    :class:`GradCache`) into the low-precision graph.
-    """
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # --- encoding -----------------------------------------------------------------------------------
@@ -547,10 +534,11 @@ class GradCache:
     are not either): each rank keeps its share, like the model's.
 
     **float16 and loss scaling.** Representations are cast to float32 before ``loss_fn`` (float16 and bfloat16;
-    :func:`cache_dtype`), so the loss, its parameters' gradients and the cached ``G = ∂L/∂R`` are float32 whatever
-    the compute dtype; ``G`` meets the half-precision graph only in the replay, where ``Σ r ⊙ G`` backpropagates
-    ``G`` rounded to the representations' dtype. In float16 that rounding underflows (``G`` scales like ``1/B``),
-    hence loss scaling (Micikevicius et al., 2018, "Mixed Precision Training", ICLR; arXiv:1710.03740):
+    :func:`~dist_unlearn.contrastive.losses.float32_for_half`), so the loss, its parameters' gradients and the
+    cached ``G = ∂L/∂R`` are float32 whatever the compute dtype; ``G`` meets the half-precision graph only in the
+    replay, where ``Σ r ⊙ G`` backpropagates ``G`` rounded to the representations' dtype. In float16 that
+    rounding underflows (``G`` scales like ``1/B``), hence loss scaling (Micikevicius et al., 2018, "Mixed
+    Precision Training", ICLR; arXiv:1710.03740):
 
     - plain module / DDP: pass ``scaler=torch.amp.GradScaler(device_type)`` with ``autocast_dtype=torch.float16``.
       Each chunk backpropagates ``S · Σ r ⊙ G`` (``scaler.scale``), so the model's gradients are ``S · ∂L/∂θ``;
@@ -816,9 +804,11 @@ class GradCache:
     ) -> tuple[Tensor, list[list[Tensor]]]:
         """Phase 2: ``loss_fn`` on the detached full representations; returns the loss and ∂L/∂reps per chunk.
 
-        Representations in float16/bfloat16 are cast to float32 first (:func:`cache_dtype`), so the loss runs
-        in float32 and ∂L/∂reps is float32. With a ``scaler`` the loss parameters' gradients of this step are
-        multiplied by its scale, like the model's (see the class docstring).
+        Representations in float16/bfloat16 are cast to float32 first, so the loss runs in float32 and ∂L/∂reps is
+        float32: a float16 loss rounds every logit ``s / τ`` to 11 significant bits, and ``G`` of a mean-reduced loss
+        scales like ``1/B``, so at large batches its float16 entries fall below the smallest normal number and lose
+        digits before any loss scale could apply (bfloat16 keeps 8 significant bits). With a ``scaler`` the loss
+        parameters' gradients of this step are multiplied by its scale, like the model's (see the class docstring).
 
         ``orders[i]`` (``[B_i]`` or None): input ``i`` was encoded in that row order (``sort_by_length``); its
         representations are put back in the input's order for ``loss_fn``, and ∂L/∂reps is returned in the
@@ -832,7 +822,7 @@ class GradCache:
         leaves = []
         for input_reps, order in zip(reps, orders, strict=True):
             joined = torch.cat(input_reps)
-            joined = joined.to(cache_dtype(joined.dtype))  # float32 loss and cache for half inputs (class doc)
+            joined = joined.to(float32_for_half(joined.dtype))  # float32 loss and cache for half inputs (class doc)
             if order is not None:
                 joined = joined[torch.argsort(order).to(joined.device)]
             leaves.append(joined.requires_grad_())

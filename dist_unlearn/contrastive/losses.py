@@ -109,6 +109,12 @@ def false_negative_mask(scores: Tensor, labels: Tensor, margin: float) -> Tensor
     return mask
 
 
+def float32_for_half(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to accumulate (or keep a loss and its gradient) in for inputs of ``dtype``: float32 for float16
+    and bfloat16 (11 and 8 significant bits, float16's narrow range), else ``dtype`` itself (float32, float64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 class CrossRankLoss(nn.Module):
     """Base class: cross-rank columns, global-mean reduction and ``last_global_loss`` (see module docstring).
 
@@ -171,7 +177,7 @@ class CrossRankLoss(nn.Module):
             torch.distributed.all_reduce(stats, group=self.group)
         total_rows = stats[1].clamp(min=1.0)
         # Sum and scale in float32 at least: a bf16 scale such as W/B would be rounded to 3 digits.
-        acc = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype
+        acc = float32_for_half(rows.dtype)
         self.last_global_loss = (stats[0] / total_rows).to(acc)
         if self.reduction == "local_mean":
             return rows.sum(dtype=acc) / max(rows.shape[0], 1)

@@ -28,13 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dist_unlearn.contrastive.losses import Reduction, _TemperatureLoss, flatten_docs
+from dist_unlearn.contrastive.losses import Reduction, _TemperatureLoss, flatten_docs, float32_for_half
 
 __all__ = ["TiledInfoNCELoss", "tiled_cross_entropy"]
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _tile_logits(
@@ -58,7 +54,7 @@ class _TiledCrossEntropy(torch.autograd.Function):
     def forward(
         ctx: Any, q: Tensor, k: Tensor, labels: Tensor, t: Tensor, tile_size: int, margin: float | None
     ) -> Tensor:
-        acc = _accumulate_dtype(q.dtype)
+        acc = float32_for_half(q.dtype)
         t_val = t.detach().to(acc)
         # Positive scores for the false-negative mask, rounded like a matmul output in the input dtype.
         mask_ref = (q.to(acc) * k[labels].to(acc)).sum(dim=1).to(q.dtype).to(acc)
