@@ -93,12 +93,29 @@ def _expected_logs(name: str, weights: dict, step: int, setup) -> dict[str, floa
         return objective(model, UnlearnBatch(**rows), reference=reference).logs
 
 
+def _training_args(tmp_path, **overrides):
+    """CPU ``TrainingArguments`` of these tests: ``STEPS`` steps of ``BATCH`` rows, no reporting, no saving."""
+    from transformers import TrainingArguments
+
+    given = {"save_strategy": "no", **overrides}
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=BATCH,
+        max_steps=STEPS,
+        report_to=[],
+        use_cpu=True,
+        seed=SEED,
+        disable_tqdm=True,
+        **given,
+    )
+
+
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_every_objective_runs_through_the_trainer_and_logs_its_own_terms(name, setup, tiny_dir, tmp_path):
     """2 Trainer steps of ``name``: the logged terms of each step equal the objective recomputed
     independently (rel 1e-5) from the weights that step started from, and the weights moved."""
     import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainerCallback
 
     from dist_unlearn.integrations.hf import UnlearningTrainer
 
@@ -110,19 +127,7 @@ def test_every_objective_runs_through_the_trainer_and_logs_its_own_terms(name, s
             self.weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
     tok, data, _ = setup
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=BATCH,
-        max_steps=STEPS,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=SEED,
-        disable_tqdm=True,
-    )
+    args = _training_args(tmp_path, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1)
     weights = StartingWeights()
     trainer = UnlearningTrainer(
         AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
@@ -163,7 +168,7 @@ def test_uld_saves_its_inference_spec_and_evaluates_the_unlearned_model(setup, t
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers import AutoModelForCausalLM
 
     from dist_unlearn.eval.answers import evaluate_splits
     from dist_unlearn.integrations.hf import UnlearningEvalCallback, UnlearningTrainer
@@ -172,18 +177,7 @@ def test_uld_saves_its_inference_spec_and_evaluates_the_unlearned_model(setup, t
     tok, data, start = setup
     alpha = 0.25
     forget = {"forget": data["forget"]}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=BATCH,
-        max_steps=STEPS,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=STEPS,
-        report_to=[],
-        use_cpu=True,
-        seed=SEED,
-        disable_tqdm=True,
-    )
+    args = _training_args(tmp_path, learning_rate=1e-2, save_strategy="steps", save_steps=STEPS)
     given = {"forget_dataset": data["forget"], "retain_dataset": data["retain"], "processing_class": tok}
     evaluation = UnlearningEvalCallback(forget, at_start=True)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
