@@ -240,8 +240,10 @@ class EvalConfig:
     ``model.dtype`` ZeRO-3-partitioned over the ranks (each holds 1/W of its weights; every forward gathers
     them): ``true``; ``false`` = a whole copy per rank; ``auto`` = partitioned when the model's weight files
     hold at least ``SHARD_WEIGHTS_AUTO_BYTES`` (a small model's gathers cost more time than its copies cost
-    memory). The ``relearn`` attack always fine-tunes a whole fp32 copy, the ``nf4`` / ``int8`` attacks a
-    whole quantized one."""
+    memory). The ``relearn`` attack follows the same decision: on a partitioned model it fine-tunes a ZeRO-3
+    engine in ``model.dtype`` (each rank 1/W of the weights, gradients and AdamW state), else a whole fp32
+    copy per rank (also for a model with an ``inference.json``, e.g. ULD's); the ``nf4`` / ``int8`` attacks
+    load a whole quantized copy per rank."""
     relearn_steps: Int = _opt(5, ge=1)
     relearn_fraction: Float = _opt(0.5, gt=0.0)
     relearn_lr: Float = _opt(1e-3, gt=0.0)

@@ -18,6 +18,9 @@ evaluation of a run, the oracle, ULD's combined model; :func:`dist_unlearn.model
 
 The sharded forward computes the same numbers as the whole model in the same dtype (the gathered weights
 are the loaded weights, bit for bit).
+
+:func:`sharded_engine` with ``training`` builds the same partitioned model as a trainable engine (an optimizer
+whose state is partitioned too): the relearning attack's (:func:`dist_unlearn.models.finetune.trainable_engine`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +110,22 @@ def load_inference_model(
 
 
 def sharded_engine(
-    path: str | Path, dtype: str = "fp32", attn_implementation: str = "eager", micro_batch_size: int = 1
+    path: str | Path,
+    dtype: str = "fp32",
+    attn_implementation: str = "eager",
+    micro_batch_size: int = 1,
+    training: dict[str, Any] | None = None,
+    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
 ) -> Any:
-    """A frozen ZeRO-3 ``DeepSpeedEngine`` (no optimizer) of the causal LM at ``path`` in ``dtype``,
-    built partitioned (see the module docstring). Collective."""
-    config = inference_ds_config(dtype, micro_batch_size)
+    """A ZeRO-3 ``DeepSpeedEngine`` of the causal LM at ``path`` in ``dtype``, built partitioned (see the
+    module docstring). Collective.
+
+    Without ``training``: frozen, in eval mode, no optimizer (inference). With ``training`` (DeepSpeed
+    config entries such as ``optimizer`` and ``gradient_clipping``, merged over :func:`inference_ds_config`;
+    e.g. :func:`dist_unlearn.models.finetune.optimizer_ds_config`) and an optional ``lr_scheduler``
+    (``optimizer → scheduler``, as ``deepspeed.initialize`` takes it): trainable, in train mode, its
+    optimizer state partitioned like the weights."""
+    config = {**inference_ds_config(dtype, micro_batch_size), **(training or {})}
     if "LOCAL_RANK" not in os.environ:  # zero.Init reads it; a user's own process group may not export it
         os.environ["LOCAL_RANK"] = str(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     files = _local_safetensors(path)
@@ -119,6 +134,9 @@ def sharded_engine(
         model = None  # names the fast path cannot match: transformers' own ZeRO-3 loading
     if model is None:
         model = _load_with_transformers_zero3(path, dtype, attn_implementation, config)
+    if training is not None:
+        model.requires_grad_(True).train()
+        return initialize_deepspeed(model, config, lr_scheduler=lr_scheduler)
     model.requires_grad_(False).eval()
     engine = initialize_deepspeed(model, config)
     engine.eval()  # (DeepSpeedEngine.eval returns None)
