@@ -114,6 +114,8 @@ def finetune(
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if on_step is not None:
             on_step(step, losses[-1])
+    if not engine:
+        optimizer.zero_grad(set_to_none=True)  # the trained model keeps no gradients (an engine's are partitioned)
     model.eval()
     return losses
 
