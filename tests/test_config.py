@@ -556,3 +556,23 @@ def test_settings_written_before_an_option_existed_still_resume(tmp_path: Path) 
     check_resumable([job()], 2)
     with pytest.raises(ConfigError, match=r"other settings \(train\.seed: None -> 7\)"):
         check_resumable([job("train.seed=7")], 2)
+
+
+def test_a_tofu_source_brings_tofus_lengths_unless_they_are_set(tmp_path: Path) -> None:
+    """``data.source=tofu:...`` without ``data.max_length`` / ``eval.max_new_tokens``: TOFU's 512 / 200
+    (open-unlearning's TOFU setup); a value the user sets wins, also one equal to the plain default; other
+    sources keep 64 / 16; a worker's reload keeps what was resolved."""
+    (tmp_path / "forget10.json").write_text(json.dumps([{"question": "q", "answer": "a"}]))
+    source = f"tofu:{tmp_path}@forget10"
+    cfg = load_config(write_yaml(tmp_path, {"data": {"source": source}}))
+    assert (cfg.data.max_length, cfg.eval.max_new_tokens) == (512, 200)
+    assert config_from_dict(config_to_dict(cfg)).data.max_length == 512
+    cfg = load_config(write_yaml(tmp_path, {"data": {"source": source, "max_length": 64}}))
+    assert (cfg.data.max_length, cfg.eval.max_new_tokens) == (64, 200)
+    cfg = load_config(write_yaml(tmp_path, {}), [f"data.source={source}", "eval.max_new_tokens=32"])
+    assert (cfg.data.max_length, cfg.eval.max_new_tokens) == (512, 32)
+    cfg = load_config(write_yaml(tmp_path, {"eval": None}))
+    assert (cfg.data.max_length, cfg.eval.max_new_tokens) == (64, 16)
+    (tmp_path / "raw").mkdir()
+    cfg = config_from_dict({"data": {"source": f"muse:{tmp_path}"}})
+    assert (cfg.data.max_length, cfg.eval.max_new_tokens) == (64, 16)

@@ -15,6 +15,12 @@ the first ``max_examples`` QA pairs of each split (scores, truth ratios, attacks
 evaluation, above the baseline), ``held_mib`` (resident memory the loaded model adds, before evaluating),
 ``weights_mib`` (bytes of the weights this rank holds: its partitions, or the whole model), ``seconds``
 and the forget split's probability (the modes agree up to the dtype's rounding).
+
+With ``relearn_steps > 0`` the rank measures the ``relearn`` attack instead: the model of ``mode`` is built
+by :func:`dist_unlearn.eval.attacks.relearned_model` (``full``: a whole fp32 copy fine-tuned with AdamW on
+every rank; ``sharded``: a trainable ZeRO-3 engine in ``dtype``, weights, gradients and AdamW state
+partitioned), relearned for ``relearn_steps`` steps on half the forget split, then evaluated; the peak
+covers both.
 """
 
 from __future__ import annotations
@@ -42,14 +48,40 @@ def _weights_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _warm_up(path: str, settings: Any, tokenizer: Any, facts: Any, device: Any) -> None:
-    """Load the tiny model saved at ``path`` as ``settings`` say, evaluate it on one example per split, free it."""
+RELEARN_FRACTION = 0.5
+RELEARN_LR = 1e-3
+"""The relearn rows' ``eval.relearn_fraction`` and ``eval.relearn_lr`` (the config's defaults)."""
+
+
+def _load(path: str, settings: Any, tokenizer: Any, facts: Any, device: Any, relearn_steps: int) -> torch.nn.Module:
+    """The model to measure: as evaluation loads it, or after the relearn attack (``relearn_steps > 0``)."""
+    from dist_unlearn.eval.attacks import relearned_model
+    from dist_unlearn.eval.suite import load_for_eval
+
+    if relearn_steps <= 0:
+        return load_for_eval(path, settings, device)
+    return relearned_model(
+        path,
+        tokenizer,
+        facts,
+        relearn_steps,
+        RELEARN_FRACTION,
+        RELEARN_LR,
+        settings.max_length,
+        dtype=settings.dtype,
+        shard=settings.shard_weights == "true",
+    )
+
+
+def _warm_up(path: str, settings: Any, tokenizer: Any, facts: Any, device: Any, relearn_steps: int) -> None:
+    """Load the tiny model saved at ``path`` as the measured run will (relearned for one step when it
+    relearns), evaluate it on one example per split, free it."""
     import dataclasses
     import gc
 
-    from dist_unlearn.eval.suite import evaluate_model, load_for_eval
+    from dist_unlearn.eval.suite import evaluate_model
 
-    model = load_for_eval(path, settings, device)
+    model = _load(path, settings, tokenizer, facts, device, min(relearn_steps, 1))
     evaluate_model(model, tokenizer, facts, dataclasses.replace(settings, max_examples=1), device=device)
     del model
     gc.collect()
@@ -62,7 +94,7 @@ def measure_eval(spec: dict[str, Any]) -> dict[str, Any]:
     import deepspeed  # noqa: F401  (imported before the baseline in both modes: not the model's memory)
 
     from dist_unlearn.data import generate_facts
-    from dist_unlearn.eval.suite import EvalSettings, evaluate_model, load_for_eval
+    from dist_unlearn.eval.suite import EvalSettings, evaluate_model
     from dist_unlearn.models.loading import load_tokenizer
 
     if spec["mode"] not in EVAL_MODES:
@@ -94,12 +126,13 @@ def measure_eval(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         settings = dataclasses.replace(settings, dtype=spec["dtype"], shard_weights="true")
     local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if device.startswith("cuda") else "cpu"
-    _warm_up(warm_dir.name, settings, tokenizer, facts, local)
+    relearn_steps = int(spec.get("relearn_steps", 0))
+    _warm_up(warm_dir.name, settings, tokenizer, facts, local, relearn_steps)
     warm_dir.cleanup()
     probe = PeakProbe("cuda" if device.startswith("cuda") else "cpu")
     probe.start()
     start = time.perf_counter()
-    model = load_for_eval(spec["model_dir"], settings, local)
+    model = _load(spec["model_dir"], settings, tokenizer, facts, local, relearn_steps)
     with torch.no_grad():  # weights read from a memory-mapped file become resident only when touched
         for p in model.parameters():
             (p.ds_tensor if hasattr(p, "ds_tensor") else p).sum()
@@ -119,4 +152,5 @@ def measure_eval(spec: dict[str, Any]) -> dict[str, Any]:
         "weights_mib": round(weights / 2**20, 1),
         "seconds": round(seconds, 3),
         "forget_prob": result["splits"]["forget"]["prob"],
+        "relearn_steps": relearn_steps,
     }

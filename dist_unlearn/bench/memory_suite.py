@@ -24,7 +24,10 @@ eval
     ``dist-unlearn eval`` loads models), the suite on ``--eval-examples`` QA pairs per split with greedy
     answers of ``--eval-new-tokens`` tokens (:func:`dist_unlearn.bench.eval_memory.measure_eval`);
     ``sharded_over_full`` is the ratio of the largest per-rank peaks and ``sharded_over_fp32_weights``
-    the largest sharded per-rank peak over the model's fp32 weights (aim: < 0.6 on 2 ranks).
+    the largest sharded per-rank peak over the model's fp32 weights (aim: < 0.6 on 2 ranks). With
+    ``--eval-relearn-steps N`` (default 2; 0 = none) also the ``relearn`` attack's memory, ``relearn_full``
+    (a whole fp32 copy fine-tuned per rank) vs ``relearn_sharded`` (a ZeRO-3 engine in ``--eval-dtype``):
+    N steps on half the forget split, then the suite (``relearn_sharded_over_full``).
 
 On the CPU the measuring processes run with glibc's mmap threshold fixed (``--malloc-mmap-threshold``,
 default 64 KiB; see :func:`~dist_unlearn.bench.memory.malloc_env`) so that freed blocks leave the RSS;
@@ -69,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="eval part: dtype")
     parser.add_argument("--eval-examples", type=int, default=4, help="eval part: QA pairs per split")
     parser.add_argument("--eval-new-tokens", type=int, default=8, help="eval part: greedy tokens (0 = none)")
+    parser.add_argument(
+        "--eval-relearn-steps", type=int, default=2, help="eval part: relearn attack steps measured (0 = none)"
+    )
     parser.add_argument("--work-dir", default=None, help="where bench models are saved (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per measuring subprocess")
     parser.add_argument(
@@ -191,16 +197,28 @@ def part_eval(args: argparse.Namespace, models: dict[str, Any]) -> list[dict[str
         spec = {"kind": "eval", "device": args.device, "dtype": args.eval_dtype, **_model_spec(model)}
         spec |= {"max_examples": args.eval_examples, "generate": args.eval_new_tokens > 0}
         spec |= {"max_new_tokens": max(1, args.eval_new_tokens), "batch_size": 4}
-        for mode in ("full", "sharded"):
-            row[mode] = run_ranks(
-                {**spec, "mode": mode}, args.eval_ranks, args.timeout, malloc_env(args.malloc_mmap_threshold)
+        for prefix, steps in (("", 0), ("relearn_", args.eval_relearn_steps)):
+            if prefix and steps <= 0:
+                continue
+            for mode in ("full", "sharded"):
+                row[prefix + mode] = run_ranks(
+                    {**spec, "mode": mode, "relearn_steps": steps},
+                    args.eval_ranks,
+                    args.timeout,
+                    malloc_env(args.malloc_mmap_threshold),
+                )
+            peaks = {mode: [r.get("peak_increase_mib") for r in row[prefix + mode]] for mode in ("full", "sharded")}
+            complete = all(v is not None for values in peaks.values() for v in values)
+            row[f"{prefix}sharded_over_full"] = (
+                round(max(peaks["sharded"]) / max(peaks["full"]), 4) if complete else None
             )
-        peaks = {mode: [r.get("peak_increase_mib") for r in row[mode]] for mode in ("full", "sharded")}
-        complete = all(v is not None for values in peaks.values() for v in values)
-        fp32_weights = row["full"][0].get("weights_mib") if complete else None
-        row["fp32_weights_mib"] = fp32_weights
-        row["sharded_over_full"] = round(max(peaks["sharded"]) / max(peaks["full"]), 4) if complete else None
-        row["sharded_over_fp32_weights"] = round(max(peaks["sharded"]) / fp32_weights, 4) if fp32_weights else None
+            if not prefix:
+                fp32_weights = row["full"][0].get("weights_mib") if complete else None
+                row["fp32_weights_mib"] = fp32_weights
+                row["sharded_over_fp32_weights"] = (
+                    round(max(peaks["sharded"]) / fp32_weights, 4) if fp32_weights else None
+                )
+        row["relearn_steps"] = args.eval_relearn_steps
         rows.append(row)
     return rows
 
@@ -295,6 +313,14 @@ def table(results: dict[str, Any]) -> str:
             f"eval {row['model']} on {row['world_size']} ranks (full fp32 vs sharded {row['dtype']}): {cells}  "
             f"sharded/full {row['sharded_over_full']}  sharded/fp32 weights {row['sharded_over_fp32_weights']}"
         )
+        if "relearn_full" in row:
+            cells = "  ".join(
+                f"{mode} peak/rank " + "/".join(_mib(r) for r in row[f"relearn_{mode}"]) for mode in ("full", "sharded")
+            )
+            lines.append(
+                f"relearn {row['relearn_steps']} steps + eval {row['model']}: {cells}  "
+                f"sharded/full {row['relearn_sharded_over_full']}"
+            )
     return "\n".join(lines)
 
 

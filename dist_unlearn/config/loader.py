@@ -1,6 +1,8 @@
 """Load a :class:`~dist_unlearn.config.schema.RunConfig`: read YAML, apply ``dotted.key=value`` overrides,
 convert each field with pydantic (its type from :mod:`dist_unlearn.config.fields`, then its choices and
-range), then validate the whole config for its job kind (:mod:`dist_unlearn.config.validate`).
+range), fill the defaults ``data.source``'s benchmark format brings for the fields the config leaves unset
+(:data:`~dist_unlearn.config.schema.SOURCE_DEFAULTS`), then validate the whole config for its job kind
+(:mod:`dist_unlearn.config.validate`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from dist_unlearn.config.fields import Expect
-from dist_unlearn.config.schema import RunConfig
+from dist_unlearn.config.schema import SOURCE_DEFAULTS, RunConfig
 from dist_unlearn.config.validate import ConfigError, Registries, config_problems
 
 _INVALID = object()
@@ -144,11 +146,24 @@ def _build(
     problems: list[str] = []
     bad: set[str] = set()
     cfg = _convert_section(RunConfig, copy.deepcopy(dict(data)), "", problems, bad)
+    _apply_source_defaults(cfg, data, bad)
     deep = registries is not None and not problems
     problems += config_problems(cfg, registries or Registries(methods=known_methods), base_dir, bad, deep)
     if problems:
         raise ConfigError.of(header, problems)
     return cfg
+
+
+def _apply_source_defaults(cfg: RunConfig, data: Mapping[str, Any], bad: set[str]) -> None:
+    """Set the :data:`~dist_unlearn.config.schema.SOURCE_DEFAULTS` of ``data.source``'s format (``tofu:...``)
+    on each field the raw mapping ``data`` does not set; a field the user sets keeps its value."""
+    if "data" in bad or "data.source" in bad or ":" not in cfg.data.source:
+        return
+    for dotted, value in SOURCE_DEFAULTS.get(cfg.data.source.split(":", 1)[0], {}).items():
+        section, name = dotted.split(".")
+        given = data.get(section)
+        if not (isinstance(given, Mapping) and name in given):
+            setattr(getattr(cfg, section), name, value)
 
 
 def _convert_section(cls: type, raw: Any, dotted: str, problems: list[str], bad: set[str]) -> Any:

@@ -44,6 +44,16 @@ HUB_DATA_PREFIX = "hf:"
 """``contrastive.data=hf:NAME``: a Hugging Face ``datasets`` dataset (a hub name or a local dataset directory)."""
 SOURCE_FORMATS = ("tofu", "muse")
 """Benchmarks read in their own format as ``data.source=FORMAT:LOCATION`` (``dist_unlearn.data.formats``)."""
+TOFU_MAX_LENGTH = 512
+TOFU_MAX_NEW_TOKENS = 200
+SOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tofu": {"data.max_length": TOFU_MAX_LENGTH, "eval.max_new_tokens": TOFU_MAX_NEW_TOKENS},
+}
+"""Defaults a ``data.source=FORMAT:...`` benchmark brings in place of the fields' own, for every listed field
+the config does not set (resolved when the config is loaded, ``dist_unlearn.config.loader``; a value the
+user writes always wins). TOFU: open-unlearning's TOFU setup, sequences of up to 512 tokens (TOFU's answers
+are paragraphs) and greedy answers of up to 200 new tokens. MUSE's generation lengths are its metrics' own
+(``dist_unlearn.eval.muse``), not config fields."""
 
 
 def _opt(default: Any, **meta: Any) -> Any:
@@ -93,6 +103,8 @@ class DataConfig:
     holdout_fraction: Float = _opt(0.1, ge=0.0, lt=1.0)
     seed: Int = 0
     max_length: Int = _opt(64, ge=8)
+    """Tokens per sequence (prompt + answer; longer ones are cut) in training and evaluation. Default 64;
+    with ``source=tofu:...`` and no value set, 512 (``SOURCE_DEFAULTS``)."""
     prompt_format: Str = _opt("auto", choices=PROMPT_FORMATS, example="chat")
     """How a question becomes the prompt, in training, evaluation (probabilities, truth ratios, ROUGE
     generations) and attacks alike: ``chat`` = the tokenizer's chat template (``apply_chat_template``:
@@ -229,6 +241,8 @@ class EvalConfig:
     sampled_generations: Int = _opt(8, ge=0)
     """Sampled answers per forget question for the leak rate (0 = greedy only)."""
     max_new_tokens: Int = _opt(16, ge=1)
+    """Greedy-answer budget of the QA generations (ROUGE-L, leak rates). Default 16; with
+    ``data.source=tofu:...`` and no value set, 200 (``SOURCE_DEFAULTS``)."""
     leak_rouge: Float = _opt(1.0, gt=0.0)
     """A generation leaks when its ROUGE-L recall of the true answer is at least this."""
     min_k: Float = _opt(0.2, gt=0.0)
@@ -240,8 +254,10 @@ class EvalConfig:
     ``model.dtype`` ZeRO-3-partitioned over the ranks (each holds 1/W of its weights; every forward gathers
     them): ``true``; ``false`` = a whole copy per rank; ``auto`` = partitioned when the model's weight files
     hold at least ``SHARD_WEIGHTS_AUTO_BYTES`` (a small model's gathers cost more time than its copies cost
-    memory). The ``relearn`` attack always fine-tunes a whole fp32 copy, the ``nf4`` / ``int8`` attacks a
-    whole quantized one."""
+    memory). The ``relearn`` attack follows the same decision: on a partitioned model it fine-tunes a ZeRO-3
+    engine in ``model.dtype`` (each rank 1/W of the weights, gradients and AdamW state), else a whole fp32
+    copy per rank (also for a model with an ``inference.json``, e.g. ULD's); the ``nf4`` / ``int8`` attacks
+    load a whole quantized copy per rank."""
     relearn_steps: Int = _opt(5, ge=1)
     relearn_fraction: Float = _opt(0.5, gt=0.0)
     relearn_lr: Float = _opt(1e-3, gt=0.0)

@@ -2,20 +2,31 @@
 
 * ``relearn`` (Hu et al., 2024, "Jogging the memory of unlearned LLMs", arXiv:2406.13356; Lynch et al.,
   2024): ``relearn_steps`` AdamW steps of answer NLL on the first ``relearn_fraction`` of the forget
-  set (:func:`dist_unlearn.models.finetune.finetune`, seeded, so every rank computes the same
-  weights); the whole forget set is then re-measured, so recovery on the unseen part shows knowledge
-  that was hidden rather than removed.
+  set (:func:`dist_unlearn.models.finetune.finetune`: one global batch of all those rows per step, lr
+  decayed linearly to 10 %, gradient norm clipped at 1, seeded); the whole forget set is then re-measured,
+  so recovery on the unseen part shows knowledge that was hidden rather than removed.
 * ``nf4`` / ``int8`` (Zhang et al., 2024, "Catastrophic failure of LLM unlearning via quantization",
   arXiv:2410.16454): reload the saved model with bitsandbytes 4-bit NF4 or LLM.int8() weights
   (:func:`dist_unlearn.models.quantization.bnb_config`) and re-measure.
 
-The attacked model is a whole copy on every rank (not ZeRO-3-partitioned like the evaluated models of
-:func:`dist_unlearn.eval.suite.load_for_eval`): ``relearn`` fine-tunes it in fp32 with a plain optimizer,
-and bitsandbytes weights cannot be partitioned.
+Where the model lives:
+
+* ``relearn`` on several ranks, when evaluation partitions the model (``eval.shard_weights``,
+  :func:`dist_unlearn.eval.suite.partitions`): a trainable ZeRO-3 engine in ``model.dtype``
+  (:func:`dist_unlearn.models.finetune.trainable_engine`), built partitioned as the evaluated models are;
+  each rank holds ``⌈P/W⌉`` of the ``P`` weights with their gradients and AdamW state, the rows of each step
+  are split over the ranks, and the result is the one-process relearn's (same gradient per step). The
+  engine is then frozen and scored like any evaluated model.
+* ``relearn`` otherwise (one rank, a model evaluation keeps whole, or a directory with an
+  ``inference.json``): a whole fp32 copy per rank, fine-tuned with ``torch.optim.AdamW`` by every rank alike
+  (a plain optimizer on half-precision weights would drop the small updates; fp32 weights are their own
+  master copy).
+* ``nf4`` / ``int8``: a whole quantized copy per rank (bitsandbytes weights cannot be partitioned).
 
 A saved directory with an ``inference.json`` (ULD) is attacked as the model it describes
 (:func:`dist_unlearn.models.combined.load_scoring_model`): relearning fine-tunes target and assistant
-through the combined logits, the quantization attacks quantize both.
+through the combined logits (whole fp32 copies: the two members are not built as one partitioned
+engine), the quantization attacks quantize both.
 """
 
 from __future__ import annotations
@@ -30,7 +41,8 @@ import torch
 from dist_unlearn.config.schema import EVAL_ATTACKS
 from dist_unlearn.data.facts import FactsBenchmark
 from dist_unlearn.data.qa import QADataset
-from dist_unlearn.models.combined import load_scoring_model
+from dist_unlearn.distributed.env import get_world_size
+from dist_unlearn.models.combined import load_scoring_model, read_inference_spec
 from dist_unlearn.models.loading import choose_attn_implementation
 
 ATTACKS = EVAL_ATTACKS  # the config lists them (config/schema.py): one source
@@ -45,13 +57,28 @@ def relearned_model(
     lr: float,
     max_length: int,
     seed: int = 0,
+    dtype: str = "fp32",
+    shard: bool = False,
 ) -> torch.nn.Module:
-    """The model of ``model_dir`` after ``steps`` fine-tuning steps on ``⌈fraction·|D_f|⌉`` forget items."""
-    from dist_unlearn.models.finetune import finetune
+    """The model of ``model_dir`` after ``steps`` fine-tuning steps on ``⌈fraction·|D_f|⌉`` forget items
+    (every step one batch of all of them), frozen and in eval mode.
+
+    Args:
+        dtype: the trainable engine's dtype (``model.dtype``), when it is built.
+        shard: whether evaluation partitions this model (:func:`dist_unlearn.eval.suite.partitions`): with
+            several ranks and no ``inference.json``, relearn a ZeRO-3 engine partitioned over the ranks
+            (collective); else a whole fp32 copy on each rank (see the module docstring).
+    Returns:
+        A ``DeepSpeedEngine`` (partitioned), a ``transformers`` model or a combined model (ULD).
+    """
+    from dist_unlearn.models.finetune import finetune, trainable_engine
 
     forget = facts.split("forget")
     subset = forget[: max(1, math.ceil(fraction * len(forget)))]
-    model = load_scoring_model(model_dir)  # ULD: target − α·assistant, both fine-tuned through the combination
+    if shard and get_world_size() > 1 and read_inference_spec(model_dir) is None:
+        model = trainable_engine(model_dir, dtype, lr, steps)
+    else:
+        model = load_scoring_model(model_dir)  # ULD: target − α·assistant, both fine-tuned through the combination
     finetune(
         model,
         QADataset(subset, tokenizer, max_length),
@@ -62,7 +89,7 @@ def relearned_model(
         seed=seed,
         desc="relearn attack",
     )
-    return model
+    return model.requires_grad_(False)
 
 
 def quantized_model(model_dir: str | Path, quantization: str) -> torch.nn.Module:
@@ -82,9 +109,10 @@ def quantized_model(model_dir: str | Path, quantization: str) -> torch.nn.Module
 
 
 def attacked_model(
-    name: str, model_dir: str | Path, tokenizer: Any, facts: FactsBenchmark, cfg: Any
+    name: str, model_dir: str | Path, tokenizer: Any, facts: FactsBenchmark, cfg: Any, shard: bool = False
 ) -> torch.nn.Module:
-    """The model after attack ``name`` (one of :data:`ATTACKS`) with the run config's ``eval`` settings."""
+    """The model after attack ``name`` (one of :data:`ATTACKS`) with the run config's ``eval`` settings;
+    ``shard``: whether evaluation partitions the model (then ``relearn`` trains a partitioned engine)."""
     if name == "relearn":
         e = cfg.eval
         return relearned_model(
@@ -96,6 +124,8 @@ def attacked_model(
             e.relearn_lr,
             cfg.data.max_length,
             cfg.train.seed,
+            cfg.model.dtype,
+            shard,
         )
     if name in ("nf4", "int8"):
         return quantized_model(model_dir, name)

@@ -442,7 +442,7 @@ def evaluate_directory(
     del model
     attack_settings = dataclasses.replace(settings, sampled_generations=0, splits=("forget", "holdout"))
     for name in cfg.eval.attacks:
-        attacked = attacked_model(name, model_dir, tokenizer, facts, cfg)
+        attacked = attacked_model(name, model_dir, tokenizer, facts, cfg, partitions(model_dir, settings.shard_weights))
         out["attacks"][name] = evaluate_model(attacked, tokenizer, facts, attack_settings, oracle_result, device)
         del attacked
     return out

@@ -264,4 +264,6 @@ def load_scoring_model(model_dir: str | Path, load: Callable[[str], torch.nn.Mod
         def load(path: str) -> torch.nn.Module:
             return load_causal_lm(path, torch.float32, "eager")
 
-    return combine(load(str(model_dir)), read_inference_spec(model_dir), load).eval()
+    model = combine(load(str(model_dir)), read_inference_spec(model_dir), load)
+    model.eval()  # (a DeepSpeedEngine's eval returns None)
+    return model

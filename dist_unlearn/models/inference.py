@@ -18,6 +18,9 @@ evaluation of a run, the oracle, ULD's combined model; :func:`dist_unlearn.model
 
 The sharded forward computes the same numbers as the whole model in the same dtype (the gathered weights
 are the loaded weights, bit for bit).
+
+:func:`sharded_engine` with ``training`` builds the same partitioned model as a trainable engine (an optimizer
+whose state is partitioned too): the relearning attack's (:func:`dist_unlearn.models.finetune.trainable_engine`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +58,18 @@ PERSISTENCE_THRESHOLD = 100_000
 ``stage3_param_persistence_threshold``): norms and biases, gathered once instead of at every forward."""
 
 
+REDUCE_BUCKET_SIZE = 2**24
+"""Gradient elements a trainable engine of :func:`sharded_engine` gathers before a reduce-scatter (32 MiB in
+bf16); DeepSpeed's default (5·10⁸) allocates a bucket larger than a 158 M-parameter model's gradients."""
+
+
 def inference_ds_config(dtype: str = "fp32", micro_batch_size: int = 1) -> dict[str, Any]:
     """DeepSpeed config of a ZeRO-3 inference engine in ``dtype`` (``fp32``/``bf16``/``fp16``).
 
     Memory before speed: no prefetching and no keeping of weights for a later reuse, so at any time a
     rank holds its partition plus the weights of the module that runs (and the small weights ZeRO-3
-    keeps whole, :data:`PERSISTENCE_THRESHOLD`)."""
+    keeps whole, :data:`PERSISTENCE_THRESHOLD`); with an optimizer added (:func:`sharded_engine`'s
+    ``training``), gradients reduced in buckets of :data:`REDUCE_BUCKET_SIZE` elements."""
     return {
         "train_micro_batch_size_per_gpu": max(1, micro_batch_size),
         "gradient_accumulation_steps": 1,
@@ -69,6 +79,7 @@ def inference_ds_config(dtype: str = "fp32", micro_batch_size: int = 1) -> dict[
             "stage3_max_reuse_distance": 0,
             "stage3_max_live_parameters": 0,
             "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD,
+            "reduce_bucket_size": REDUCE_BUCKET_SIZE,
         },
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16"},
@@ -106,11 +117,22 @@ def load_inference_model(
 
 
 def sharded_engine(
-    path: str | Path, dtype: str = "fp32", attn_implementation: str = "eager", micro_batch_size: int = 1
+    path: str | Path,
+    dtype: str = "fp32",
+    attn_implementation: str = "eager",
+    micro_batch_size: int = 1,
+    training: dict[str, Any] | None = None,
+    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
 ) -> Any:
-    """A frozen ZeRO-3 ``DeepSpeedEngine`` (no optimizer) of the causal LM at ``path`` in ``dtype``,
-    built partitioned (see the module docstring). Collective."""
-    config = inference_ds_config(dtype, micro_batch_size)
+    """A ZeRO-3 ``DeepSpeedEngine`` of the causal LM at ``path`` in ``dtype``, built partitioned (see the
+    module docstring). Collective.
+
+    Without ``training``: frozen, in eval mode, no optimizer (inference). With ``training`` (DeepSpeed
+    config entries such as ``optimizer`` and ``gradient_clipping``, merged over :func:`inference_ds_config`;
+    e.g. :func:`dist_unlearn.models.finetune.optimizer_ds_config`) and an optional ``lr_scheduler``
+    (``optimizer → scheduler``, as ``deepspeed.initialize`` takes it): trainable, in train mode, its
+    optimizer state partitioned like the weights."""
+    config = {**inference_ds_config(dtype, micro_batch_size), **(training or {})}
     if "LOCAL_RANK" not in os.environ:  # zero.Init reads it; a user's own process group may not export it
         os.environ["LOCAL_RANK"] = str(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     files = _local_safetensors(path)
@@ -119,6 +141,9 @@ def sharded_engine(
         model = None  # names the fast path cannot match: transformers' own ZeRO-3 loading
     if model is None:
         model = _load_with_transformers_zero3(path, dtype, attn_implementation, config)
+    if training is not None:
+        model.requires_grad_(True).train()
+        return initialize_deepspeed(model, config, lr_scheduler=lr_scheduler)
     model.requires_grad_(False).eval()
     engine = initialize_deepspeed(model, config)
     engine.eval()  # (DeepSpeedEngine.eval returns None)
