@@ -179,7 +179,9 @@ def test_two_ranks_stopped_and_resumed_equal_one_uninterrupted_rank(tmp_path, sm
     assert [p for group in groups for p in group] == list(forget) and all(groups)  # in order, disjoint, covering
     for ours, theirs in zip(history, reference):
         for split, values in theirs["eval"].items():
-            assert ours["eval"][split]["prob"] == pytest.approx(values["prob"], rel=1e-5), (ours["request"], split)
+            # float32 training on 2 ranks (reduction order) against 1 rank: probabilities after two requests
+            # agree to about 1e-5 relative (1.3e-5 seen), weights below by the adapter comparison
+            assert ours["eval"][split]["prob"] == pytest.approx(values["prob"], rel=1e-4), (ours["request"], split)
     for adapter in ("request1", "request2"):
         (mine,), (straight,) = ((d / "adapters" / adapter).rglob("*.safetensors") for d in (run_dir, reference_dir))
         a, b = load_file(mine), load_file(straight)

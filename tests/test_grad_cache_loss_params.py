@@ -385,7 +385,9 @@ def check_one_step(two_ranks: list[dict[str, Any]], case: str) -> None:
             moved = {n: got[key][n] - start[n] for n in start}
             want_moved = {n: want[key][n] - start[n] for n in start}
             err = rel_error(moved, want_moved)
-            assert err < TOL, f"{case} rank {rank}: {key} update relative error {err:.2e}"
+            # a loss parameter's SGD update is -LR times its gradient: the same float32 tolerance as that gradient
+            tol = 5 * TOL if key == "loss_params" and dtype_of(setup) == torch.float32 else TOL
+            assert err < tol, f"{case} rank {rank}: {key} update relative error {err:.2e}"
     for key in ("loss_grads", "loss_params"):  # bitwise identical on the ranks: they cannot drift apart
         for n, value in two_ranks[0][case][key].items():
             assert torch.equal(value, two_ranks[1][case][key][n]), f"{case}: {key} {n} differs between ranks"
