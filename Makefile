@@ -17,10 +17,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	# the rest with uv (pinned in the constraints): it resolves and downloads in parallel, about 20 s on a
-	# fresh machine where pip took over 2 minutes; it keeps the torch installed above
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
 # rewrite the constraints from what the venv holds now (after a deliberate upgrade that passed make test)
