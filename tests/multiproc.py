@@ -24,6 +24,7 @@ exchanges sizes once).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import tempfile
@@ -193,3 +194,20 @@ def counted_collectives() -> Iterator[Counter]:
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
+
+
+def assert_nested_close(a: Any, b: Any, path: str = "result") -> None:
+    """``a`` and ``b`` (nested dicts and lists of what ranks return) are equal, floats within 1e-5 relative
+    (1e-6 absolute); ``path`` names the first difference."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_nested_close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_nested_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), f"{path}: {a} vs {b}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from multiproc import run_on_ranks
+from multiproc import assert_nested_close, run_on_ranks
 
 from dist_unlearn.data import QADataset, collate_qa, generate_facts
 from dist_unlearn.eval.suite import EvalSettings, evaluate_model
@@ -68,21 +68,6 @@ def model_dir(tmp_path_factory) -> str:
     return str(out)
 
 
-def _assert_same(a, b, path="result"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), f"{path}: {a} vs {b}"
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
 def test_two_ranks_partitioned_equal_one_process(model_dir):
     from dist_unlearn.models.inference import DTYPES as TORCH_DTYPES
 
@@ -90,8 +75,8 @@ def test_two_ranks_partitioned_equal_one_process(model_dir):
     ranks = run_on_ranks(_evaluate, 2, model_dir, timeout=300)
     for dtype in DTYPES:
         single = singles[dtype]["result"]
-        _assert_same(ranks[0][dtype]["result"], ranks[1][dtype]["result"])
-        _assert_same(single, ranks[0][dtype]["result"])
+        assert_nested_close(ranks[0][dtype]["result"], ranks[1][dtype]["result"])
+        assert_nested_close(single, ranks[0][dtype]["result"])
         whole = singles[dtype]["held"]
         assert all(r[dtype]["held"] <= whole // 2 + 200 for r in ranks), "each rank holds about half the weights"
         assert all(r[dtype]["dtypes"] == {TORCH_DTYPES[dtype]} for r in (singles, *ranks))

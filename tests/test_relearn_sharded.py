@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from multiproc import run_on_ranks
+from multiproc import assert_nested_close, run_on_ranks
 
 from dist_unlearn.data import generate_facts
 
@@ -98,21 +98,6 @@ def model_dir(tmp_path_factory) -> str:
     return str(out)
 
 
-def _assert_same(a, b, path="attack"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), f"{path}: {a} vs {b}"
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
 def test_two_rank_zero3_relearn_equals_one_process(model_dir):
     from safetensors.torch import load_file
 
@@ -132,6 +117,6 @@ def test_two_rank_zero3_relearn_equals_one_process(model_dir):
             rel = ((r["weights"][name] - weight).norm() / (weight - saved[name]).norm()).item()
             assert rel <= 1e-4, f"{name}: |w_2 − w_1| / |w_1 − w_0| = {rel:.1e}"
         assert moved > 1e-3, "the relearn moved the weights"
-        _assert_same(r["attack"], single["attack"])
+        assert_nested_close(r["attack"], single["attack"], "attack")
     forget_scores = single["attack"]["splits"]["forget"]
     assert forget_scores["count"] == len(forget) and "rouge" in forget_scores
