@@ -206,6 +206,17 @@ def test_numeric_ranges(tmp_path: Path) -> None:
     assert "must be >= 1, got 0" in problem_line(message, "checkpoint.keep:")
 
 
+def test_huge_batch_sizes_are_refused_at_once(tmp_path: Path) -> None:
+    """A batch of 2**70 (and no retain batch) once sent the worker-count hint into a 2**35-step divisor
+    search: the load hung."""
+    train = {"forget_batch_size": 2**70, "retain_batch_size": 0}
+    message = load_error(tmp_path, {"train": train, "ray": {"num_workers": 3}})
+    assert f"must be >= 1 and <= {2**24}, got {2**70}" in problem_line(message, "train.forget_batch_size:")
+    contrastive = {"job": {"kind": "contrastive"}, "contrastive": {"global_batch_size": 2**24 + 1}}
+    line = problem_line(load_error(tmp_path, contrastive), "contrastive.global_batch_size:")
+    assert f"and <= {2**24}, got {2**24 + 1}" in line
+
+
 def test_fractions_must_leave_retain_data(tmp_path: Path) -> None:
     message = load_error(tmp_path, {"data": {"forget_fraction": 0.6, "holdout_fraction": 0.5}})
     line = problem_line(message, "data.forget_fraction + data.holdout_fraction")

@@ -62,6 +62,9 @@ def _opt(default: Any, **meta: Any) -> Any:
 
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+MAX_GLOBAL_BATCH = 2**24
+"""The largest global batch size accepted (rows per step over all workers): far above any real run, and it
+keeps the search for worker counts that divide a batch (``config.validate``) to a few thousand steps."""
 
 
 @dataclass
@@ -171,8 +174,8 @@ class TrainConfig:
     """Unlearning optimisation. Batch sizes are GLOBAL (summed over all workers)."""
 
     steps: Int = _opt(30, ge=1)
-    forget_batch_size: Int = _opt(8, ge=1)
-    retain_batch_size: Int = _opt(8, ge=0)
+    forget_batch_size: Int = _opt(8, ge=1, le=MAX_GLOBAL_BATCH)
+    retain_batch_size: Int = _opt(8, ge=0, le=MAX_GLOBAL_BATCH)
     lr: Float = _opt(1e-4, gt=0.0)
     weight_decay: Float = _opt(0.0, ge=0.0)
     warmup_steps: Int = _opt(0, ge=0)
@@ -335,7 +338,7 @@ class ContrastiveConfig:
     hard_negatives: Int = _opt(1, ge=0)
     """Hard negatives per query (documents per query = 1 + hard_negatives): mined for ``fictitious``, the
     first ones of each row of a user file (every row must have that many)."""
-    global_batch_size: Int = _opt(512, ge=1)
+    global_batch_size: Int = _opt(512, ge=1, le=MAX_GLOBAL_BATCH)
     """Queries per step summed over workers."""
     chunk_size: Int = _opt(64, ge=0)
     """Gradient-cache chunk (sequences per forward); 0 = no gradient caching."""
