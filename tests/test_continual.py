@@ -86,6 +86,13 @@ def _saved_a(run_dir: Path, adapter: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(files[0]).items() if "lora_A" in k}
 
 
+def _adapter_tensors(run_dir: Path, adapter: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = (run_dir / "adapters" / adapter).rglob("*.safetensors")
+    return load_file(path)
+
+
 @pytest.fixture(scope="module")
 def penalised(tmp_path_factory, small_target) -> tuple[list[dict], Path]:
     """The 2-request run with the orthogonality penalty (λ = 1), uninterrupted."""
@@ -126,23 +133,16 @@ def test_config_refuses_continual_without_lora_or_under_zero3_and_saliency_with_
         config_from_dict({"method": {"saliency": 1.5}})
 
 
-@pytest.mark.xfail(
-    reason="known flaky: where the stop lands varies with timing, and the resumed 2-rank adapters then differ "
-    "from the uninterrupted run by up to 1.8e-4 (seen twice on 2026-12-01; probabilities by 1.3e-5 relative); "
-    "under investigation",
-    strict=False,
-)
-def test_two_ranks_stopped_and_resumed_equal_one_uninterrupted_rank(tmp_path, small_target, penalised):
+def test_two_ranks_stopped_and_resumed_equal_the_uninterrupted_run_and_one_rank(tmp_path, small_target, penalised):
     """The penalised run again, on 2 ``torchrun`` ranks: STOP once request 1's adapter is saved, exit 75 with
-    request 2 dropped; the same command loads adapter 1 and redoes request 2. Metrics and both adapters equal
-    the uninterrupted one-rank run's, and the requests split the forget people into disjoint groups that
-    cover them all, in order."""
+    request 2 dropped; the same command loads adapter 1 and redoes request 2. Metrics and both adapters are
+    exactly those of the uninterrupted 2-rank run, close to the one-rank run's, and the requests split the
+    forget people into disjoint groups that cover them all, in order."""
     import os
     import subprocess
     import time
 
     from conftest import BIN, REPO
-    from safetensors.torch import load_file
 
     from dist_unlearn.engine.preemption import REQUEUE_EXIT_CODE, stop_file
 
@@ -183,15 +183,22 @@ def test_two_ranks_stopped_and_resumed_equal_one_uninterrupted_rank(tmp_path, sm
     groups = [e["people"] for e in history[1:]]
     forget = load_benchmark(config_from_dict(_config(out, small_target, 1.0)).data).people("forget")
     assert [p for group in groups for p in group] == list(forget) and all(groups)  # in order, disjoint, covering
+    # resuming is exact: the same 2 ranks without a stop give bit for bit the same metrics and adapters
+    straight = tmp_path / "uninterrupted"
+    run_cli(["run", str(write_config(straight / "config.yaml", _config(straight, small_target, 1.0)))], nproc=2)
+    uninterrupted = json.loads((straight / "npo_gd" / "continual.json").read_text())
+    assert [e["eval"] for e in history] == [e["eval"] for e in uninterrupted]
+    for adapter in ("request1", "request2"):
+        a, b = (_adapter_tensors(d, adapter) for d in (run_dir, straight / "npo_gd"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), adapter
+    # one rank against two: float32 sums in another order. AdamW divides each weight's step by the size of
+    # its own gradient, so rounding in near-zero gradient entries can move a weight by up to lr (6e-3) per
+    # step: the adapters agree to 2.4e-6 on one CPU and 1.8e-4 on another (other kernels), within 1e-3
     for ours, theirs in zip(history, reference):
         for split, values in theirs["eval"].items():
-            # float32 training on 2 ranks (reduction order) against 1 rank: probabilities after two requests
-            # agree to about 1e-5 relative (1.3e-5 seen), weights below by the adapter comparison
             assert ours["eval"][split]["prob"] == pytest.approx(values["prob"], rel=1e-4), (ours["request"], split)
     for adapter in ("request1", "request2"):
-        (mine,), (straight,) = ((d / "adapters" / adapter).rglob("*.safetensors") for d in (run_dir, reference_dir))
-        a, b = load_file(mine), load_file(straight)
-        # 2 ranks add the gradient up in another order than 1: float32 rounding, not a different update
-        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+        a, b = (_adapter_tensors(d, adapter) for d in (run_dir, reference_dir))
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3, adapter
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
