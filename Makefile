@@ -43,6 +43,9 @@ lint: setup
 # one (25 min 43 s against 24 min 48 s, docs/benchmarks.md), and an earlier 2-worker run failed on a race.
 TEST_WORKERS ?= 1
 test: lint
+	@# the package's bytecode, once: where PYTHONDONTWRITEBYTECODE is set, each of the suite's hundreds of
+	@# processes (torchrun ranks, Ray workers, CLI runs) would otherwise compile the modules it imports again
+	$(BIN)/python -m compileall -q dist_unlearn launchers > /dev/null
 	$(BIN)/pytest -q --durations=40 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 clean:
