@@ -13,14 +13,14 @@ CONSTRAINTS ?= .ci/constraints.txt
 
 setup: $(VENV)/.installed
 
+# torch with pip, then the rest with uv (pinned in the constraints): it resolves and downloads in parallel (about
+# 70 s from a cold cache where pip took 2-4 minutes) and keeps the torch installed above. --compile-bytecode:
+# where PYTHONDONTWRITEBYTECODE is set (as on the CI machines), modules installed without their .pyc are compiled
+# again by every process that imports them, and the suite's Ray and torchrun tests then ran about twice as long
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	# the rest with uv (pinned in the constraints): it resolves and downloads in parallel (about 30 s where pip
-	# took 2-3 minutes) and keeps the torch installed above. --compile-bytecode: where PYTHONDONTWRITEBYTECODE
-	# is set (as on this machine), modules installed without their .pyc are compiled again by every process
-	# that imports them, and the suite's Ray and torchrun tests then ran about twice as long
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) uv
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
@@ -42,9 +42,9 @@ lint: setup
 # the long files first: tests/conftest.py). One by default: on the idle 2-core machine 2 workers took longer than
 # one (25 min 43 s against 24 min 48 s, docs/benchmarks.md), and an earlier 2-worker run failed on a race.
 TEST_WORKERS ?= 1
+# the package's bytecode first: where PYTHONDONTWRITEBYTECODE is set, each of the suite's hundreds of processes
+# (torchrun ranks, Ray workers, CLI runs) would otherwise compile the modules it imports again
 test: lint
-	@# the package's bytecode, once: where PYTHONDONTWRITEBYTECODE is set, each of the suite's hundreds of
-	@# processes (torchrun ranks, Ray workers, CLI runs) would otherwise compile the modules it imports again
 	$(BIN)/python -m compileall -q dist_unlearn launchers > /dev/null
 	$(BIN)/pytest -q --durations=40 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
