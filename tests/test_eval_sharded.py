@@ -126,3 +126,21 @@ def test_auto_partitions_large_models_only(tmp_path, monkeypatch):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
     assert suite.partitions(str(tmp_path), "auto")
     assert suite.partitions("org/name", "auto")
+
+
+def test_loaded_head_gets_a_contiguous_input(model_dir):
+    """``logits_to_keep=1`` hands the head a strided ``[b, 1, H]`` view; the loader's pre-hook copies it to a
+    contiguous tensor (a strided bf16 input made torch's CPU matmul copy the weight once per row), with the
+    logits unchanged."""
+    from dist_unlearn.eval.suite import load_for_eval
+
+    model = load_for_eval(model_dir, dataclasses.replace(SETTINGS, dtype="bf16"))
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    ids = torch.arange(1, 13).reshape(2, 6)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1).logits
+        hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert len(seen) == 1 and seen[0].shape == (2, 1, hidden.shape[-1]) and seen[0].is_contiguous()
+    assert torch.equal(logits, torch.nn.functional.linear(hidden[:, -1:].contiguous(), head.weight))
