@@ -128,13 +128,18 @@ def test_auto_partitions_large_models_only(tmp_path, monkeypatch):
     assert suite.partitions("org/name", "auto")
 
 
-def test_loaded_head_gets_a_contiguous_input(model_dir):
-    """``logits_to_keep=1`` hands the head a strided ``[b, 1, H]`` view; the loader's pre-hook copies it to a
-    contiguous tensor (a strided bf16 input made torch's CPU matmul copy the weight once per row), with the
-    logits unchanged."""
+@pytest.mark.parametrize("loader", ["eval", "training"])
+def test_loaded_head_gets_a_contiguous_input(model_dir, loader):
+    """``logits_to_keep=1`` hands the head a strided ``[b, 1, H]`` view; the loaders' pre-hook (evaluation's
+    and training's) copies it to a contiguous tensor (a strided bf16 input made torch's CPU matmul copy the
+    weight once per row), with the logits unchanged."""
     from dist_unlearn.eval.suite import load_for_eval
+    from dist_unlearn.models.loading import load_model_for_training
 
-    model = load_for_eval(model_dir, dataclasses.replace(SETTINGS, dtype="bf16"))
+    if loader == "eval":
+        model = load_for_eval(model_dir, dataclasses.replace(SETTINGS, dtype="bf16"))
+    else:
+        model = load_model_for_training(model_dir, dtype=torch.bfloat16)
     head = model.get_output_embeddings()
     seen = []
     head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))

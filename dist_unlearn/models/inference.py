@@ -113,30 +113,7 @@ def load_inference_model(
     from dist_unlearn.models.loading import load_causal_lm
 
     model = load_causal_lm(path, DTYPES[dtype], attn_implementation)
-    contiguous_head_input(model)
     return model.requires_grad_(False).eval().to(device)
-
-
-def _contiguous_first_input(_module: torch.nn.Module, args: tuple) -> tuple | None:
-    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
-        return (args[0].contiguous(), *args[1:])
-    return None
-
-
-def contiguous_head_input(model: torch.nn.Module) -> torch.nn.Module:
-    """Make the output head of ``model`` copy a non-contiguous input to a contiguous one before it runs
-    (a forward pre-hook); returns ``model``.
-
-    ``transformers`` applies the head to ``hidden[:, -k:, :]`` when called with ``logits_to_keep=k`` (the
-    chunked scorer's forward, :func:`dist_unlearn.models.chunked_lm.forward_hidden`, and every ``generate``
-    step): a strided view of ``[b, 1, H]`` rows. On CPUs, torch (2.13) multiplies such a bf16/fp16 view by
-    the ``[V, H]`` weight through a batched product that materialises one copy of the weight per row: for the
-    32k × 1024 head of a 158.6 M Llama in bf16, 62.5 MiB per sequence, 250 MiB for a batch of 4 (a plain
-    contiguous input, or fp32, needs none). Copying the ``b × H`` input first costs a few KiB."""
-    head = model.get_output_embeddings()
-    if head is not None:
-        head.register_forward_pre_hook(_contiguous_first_input)
-    return model
 
 
 def sharded_engine(
@@ -164,6 +141,8 @@ def sharded_engine(
         model = None  # names the fast path cannot match: transformers' own ZeRO-3 loading
     if model is None:
         model = _load_with_transformers_zero3(path, dtype, attn_implementation, config)
+    from dist_unlearn.models.loading import contiguous_head_input
+
     contiguous_head_input(model)
     if training is not None:
         model.requires_grad_(True).train()
