@@ -78,19 +78,15 @@ def _run(tmp_path: Path, target: str, weight: float) -> tuple[list[dict], Path]:
     return json.loads((run_dir / "continual.json").read_text()), run_dir
 
 
-def _saved_a(run_dir: Path, adapter: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = list((run_dir / "adapters" / adapter).rglob("adapter_model.safetensors"))
-    assert len(files) == 1
-    return {k: v for k, v in load_file(files[0]).items() if "lora_A" in k}
-
-
 def _adapter_tensors(run_dir: Path, adapter: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     (path,) = (run_dir / "adapters" / adapter).rglob("*.safetensors")
     return load_file(path)
+
+
+def _saved_a(run_dir: Path, adapter: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in _adapter_tensors(run_dir, adapter).items() if "lora_A" in k}
 
 
 @pytest.fixture(scope="module")
